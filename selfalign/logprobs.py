@@ -1,0 +1,175 @@
+"""Summed log-probabilities of response tokens, without materialising full-vocabulary logits.
+
+A preference update needs one number per sequence: sum_t log pi(y_t | x, y_<t) over the
+response tokens. The naive route computes float32 logits of shape [B, L, V] and keeps them
+for the backward pass; with V = 150k that alone is several GB per micro-batch. Here the
+decoder runs once, only the hidden states of response positions are kept, and the LM head
+is applied in chunks of tokens by a custom autograd function that recomputes each chunk's
+logits in the backward pass instead of storing them. Prompt positions never reach the LM
+head at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SequenceBatch:
+    """Padded (prompt + response) token ids for one forward pass.
+
+    input_ids:      [B, L] long, prompt tokens then response tokens, padded.
+    attention_mask: [B, L] long, 1 on real tokens, 0 on padding.
+    response_mask:  [B, L] bool, True on response tokens (the ones whose log-probs are summed).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return SequenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens in the batch."""
+        return int(self.attention_mask.sum())
+
+
+def collate(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_token_id: int,
+    padding_side: str = "right",
+) -> SequenceBatch:
+    """Concatenate each prompt with its response and pad to the longest sequence."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"collate got {len(prompts)} prompts but {len(responses)} responses")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(lengths), width), dtype=torch.long)
+    resp = torch.zeros((len(lengths), width), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        start = width - lengths[i] if padding_side == "left" else 0
+        ids[i, start : start + lengths[i]] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        attn[i, start : start + lengths[i]] = 1
+        resp[i, start + len(p) : start + lengths[i]] = True
+    return SequenceBatch(ids, attn, resp)
+
+
+class _ChunkedTokenLogprob(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[target] for N tokens, computed `chunk` tokens at a time.
+
+    Forward keeps only hidden [N, H] and the weight; backward recomputes each chunk's logits
+    (one extra matmul) so peak memory is O(chunk * V) instead of O(N * V).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
+        w = weight.to(hidden.dtype)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = (hidden[s : s + chunk] @ w.T).float()
+            out[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None]).squeeze(1) - logits.logsumexp(1)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        hidden, weight, targets = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(hidden.dtype)
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        rows = torch.arange(min(ctx.chunk, hidden.shape[0]), device=hidden.device)
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s : s + ctx.chunk]
+            g = grad_out[s : s + ctx.chunk].float()
+            # d logp / d logits = onehot(target) - softmax(logits), scaled by the upstream grad.
+            d_logits = (h @ w.T).float().softmax(1).mul_(-g[:, None])
+            d_logits[rows[: h.shape[0]], targets[s : s + ctx.chunk]] += g
+            d_logits = d_logits.to(hidden.dtype)
+            if need_h:
+                grad_h[s : s + ctx.chunk] = d_logits @ w
+            if need_w:
+                grad_w.addmm_(d_logits.T.float(), h.float())
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
+
+
+def token_logprobs(hidden: Tensor, lm_head: nn.Module, targets: Tensor, chunk_size: int = 1024) -> Tensor:
+    """Log-probabilities [N] of `targets` [N] given final hidden states [N, H].
+
+    A plain bias-free nn.Linear head takes the memory-lean custom path. Any other head (a
+    LoRA-wrapped head, a biased one) is applied chunk by chunk under activation
+    checkpointing, which bounds memory the same way at the cost of generality-friendly code.
+    """
+    if type(lm_head) is nn.Linear and lm_head.bias is None:
+        return _ChunkedTokenLogprob.apply(hidden, lm_head.weight, targets, chunk_size)
+
+    def chunk_fn(h: Tensor, t: Tensor) -> Tensor:
+        logits = lm_head(h).float()
+        return logits.gather(1, t[:, None]).squeeze(1) - logits.logsumexp(1)
+
+    parts = [
+        torch.utils.checkpoint.checkpoint(chunk_fn, hidden[s : s + chunk_size], targets[s : s + chunk_size], use_reentrant=False)
+        for s in range(0, hidden.shape[0], chunk_size)
+    ]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _check_supported(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None):
+        raise NotImplementedError(
+            "selfalign's log-prob path does not apply final_logit_softcapping (Gemma 2 style models); "
+            "set config.final_logit_softcapping=None or use a model without it"
+        )
+
+
+def sequence_logprobs(model: nn.Module, batch: SequenceBatch, chunk_size: int = 1024) -> Tensor:
+    """Summed response-token log-probs [B] (float32) of a causal LM on a padded batch.
+
+    Prompt and padding tokens are masked out; works for left and right padding (position
+    ids are derived from the attention mask, so a left-padded row sees the same positions
+    as the unpadded sequence). Differentiable when called with gradients enabled.
+    """
+    _check_supported(model)
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.get_decoder()(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    # Token t is predicted from the hidden state at t - 1.
+    predict = batch.response_mask[:, 1:]
+    rows = predict.nonzero(as_tuple=True)[0]
+    token_lp = token_logprobs(hidden[:, :-1][predict], model.get_output_embeddings(), batch.input_ids[:, 1:][predict], chunk_size)
+    out = torch.zeros(batch.input_ids.shape[0], dtype=torch.float32, device=token_lp.device)
+    return out.index_add(0, rows, token_lp)
+
+
+class LogprobModel(nn.Module):
+    """Wraps a causal LM so that its forward returns summed response log-probs [B].
+
+    Data-parallel wrappers (DDP, FSDP) hook into forward(); wrapping the whole computation
+    in one forward lets accelerate.prepare() see it.
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
+        return sequence_logprobs(self.model, SequenceBatch(input_ids, attention_mask, response_mask), self.chunk_size)

@@ -1,0 +1,78 @@
+"""Tiny causal LMs and word-level tokenizers built offline, saved the Hugging Face way.
+
+Nothing here downloads anything: the tokenizer is built with the `tokenizers` library from
+a given word list and the model from a random-init config. Both are saved with
+save_pretrained, so whatever loads them afterwards takes the ordinary from_pretrained path
+that real hub models take.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|user|>", "<|assistant|>"]
+
+# Renders [{"role": ..., "content": ...}, ...] as "<|user|> text <eos> <|assistant|> text <eos>".
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over SPECIAL_TOKENS + words, with a chat template."""
+    vocab: dict[str, int] = {}
+    for w in [*SPECIAL_TOKENS, *words]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(
+    vocab_size: int,
+    arch: str = "qwen2",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    max_positions: int = 512,
+    seed: int = 0,
+    pad_token_id: int = 0,
+    bos_token_id: int = 2,
+    eos_token_id: int = 3,
+) -> PreTrainedModel:
+    """A random-init causal LM (Qwen2- or Llama-shaped), float32, deterministic for a seed."""
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        intermediate_size=intermediate_size or 4 * hidden_size, max_position_embeddings=max_positions,
+        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, tie_word_embeddings=False,
+    )
+    if arch == "qwen2":
+        config = Qwen2Config(**kwargs)
+    elif arch == "llama":
+        config = LlamaConfig(**kwargs)
+    else:
+        raise ValueError(f"arch must be 'qwen2' or 'llama', got {arch!r}")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def save_tiny(directory: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> Path:
+    """save_pretrained both into `directory` (loadable with AutoModelForCausalLM / AutoTokenizer)."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

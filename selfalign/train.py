@@ -1,0 +1,503 @@
+"""The preference update: one pass of a preference loss over a list of examples, on accelerate.
+
+The online loop calls `PreferenceTrainer.update(examples)` once per iteration (or once per
+few generation rounds). Inside an update the reference policy is frozen, so its log-probs
+are computed once up front, not in a second forward every step. Chosen, rejected and, where
+the loss needs it, y_ref go through the policy in one concatenated forward. Each optimizer
+step's examples are sorted by length before they are cut into micro-batches: gradient
+accumulation sums over the same examples either way, so the update is unchanged while less
+padding is computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import losses
+from .config import check, to_dict
+from .config import field as cfield
+from .logprobs import LogprobModel, collate, sequence_logprobs
+
+Tensor = torch.Tensor
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters through peft; the reference is then the same model with the adapter disabled."""
+
+    enabled: bool = cfield(False, help="Train LoRA adapters instead of all weights.")
+    r: int = cfield(64, help="LoRA rank (SAIL's official setting: 64).")
+    alpha: int = cfield(16, help="LoRA scaling alpha (SAIL's official setting: 16).")
+    dropout: float = cfield(0.0, help="Dropout on the LoRA input; 0 keeps policy and reference forwards comparable.")
+    target_modules: list[str] = cfield(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS), help="Names of the linear layers that get adapters."
+    )
+
+    def __post_init__(self) -> None:
+        check(self.r > 0, "lora.r", f"must be a positive integer, got {self.r}")
+        check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one preference update needs."""
+
+    loss: Literal["dpo", "ipo", "selm", "xpo"] = cfield("dpo", help="Preference loss (see selfalign.losses).")
+    beta: float = cfield(0.1, help="KL strength beta in h = beta * (log-ratio difference).")
+    alpha: float = cfield(0.0, help="Optimism coefficient for selm (alpha*beta*...) and xpo (alpha*...).")
+    label_smoothing: float = cfield(0.0, help="Probability a label is flipped (conservative DPO); 0 is plain DPO.")
+    learning_rate: float = cfield(1e-6, help="Peak learning rate of AdamW.")
+    weight_decay: float = cfield(0.0, help="AdamW weight decay.")
+    adam_beta1: float = cfield(0.9, help="AdamW beta1.")
+    adam_beta2: float = cfield(0.999, help="AdamW beta2.")
+    adam_epsilon: float = cfield(1e-8, help="AdamW epsilon.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = cfield("cosine", help="Decay after warmup.")
+    warmup_ratio: float = cfield(0.1, help="Fraction of the update's optimizer steps spent in linear warmup.")
+    max_grad_norm: float = cfield(1.0, help="Clip the global gradient norm to this value; 0 disables clipping.")
+    batch_size: int = cfield(8, help="Examples per optimizer step, over all processes (the global batch).")
+    micro_batch_size: int = cfield(2, help="Examples per forward pass on one process (chosen+rejected = 2x rows).")
+    epochs: int = cfield(1, help="Passes over the update's examples.")
+    ref_batch_size: int = cfield(16, help="Examples per forward pass when precomputing reference log-probs.")
+    logprob_chunk_size: int = cfield(1024, help="Tokens per LM-head chunk; bounds the logits held in memory.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = cfield(
+        "auto", help="'auto' is bf16 autocast on a GPU that supports it, full precision otherwise."
+    )
+    gradient_checkpointing: bool = cfield(False, help="Recompute activations in backward to save memory.")
+    disable_dropout: bool = cfield(True, help="Set every dropout probability to 0 (as DPO implementations do).")
+    seed: int = cfield(0, help="Seed for the example order.")
+    checkpoint_every: int = cfield(0, help="Save a resumable checkpoint every N optimizer steps; 0 disables.")
+    lora: LoraSettings = cfield(default_factory=LoraSettings, help="LoRA settings.")
+
+    def __post_init__(self) -> None:
+        check(self.beta > 0, "train.beta", f"must be > 0, got {self.beta}")
+        check(self.alpha >= 0, "train.alpha", f"must be >= 0, got {self.alpha}")
+        check(0.0 <= self.label_smoothing < 0.5, "train.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        check(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
+        check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        check(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        for key in ("batch_size", "micro_batch_size", "epochs", "ref_batch_size", "logprob_chunk_size"):
+            check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+
+
+@dataclass
+class PreferenceExample:
+    """One training pair in token ids; ref_* fields are filled by the trainer.
+
+    prompt_ids, chosen_ids, rejected_ids: token ids (the response ids exclude the prompt).
+    ref_sample_ids: y_ref, a response drawn from pi_ref (needed by selm and xpo).
+    ref_chosen, ref_rejected, ref_ref_sample: reference log-probs, computed once per update.
+    """
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    ref_sample_ids: list[int] | None = None
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
+    ref_ref_sample: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        extra = len(self.prompt_ids) + len(self.ref_sample_ids) if self.ref_sample_ids is not None else 0
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids) + extra
+
+
+@dataclass
+class Logps:
+    """Per-example sequence log-probs for one micro-batch, each [B] float32.
+
+    chosen, rejected: policy (with gradient); ref_chosen, ref_rejected: reference (constants).
+    ref_sample / ref_ref_sample: policy / reference log-probs of y_ref, or None.
+    """
+
+    chosen: Tensor
+    rejected: Tensor
+    ref_chosen: Tensor
+    ref_rejected: Tensor
+    ref_sample: Tensor | None = None
+    ref_ref_sample: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A training loss and what it needs from the data."""
+
+    name: str
+    needs_ref_sample: bool
+    compute: Callable[[Logps, TrainConfig], losses.PairLoss]
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "dpo": Objective(
+        "dpo", False,
+        lambda lp, c: losses.dpo_loss(lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, c.beta, c.label_smoothing),
+    ),
+    "ipo": Objective(
+        "ipo", False, lambda lp, c: losses.ipo_loss(lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, c.beta)
+    ),
+    "selm": Objective(
+        "selm", True,
+        lambda lp, c: losses.selm_loss(
+            lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, lp.ref_sample, lp.ref_ref_sample,
+            c.beta, c.alpha, c.label_smoothing,
+        ),
+    ),
+    "xpo": Objective(
+        "xpo", True,
+        lambda lp, c: losses.xpo_loss(
+            lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, lp.ref_sample, c.beta, c.alpha, c.label_smoothing
+        ),
+    ),
+}
+
+
+@dataclass
+class UpdateResult:
+    """What one update did: a metrics dict per optimizer step, and the steps it ran in this call."""
+
+    steps: list[dict[str, float]] = field(default_factory=list)
+    resumed_from_step: int = 0
+
+    @property
+    def summary(self) -> dict[str, float]:
+        """Mean of each metric over the update's steps."""
+        if not self.steps:
+            return {}
+        return {k: sum(s[k] for s in self.steps) / len(self.steps) for k in self.steps[0]}
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Wrap `model` with fresh LoRA adapters (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        target_modules=settings.target_modules, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at optimizer step `s` (0-based)."""
+
+    def fn(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (s - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class PreferenceTrainer:
+    """Runs preference updates of `policy` against a frozen reference.
+
+    reference: a separate frozen model, or None when the policy is a peft model (then the
+    reference is the policy with its adapter disabled). With `config.lora.enabled` a plain
+    policy is wrapped with fresh LoRA adapters here; read the wrapped model from `.policy`.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        config: TrainConfig,
+        pad_token_id: int,
+        reference: nn.Module | None = None,
+        accelerator: Accelerator | None = None,
+    ) -> None:
+        self.config = config
+        self.objective = OBJECTIVES[config.loss]
+        self.pad_token_id = pad_token_id
+        if config.lora.enabled and not is_peft_model(policy):
+            policy = apply_lora(policy, config.lora)
+        if reference is None and not is_peft_model(policy):
+            raise ValueError(
+                "no reference model: pass reference=<frozen model>, or train LoRA adapters "
+                "(train.lora.enabled=true) so the reference is the policy with its adapter disabled"
+            )
+        self.accelerator = accelerator or Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision))
+        if config.disable_dropout:
+            disable_dropout(policy)
+            if reference is not None:
+                disable_dropout(reference)
+        if config.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if is_peft_model(policy):
+                policy.enable_input_require_grads()
+        policy.train()
+        self.policy = policy
+        self.reference = reference
+        if reference is not None:
+            reference.requires_grad_(False)
+            reference.eval()
+            reference.to(self.accelerator.device)
+        self.model = self.accelerator.prepare_model(LogprobModel(policy, config.logprob_chunk_size))
+
+    # ------------------------------------------------------------------ reference log-probs
+    @torch.no_grad()
+    def _reference_logps(self, prompts: list[list[int]], responses: list[list[int]]) -> Tensor:
+        batch = collate(prompts, responses, self.pad_token_id).to(self.accelerator.device)
+        with self.accelerator.autocast():
+            if self.reference is not None:
+                return sequence_logprobs(self.reference, batch, self.config.logprob_chunk_size)
+            with self.policy.disable_adapter():
+                return sequence_logprobs(self.policy, batch, self.config.logprob_chunk_size)
+
+    def compute_reference_logps(self, examples: Sequence[PreferenceExample], progress: bool = True) -> None:
+        """Fill ref_chosen / ref_rejected / ref_ref_sample of every example that lacks them.
+
+        Sharded across processes and gathered, in length-sorted batches of ref_batch_size.
+        """
+        todo = [i for i, ex in enumerate(examples) if ex.ref_chosen is None]
+        if not todo:
+            return
+        acc = self.accelerator
+        todo.sort(key=lambda i: -examples[i].num_tokens)
+        mine = todo[acc.process_index :: acc.num_processes]
+        results: list[tuple[int, float, float, float | None]] = []
+        size = self.config.ref_batch_size
+        was_training = self.policy.training
+        self.policy.eval()
+        bar = tqdm(total=len(mine), desc="reference log-probs", disable=not (progress and acc.is_main_process), leave=False)
+        for s in range(0, len(mine), size):
+            chunk = [examples[i] for i in mine[s : s + size]]
+            prompts = [ex.prompt_ids for ex in chunk] * 2
+            responses = [ex.chosen_ids for ex in chunk] + [ex.rejected_ids for ex in chunk]
+            with_sample = [ex for ex in chunk if ex.ref_sample_ids is not None]
+            prompts += [ex.prompt_ids for ex in with_sample]
+            responses += [ex.ref_sample_ids for ex in with_sample]
+            lp = self._reference_logps(prompts, responses).float().cpu().tolist()
+            n, samples = len(chunk), iter(lp[2 * len(chunk) :])
+            for j, (i, ex) in enumerate(zip(mine[s : s + size], chunk)):
+                results.append((i, lp[j], lp[n + j], next(samples) if ex.ref_sample_ids is not None else None))
+            bar.update(len(chunk))
+        bar.close()
+        self.policy.train(was_training)
+        if acc.num_processes > 1:
+            results = gather_object(results)
+        for i, rc, rr, rs in results:
+            examples[i].ref_chosen, examples[i].ref_rejected, examples[i].ref_ref_sample = rc, rr, rs
+
+    # ------------------------------------------------------------------ the update
+    def plan(self, n_examples: int) -> list[list[int]]:
+        """Example indices of each optimizer step: a seeded shuffle per epoch, cut into global batches."""
+        gen = torch.Generator().manual_seed(self.config.seed)
+        steps = []
+        for _ in range(self.config.epochs):
+            order = torch.randperm(n_examples, generator=gen).tolist()
+            steps += [order[s : s + self.config.batch_size] for s in range(0, n_examples, self.config.batch_size)]
+        # Every process must take part in each step's gradient all-reduce.
+        return [s for s in steps if len(s) >= self.accelerator.num_processes]
+
+    def _fingerprint(self, examples: Sequence[PreferenceExample]) -> str:
+        digest = hashlib.sha256(json.dumps(to_dict(self.config), sort_keys=True).encode())
+        for ex in examples:
+            digest.update(json.dumps([ex.prompt_ids, ex.chosen_ids, ex.rejected_ids, ex.ref_sample_ids]).encode())
+        return digest.hexdigest()
+
+    def _trainable_state(self) -> dict[str, Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
+
+    def _micro_logps(self, chunk: list[PreferenceExample]) -> Logps:
+        device = self.accelerator.device
+        prompts = [ex.prompt_ids for ex in chunk] * 2
+        responses = [ex.chosen_ids for ex in chunk] + [ex.rejected_ids for ex in chunk]
+        needs_sample = self.objective.needs_ref_sample
+        if needs_sample:
+            prompts += [ex.prompt_ids for ex in chunk]
+            responses += [ex.ref_sample_ids for ex in chunk]
+        batch = collate(prompts, responses, self.pad_token_id).to(device)
+        with self.accelerator.autocast():
+            lp = self.model(batch.input_ids, batch.attention_mask, batch.response_mask)
+        n = len(chunk)
+
+        def const(name: str) -> Tensor:
+            return torch.tensor([getattr(ex, name) for ex in chunk], dtype=torch.float32, device=device)
+
+        return Logps(
+            chosen=lp[:n], rejected=lp[n : 2 * n], ref_chosen=const("ref_chosen"), ref_rejected=const("ref_rejected"),
+            ref_sample=lp[2 * n :] if needs_sample else None,
+            ref_ref_sample=const("ref_ref_sample") if needs_sample else None,
+        )
+
+    def update(
+        self,
+        examples: Sequence[PreferenceExample],
+        checkpoint_dir: str | Path | None = None,
+        stop_after_steps: int | None = None,
+        progress: bool = True,
+    ) -> UpdateResult:
+        """Train on `examples` for config.epochs; returns per-step metrics.
+
+        With checkpoint_dir set and config.checkpoint_every > 0, a checkpoint is written every
+        that many steps; calling update() again with the same examples, config and directory
+        resumes after the last checkpointed step. stop_after_steps ends the call early after
+        that many optimizer steps (checkpointing first), for tests and time-boxed jobs.
+        """
+        cfg, acc = self.config, self.accelerator
+        if not examples:
+            raise ValueError("update() got no examples")
+        if self.objective.needs_ref_sample and any(ex.ref_sample_ids is None for ex in examples):
+            raise ValueError(f"loss '{cfg.loss}' needs y_ref for every example (PreferenceExample.ref_sample_ids)")
+        steps = self.plan(len(examples))
+        if not steps:
+            raise ValueError(f"{len(examples)} examples are fewer than the {acc.num_processes} processes")
+
+        ckpt_path = Path(checkpoint_dir) / "update_state.pt" if checkpoint_dir is not None else None
+        fingerprint = self._fingerprint(examples)
+        state = None
+        if ckpt_path is not None and ckpt_path.exists():
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            if state["fingerprint"] != fingerprint:
+                raise ValueError(
+                    f"{ckpt_path} belongs to a different update (other examples or config); "
+                    "delete it to start this update afresh"
+                )
+            for ex, (rc, rr, rs) in zip(examples, state["ref_logps"]):
+                ex.ref_chosen, ex.ref_rejected, ex.ref_ref_sample = rc, rr, rs
+        self.compute_reference_logps(examples, progress=progress)
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+        )
+        optimizer = acc.prepare_optimizer(optimizer)
+        warmup = math.ceil(cfg.warmup_ratio * len(steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, warmup, len(steps)))
+        result = UpdateResult()
+        start = 0
+        if state is not None:
+            missing = set(self._trainable_state()) - set(state["trainable"])
+            if missing:
+                raise ValueError(f"{ckpt_path} lacks trainable parameters such as {sorted(missing)[0]}")
+            self.policy.load_state_dict(state["trainable"], strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start = result.resumed_from_step = state["step"]
+            result.steps = list(state["history"])
+
+        end = len(steps) if stop_after_steps is None else min(len(steps), start + stop_after_steps)
+        bar = tqdm(range(start, end), desc=f"{cfg.loss} update", disable=not (progress and acc.is_main_process), leave=False)
+        for k in bar:
+            metrics = self._step([examples[i] for i in steps[k]], optimizer, scheduler)
+            result.steps.append(metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            done = k + 1
+            if ckpt_path is not None and (
+                (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (done == end and done < len(steps))
+            ):
+                self._save_checkpoint(ckpt_path, fingerprint, done, examples, optimizer, scheduler, result.steps)
+        if ckpt_path is not None and end == len(steps) and acc.is_main_process and ckpt_path.exists():
+            ckpt_path.unlink()  # the update finished; its caller saves the policy
+        return result
+
+    def _save_checkpoint(self, path, fingerprint, step, examples, optimizer, scheduler, history) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_torch_save(
+                {
+                    "fingerprint": fingerprint,
+                    "step": step,
+                    "trainable": self._trainable_state(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "ref_logps": [(ex.ref_chosen, ex.ref_rejected, ex.ref_ref_sample) for ex in examples],
+                    "history": history,
+                },
+                path,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _step(self, batch: list[PreferenceExample], optimizer, scheduler) -> dict[str, float]:
+        cfg, acc = self.config, self.accelerator
+        # Longest first, then dealt round-robin to processes: each process gets similar lengths.
+        batch = sorted(batch, key=lambda ex: -ex.num_tokens)
+        mine = batch[acc.process_index :: acc.num_processes]
+        # Per-example losses are scaled so that DDP's gradient average yields the mean over the
+        # global batch, whatever the micro-batch split: 8 x 1 equals 1 x 8.
+        scale = acc.num_processes / len(batch)
+        micro = [mine[s : s + cfg.micro_batch_size] for s in range(0, len(mine), cfg.micro_batch_size)]
+        sums = torch.zeros(8, dtype=torch.float64, device=acc.device)
+        for j, chunk in enumerate(micro):
+            sync = acc.no_sync(self.model) if j < len(micro) - 1 else contextlib.nullcontext()
+            with sync:
+                lp = self._micro_logps(chunk)
+                out = self.objective.compute(lp, cfg)
+                acc.backward(out.loss.sum() * scale)
+            sums += torch.stack([
+                out.loss.detach().sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
+                (out.chosen_rewards > out.rejected_rewards).float().sum(), lp.chosen.detach().sum(),
+                lp.rejected.detach().sum(), torch.tensor(float(len(chunk)), device=acc.device),
+                torch.tensor(float(sum(ex.num_tokens for ex in chunk)), device=acc.device),
+            ]).double()
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums = acc.reduce(sums, reduction="sum") if acc.num_processes > 1 else sums
+        n = sums[6].item()
+        return {
+            "loss": sums[0].item() / n,
+            "rewards/chosen": sums[1].item() / n,
+            "rewards/rejected": sums[2].item() / n,
+            "rewards/margins": (sums[1] - sums[2]).item() / n,
+            "rewards/accuracies": sums[3].item() / n,
+            "logps/chosen": sums[4].item() / n,
+            "logps/rejected": sums[5].item() / n,
+            "grad_norm": float(grad_norm),
+            "learning_rate": lr,
+            "num_tokens": sums[7].item(),
+        }
