@@ -1,0 +1,104 @@
+"""Preference and prompt data: JSONL reading with precise errors, chat templates, tokenization.
+
+Rows are `{"prompt": ..., "chosen": ..., "rejected": ...}` where each value is plain text or
+a list of chat messages (`[{"role": "user", "content": "..."}]`). Column names are
+configurable. A conversational prompt is rendered with the tokenizer's chat template and a
+generation prompt; a response given as messages contributes its assistant content.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import field
+from .train import PreferenceExample
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed, or has a bad field; the message names file, line and field."""
+
+
+@dataclass
+class PreferenceDataConfig:
+    """Where the preference pairs come from and how they are read."""
+
+    path: str = field("", help="JSONL file of preference rows (prompt, chosen, rejected).")
+    prompt_field: str = field("prompt", help="Column holding the prompt (text or chat messages).")
+    chosen_field: str = field("chosen", help="Column holding the preferred response.")
+    rejected_field: str = field("rejected", help="Column holding the dispreferred response.")
+    max_prompt_tokens: int = field(512, help="Prompts longer than this are an error (fix the data or raise it).")
+    max_response_tokens: int = field(512, help="Responses longer than this are truncated to it.")
+    eval_fraction: float = field(0.1, help="Fraction of rows held out to measure preference accuracy.")
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, row) for each non-blank line; DataError names the broken line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def _field(row: dict[str, Any], name: str, where: str) -> Any:
+    if name not in row:
+        raise DataError(f"{where}: missing field '{name}' (set the column name in the data config if it differs)")
+    value = row[name]
+    if isinstance(value, str) and value.strip():
+        return value
+    if _is_messages(value) and value:
+        return value
+    raise DataError(f"{where}: field '{name}' must be non-empty text or a list of {{role, content}} messages")
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of a prompt: chat template with generation prompt for messages, plain encoding for text."""
+    if isinstance(prompt, list):
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def response_ids(tokenizer, response: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of a response, ending with EOS (the policy must learn to stop)."""
+    if isinstance(response, list):
+        response = "".join(m["content"] for m in response if m["role"] == "assistant") or response[-1]["content"]
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids
+
+
+def load_preferences(config: PreferenceDataConfig, tokenizer) -> list[PreferenceExample]:
+    """Read and tokenize every row of config.path into PreferenceExamples."""
+    examples = []
+    for lineno, row in read_jsonl(config.path):
+        where = f"{config.path} line {lineno}"
+        prompt = prompt_ids(tokenizer, _field(row, config.prompt_field, where))
+        if len(prompt) > config.max_prompt_tokens:
+            raise DataError(
+                f"{where}: prompt has {len(prompt)} tokens, over max_prompt_tokens={config.max_prompt_tokens} "
+                "(shorten it or raise data.max_prompt_tokens)"
+            )
+        chosen = response_ids(tokenizer, _field(row, config.chosen_field, where))[: config.max_response_tokens]
+        rejected = response_ids(tokenizer, _field(row, config.rejected_field, where))[: config.max_response_tokens]
+        examples.append(PreferenceExample(prompt, chosen, rejected))
+    if not examples:
+        raise DataError(f"{config.path}: no rows")
+    return examples

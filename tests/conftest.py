@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random-init models and preference examples, all built offline."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from selfalign.tasks.tiny import build_model
+from selfalign.train import PreferenceExample
+
+VOCAB = 64
+
+
+def make_model(seed: int = 0, arch: str = "qwen2"):
+    return build_model(VOCAB, arch=arch, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, seed=seed)
+
+
+def make_examples(n: int, seed: int = 0, with_ref_sample: bool = False) -> list[PreferenceExample]:
+    rng = random.Random(seed)
+
+    def ids(lo: int, hi: int) -> list[int]:
+        return [rng.randrange(6, VOCAB) for _ in range(rng.randint(lo, hi))]
+
+    return [
+        PreferenceExample(ids(2, 7), ids(1, 6), ids(1, 6), ids(1, 6) if with_ref_sample else None) for _ in range(n)
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    yield

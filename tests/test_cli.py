@@ -1,0 +1,110 @@
+"""The command line end to end: the demo trains, bad input exits 2 with one line, runs stay intact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from selfalign.cli import main
+from selfalign.tasks.sorting import build_task
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return build_task(tmp_path_factory.mktemp("task"), n_rows=48)
+
+
+def run(args, capsys):
+    code = main([*args, "--no-progress"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_demo_learns_a_held_out_preference(tmp_path, capsys):
+    code, out, err = run(["demo", "--output-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["after"]["eval/rewards/accuracies"] >= 0.8
+    assert summary["after"]["eval/logps/accuracies"] > summary["before"]["eval/logps/accuracies"]
+    assert (tmp_path / "run" / "policy" / "config.json").exists()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3) and rows[-1]["loss"] < 0.5
+    # The saved policy loads through the ordinary Hugging Face path.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "policy")
+    AutoTokenizer.from_pretrained(tmp_path / "run" / "policy")
+    # A finished run is not overwritten.
+    code, _, err = run(["demo", "--output-dir", str(tmp_path)], capsys)
+    assert code == 2 and "already exists" in err
+
+
+def write_recipe(tmp_path, model_dir, data_path, **extra):
+    recipe = {"model": str(model_dir), "output_dir": str(tmp_path / "run"), "data": {"path": str(data_path)},
+              "train": {"batch_size": 8, "micro_batch_size": 8, "learning_rate": 1e-3}, **extra}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_train_from_recipe(tmp_path, task, capsys):
+    model_dir, data_path = task
+    code, out, err = run(["train", str(write_recipe(tmp_path, model_dir, data_path))], capsys)
+    assert code == 0, err
+    assert "policy saved" in out
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "sort : 1 2", "chosen": "1 2"', r"bad\.jsonl line 2: not valid JSON"),
+        ('{"prompt": "sort : 1 2", "chosen": "1 2"}', r"bad\.jsonl line 2: missing field 'rejected'"),
+        ('{"prompt": "", "chosen": "1 2", "rejected": "2 1"}', r"bad\.jsonl line 2: field 'prompt' must be non-empty"),
+        ('{"prompt": "sort : ' + "1 " * 600 + '", "chosen": "1", "rejected": "2"}',
+         r"bad\.jsonl line 2: prompt has \d+ tokens, over max_prompt_tokens=512"),
+    ],
+)
+def test_bad_data_exits_2_with_file_and_line(tmp_path, task, capsys, line, message):
+    model_dir, _ = task
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "sort : 2 1", "chosen": "1 2", "rejected": "2 1"}\n' + line + "\n")
+    code, out, err = run(["train", str(write_recipe(tmp_path, model_dir, bad))], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    import re
+
+    assert re.search(message, err), err
+    assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lerning_rate=1", "did you mean 'train.learning_rate'"),
+        ("train.beta=0", "train.beta: must be > 0"),
+        ("train.loss=ppo", "expected one of 'dpo', 'ipo', 'selm', 'xpo'"),
+        ("data.eval_fraction=1.5", "data.eval_fraction: must be in [0, 1)"),
+    ],
+)
+def test_bad_config_exits_2(tmp_path, task, capsys, override, message):
+    model_dir, data_path = task
+    code, _, err = run(["train", str(write_recipe(tmp_path, model_dir, data_path)), override], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_changed_config_on_existing_run_refuses_and_keeps_it(tmp_path, task, capsys):
+    model_dir, data_path = task
+    recipe = write_recipe(tmp_path, model_dir, data_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # A run that stopped before it finished: its config is on disk, no policy yet.
+    from selfalign.cli import TrainRunConfig
+    from selfalign.config import dump_yaml, load_config
+
+    (run_dir / "config.yaml").write_text(dump_yaml(load_config(TrainRunConfig, recipe)))
+    before = (run_dir / "config.yaml").read_text()
+    code, _, err = run(["train", str(recipe), "train.beta=0.5"], capsys)
+    assert code == 2 and "train.beta: 0.1 -> 0.5" in err
+    assert (run_dir / "config.yaml").read_text() == before

@@ -1,0 +1,163 @@
+"""Invariants of the preference update on a tiny random-init model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from selfalign.logprobs import collate, sequence_logprobs
+from selfalign.train import PreferenceTrainer, TrainConfig
+from tests.conftest import make_examples, make_model
+
+# adam_epsilon >> |grad| makes the first AdamW step lr/eps * grad: linear in the gradient,
+# so comparing parameters after one step compares gradients.
+LINEAR_STEP = dict(learning_rate=1e3, adam_epsilon=1e3, warmup_ratio=0.0, max_grad_norm=0.0, lr_scheduler="constant")
+
+
+def trainer(config: TrainConfig, seed: int = 0, arch: str = "qwen2") -> PreferenceTrainer:
+    policy = make_model(seed, arch)
+    reference = None if config.lora.enabled else copy.deepcopy(policy)
+    return PreferenceTrainer(policy, config, pad_token_id=0, reference=reference)
+
+
+def params(t: PreferenceTrainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in t.policy.named_parameters()}
+
+
+def test_accumulation_8x1_equals_1x8():
+    examples = make_examples(8)
+    a = trainer(TrainConfig(batch_size=8, micro_batch_size=1, **LINEAR_STEP))
+    b = trainer(TrainConfig(batch_size=8, micro_batch_size=8, **LINEAR_STEP))
+    before = params(a)
+    ra = a.update(copy.deepcopy(examples), progress=False)
+    rb = b.update(copy.deepcopy(examples), progress=False)
+    assert ra.steps[0]["loss"] == pytest.approx(rb.steps[0]["loss"], abs=1e-6)
+    pa, pb = params(a), params(b)
+    moved = 0.0
+    for name in pa:
+        torch.testing.assert_close(pa[name] - before[name], pb[name] - before[name], atol=1e-5, rtol=1e-4)
+        moved = max(moved, (pa[name] - before[name]).abs().max().item())
+    assert moved > 1e-4  # the step did something measurable
+
+
+def test_every_trainable_parameter_moves_after_a_step():
+    t = trainer(TrainConfig(batch_size=4, micro_batch_size=2, learning_rate=1e-3, warmup_ratio=0.0))
+    before = params(t)
+    # Use every vocabulary id at least once so each embedding row receives a gradient.
+    examples = make_examples(4)
+    examples[0].chosen_ids = list(range(6, 64))
+    t.update(examples, progress=False)
+    after = params(t)
+    still = [n for n, p in t.policy.named_parameters() if p.requires_grad and torch.equal(before[n], after[n])]
+    assert not still, f"parameters that did not move: {still}"
+
+
+def test_loss_decreases_on_repeated_pairs():
+    t = trainer(TrainConfig(batch_size=4, micro_batch_size=2, learning_rate=3e-3, epochs=15, warmup_ratio=0.0))
+    result = t.update(make_examples(8), progress=False)
+    assert result.steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start
+    assert result.steps[-1]["loss"] < 0.5
+    assert result.steps[-1]["rewards/accuracies"] == 1.0
+
+
+def test_reference_logps_are_computed_once_and_match_reference_model():
+    t = trainer(TrainConfig(batch_size=4))
+    examples = make_examples(6)
+    t.compute_reference_logps(examples, progress=False)
+    batch = collate([e.prompt_ids for e in examples], [e.chosen_ids for e in examples], 0)
+    expected = sequence_logprobs(t.reference, batch)
+    torch.testing.assert_close(torch.tensor([e.ref_chosen for e in examples]), expected.detach(), atol=1e-5, rtol=0)
+    # The reference must not be called again inside update(): precomputed values are reused.
+    calls = []
+    t.reference.register_forward_pre_hook(lambda *a, **k: calls.append(1))
+    t.update(examples, progress=False)
+    assert not calls
+
+
+def test_resume_from_mid_update_checkpoint_gives_identical_losses(tmp_path):
+    config = TrainConfig(batch_size=2, micro_batch_size=1, learning_rate=1e-3, epochs=2, checkpoint_every=1)
+    examples = make_examples(8)
+    full = trainer(config).update(copy.deepcopy(examples), progress=False)
+    assert len(full.steps) == 8
+
+    first = trainer(config)
+    part = first.update(copy.deepcopy(examples), checkpoint_dir=tmp_path, stop_after_steps=3, progress=False)
+    assert len(part.steps) == 3 and (tmp_path / "update_state.pt").exists()
+
+    resumed_trainer = trainer(config)  # a fresh process: new model at pi_0, state from disk
+    resumed = resumed_trainer.update(copy.deepcopy(examples), checkpoint_dir=tmp_path, progress=False)
+    assert resumed.resumed_from_step == 3
+    assert [s["loss"] for s in resumed.steps] == pytest.approx([s["loss"] for s in full.steps], abs=1e-7)
+    assert not (tmp_path / "update_state.pt").exists()  # a finished update leaves no stale state
+
+
+def test_resume_refuses_a_checkpoint_of_another_update(tmp_path):
+    config = TrainConfig(batch_size=2, micro_batch_size=1, checkpoint_every=1)
+    trainer(config).update(make_examples(6), checkpoint_dir=tmp_path, stop_after_steps=1, progress=False)
+    with pytest.raises(ValueError, match="different update"):
+        trainer(config).update(make_examples(6, seed=1), checkpoint_dir=tmp_path, progress=False)
+
+
+def test_lora_changes_only_adapters_and_reference_is_adapter_disabled():
+    config = TrainConfig(batch_size=4, micro_batch_size=2, learning_rate=1e-2, epochs=2, warmup_ratio=0.0)
+    config.lora.enabled = True
+    config.lora.r = 4
+    t = trainer(config)
+    base = make_model(0)  # the same pi_0, never wrapped
+    examples = make_examples(4)
+    before = params(t)
+    t.update(examples, progress=False)
+    after = params(t)
+    for name in before:
+        changed = not torch.equal(before[name], after[name])
+        assert changed == ("lora_" in name), f"{name}: changed={changed}"
+    batch = collate([e.prompt_ids for e in examples], [e.rejected_ids for e in examples], 0)
+    expected = sequence_logprobs(base, batch).detach()
+    torch.testing.assert_close(torch.tensor([e.ref_rejected for e in examples]), expected, atol=1e-5, rtol=0)
+    with torch.no_grad(), t.policy.disable_adapter():
+        torch.testing.assert_close(sequence_logprobs(t.policy, batch), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(sequence_logprobs(t.policy, batch).detach(), expected, atol=1e-4)
+
+
+def test_selm_with_alpha_zero_trains_exactly_like_dpo():
+    examples = make_examples(8, with_ref_sample=True)
+    common = dict(batch_size=4, micro_batch_size=2, learning_rate=1e-3, epochs=2)
+    dpo = trainer(TrainConfig(loss="dpo", **common))
+    selm = trainer(TrainConfig(loss="selm", alpha=0.0, **common))
+    rd = dpo.update(copy.deepcopy(examples), progress=False)
+    rs = selm.update(copy.deepcopy(examples), progress=False)
+    assert [s["loss"] for s in rs.steps] == pytest.approx([s["loss"] for s in rd.steps], abs=1e-6)
+    for (n, a), (_, b) in zip(dpo.policy.named_parameters(), selm.policy.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
+
+
+def test_selm_term_lowers_logp_of_ref_sample_more_than_dpo():
+    examples = make_examples(8, with_ref_sample=True)
+    common = dict(batch_size=4, micro_batch_size=4, learning_rate=1e-3, epochs=3, beta=0.1)
+    dpo = trainer(TrainConfig(loss="selm", alpha=0.0, **common))
+    selm = trainer(TrainConfig(loss="selm", alpha=5.0, **common))
+    dpo.update(copy.deepcopy(examples), progress=False)
+    selm.update(copy.deepcopy(examples), progress=False)
+    batch = collate([e.prompt_ids for e in examples], [e.ref_sample_ids for e in examples], 0)
+    with torch.no_grad():
+        assert sequence_logprobs(selm.policy, batch).sum() < sequence_logprobs(dpo.policy, batch).sum()
+
+
+def test_selm_needs_ref_samples():
+    with pytest.raises(ValueError, match="needs y_ref"):
+        trainer(TrainConfig(loss="selm", alpha=0.001)).update(make_examples(4), progress=False)
+
+
+def test_no_reference_without_lora_is_an_error():
+    with pytest.raises(ValueError, match="no reference model"):
+        PreferenceTrainer(make_model(), TrainConfig(), pad_token_id=0)
+
+
+def test_ipo_and_xpo_train():
+    examples = make_examples(4, with_ref_sample=True)
+    for loss in ("ipo", "xpo"):
+        r = trainer(TrainConfig(loss=loss, alpha=1e-3, batch_size=4)).update(copy.deepcopy(examples), progress=False)
+        assert set(r.steps[0]) >= {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                                   "rewards/accuracies", "logps/chosen", "logps/rejected"}
