@@ -1,0 +1,34 @@
+"""Data parallel: a 2-process update equals the 1-process update on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(processes: int, out: Path, micro_batch_size: int) -> dict:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "tests.ddp_worker", str(out), str(micro_batch_size)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(Path(str(out) + ".json").read_text())
+
+
+def test_two_process_update_equals_one_process(tmp_path):
+    one = launch(1, tmp_path / "one.pt", micro_batch_size=8)
+    two = launch(2, tmp_path / "two.pt", micro_batch_size=2)
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    p1, p2 = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for name in p1:
+        torch.testing.assert_close(p1[name], p2[name], atol=1e-5, rtol=1e-4, msg=name)
