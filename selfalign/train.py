@@ -265,7 +265,10 @@ class PreferenceTrainer:
                 "no reference model: pass reference=<frozen model>, or train LoRA adapters "
                 "(train.lora.enabled=true) so the reference is the policy with its adapter disabled"
             )
-        self.accelerator = accelerator or Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision))
+        # Without a GPU, cpu=True lets a torchrun / accelerate-launched job run data-parallel on gloo.
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=resolve_mixed_precision(config.mixed_precision), cpu=not torch.cuda.is_available()
+        )
         if config.disable_dropout:
             disable_dropout(policy)
             if reference is not None:

@@ -1,4 +1,4 @@
-"""Run by test_distributed.py under `accelerate launch --cpu --num_processes N`: one update, params saved."""
+"""Run by test_distributed.py under torchrun --nproc_per_node N: one update, params saved."""
 
 from __future__ import annotations
 

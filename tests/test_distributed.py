@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def launch(processes: int, out: Path, micro_batch_size: int) -> dict:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    # On CPU, `accelerate launch --cpu` starts several processes only through MPI; torchrun is what
+    # accelerate's own multi-process launcher runs, and Accelerator picks up its environment (gloo on CPU).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
            "-m", "tests.ddp_worker", str(out), str(micro_batch_size)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
