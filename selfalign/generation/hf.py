@@ -1,0 +1,64 @@
+"""Batched, KV-cached generation with transformers' generate().
+
+Prompts are left-padded (so every row's next token sits at the same position) and each is
+repeated num_samples times in place, so rows [i*K, (i+1)*K) belong to prompt i. Responses
+are cut after the first EOS and stripped of padding. The bookkeeping that ties a response
+to its prompt is index arithmetic on one tensor, never a second list that could be
+shuffled separately: a silent prompt/completion mismatch trains on meaningless data.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..logprobs import collate
+from . import GenerationConfig
+
+
+class HFGenerator:
+    """Generates with a transformers causal LM (or a peft model wrapping one)."""
+
+    def __init__(self, model: nn.Module, pad_token_id: int, eos_token_id: int | list[int] | None) -> None:
+        self.model = model
+        self.pad_token_id = pad_token_id
+        eos = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id] if eos_token_id is not None else []
+        self.eos_ids = set(eos)
+
+    def _trim(self, ids: list[int]) -> list[int]:
+        for i, t in enumerate(ids):
+            if t in self.eos_ids:
+                return ids[: i + 1]
+        return [t for t in ids if t != self.pad_token_id] if self.pad_token_id not in self.eos_ids else ids
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[list[int]], config: GenerationConfig, seed: int = 0, progress: bool = False
+    ) -> list[list[list[int]]]:
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        k = config.num_samples
+        out: list[list[list[int]]] = []
+        sample = config.temperature > 0
+        for s in tqdm(range(0, len(prompts), config.batch_size), desc="generate", disable=not progress, leave=False):
+            chunk = prompts[s : s + config.batch_size]
+            batch = collate(chunk, [[] for _ in chunk], self.pad_token_id, padding_side="left")
+            ids = batch.input_ids.repeat_interleave(k, dim=0).to(device)
+            mask = batch.attention_mask.repeat_interleave(k, dim=0).to(device)
+            # A seed per chunk keeps a chunk's samples independent of how earlier chunks went.
+            torch.manual_seed(seed * 1_000_003 + s)
+            kwargs = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p) if sample else dict(
+                do_sample=False, temperature=None, top_p=None, top_k=None)
+            generated = self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=config.max_new_tokens,
+                pad_token_id=self.pad_token_id, eos_token_id=sorted(self.eos_ids) or None, **kwargs,
+            )
+            new = generated[:, ids.shape[1] :].tolist()
+            for i in range(len(chunk)):
+                out.append([self._trim(new[i * k + j]) for j in range(k)])
+        self.model.train(was_training)
+        return out
