@@ -66,43 +66,53 @@ def collate(
     return SequenceBatch(ids, attn, resp)
 
 
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul on `t` in, or t's own dtype outside autocast."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
 class _ChunkedTokenLogprob(torch.autograd.Function):
     """log softmax(hidden @ weight.T)[target] for N tokens, computed `chunk` tokens at a time.
 
     Forward keeps only hidden [N, H] and the weight; backward recomputes each chunk's logits
-    (one extra matmul) so peak memory is O(chunk * V) instead of O(N * V).
+    (one extra matmul) so peak memory is O(chunk * V) instead of O(N * V). The matmuls run
+    in the dtype autocast chose in forward, in backward too (backward runs outside autocast),
+    so the gradient belongs to the forward that was computed and bf16 stays bf16 on a GPU.
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
-        w = weight.to(hidden.dtype)
+        dtype = _compute_dtype(hidden)
+        w = weight.to(dtype)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
-            logits = (hidden[s : s + chunk] @ w.T).float()
+            logits = (hidden[s : s + chunk].to(dtype) @ w.T).float()
             out[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None]).squeeze(1) - logits.logsumexp(1)
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.dtype = chunk, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         hidden, weight, targets = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w = weight.to(hidden.dtype)
+        w = weight.to(ctx.dtype)
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         rows = torch.arange(min(ctx.chunk, hidden.shape[0]), device=hidden.device)
         for s in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[s : s + ctx.chunk]
+            h = hidden[s : s + ctx.chunk].to(ctx.dtype)
             g = grad_out[s : s + ctx.chunk].float()
             # d logp / d logits = onehot(target) - softmax(logits), scaled by the upstream grad.
             d_logits = (h @ w.T).float().softmax(1).mul_(-g[:, None])
             d_logits[rows[: h.shape[0]], targets[s : s + ctx.chunk]] += g
-            d_logits = d_logits.to(hidden.dtype)
+            d_logits = d_logits.to(ctx.dtype)
             if need_h:
                 grad_h[s : s + ctx.chunk] = d_logits @ w
             if need_w:
-                grad_w.addmm_(d_logits.T.float(), h.float())
+                grad_w += (d_logits.T @ h).float()
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
 
 

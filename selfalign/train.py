@@ -76,7 +76,7 @@ class TrainConfig:
     epochs: int = cfield(1, help="Passes over the update's examples.")
     ref_batch_size: int = cfield(16, help="Examples per forward pass when precomputing reference log-probs.")
     logprob_chunk_size: int = cfield(1024, help="Tokens per LM-head chunk; bounds the logits held in memory.")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = cfield(
+    mixed_precision: Literal["auto", "no", "bf16"] = cfield(
         "auto", help="'auto' is bf16 autocast on a GPU that supports it, full precision otherwise."
     )
     gradient_checkpointing: bool = cfield(False, help="Recompute activations in backward to save memory.")
@@ -274,7 +274,8 @@ class PreferenceTrainer:
             if reference is not None:
                 disable_dropout(reference)
         if config.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if is_peft_model(policy):
                 policy.enable_input_require_grads()
         policy.train()
@@ -299,37 +300,38 @@ class PreferenceTrainer:
     def compute_reference_logps(self, examples: Sequence[PreferenceExample], progress: bool = True) -> None:
         """Fill ref_chosen / ref_rejected / ref_ref_sample of every example that lacks them.
 
-        Sharded across processes and gathered, in length-sorted batches of ref_batch_size.
+        Values already present are kept: clear them when the reference policy changes. Every
+        sequence (chosen, rejected, y_ref) is a row of its own; rows are sorted by length so
+        batches carry little padding, sharded across processes, and gathered.
         """
-        todo = [i for i, ex in enumerate(examples) if ex.ref_chosen is None]
-        if not todo:
+        rows = []  # (example index, slot, prompt, response); slot 0 chosen, 1 rejected, 2 y_ref
+        for i, ex in enumerate(examples):
+            if ex.ref_chosen is None:
+                rows += [(i, 0, ex.prompt_ids, ex.chosen_ids), (i, 1, ex.prompt_ids, ex.rejected_ids)]
+                if ex.ref_sample_ids is not None:
+                    rows.append((i, 2, ex.prompt_ids, ex.ref_sample_ids))
+        if not rows:
             return
         acc = self.accelerator
-        todo.sort(key=lambda i: -examples[i].num_tokens)
-        mine = todo[acc.process_index :: acc.num_processes]
-        results: list[tuple[int, float, float, float | None]] = []
-        size = self.config.ref_batch_size
+        rows.sort(key=lambda r: -(len(r[2]) + len(r[3])))
+        mine = rows[acc.process_index :: acc.num_processes]
+        size = 2 * self.config.ref_batch_size
+        results: list[tuple[int, int, float]] = []
         was_training = self.policy.training
         self.policy.eval()
         bar = tqdm(total=len(mine), desc="reference log-probs", disable=not (progress and acc.is_main_process), leave=False)
         for s in range(0, len(mine), size):
-            chunk = [examples[i] for i in mine[s : s + size]]
-            prompts = [ex.prompt_ids for ex in chunk] * 2
-            responses = [ex.chosen_ids for ex in chunk] + [ex.rejected_ids for ex in chunk]
-            with_sample = [ex for ex in chunk if ex.ref_sample_ids is not None]
-            prompts += [ex.prompt_ids for ex in with_sample]
-            responses += [ex.ref_sample_ids for ex in with_sample]
-            lp = self._reference_logps(prompts, responses).float().cpu().tolist()
-            n, samples = len(chunk), iter(lp[2 * len(chunk) :])
-            for j, (i, ex) in enumerate(zip(mine[s : s + size], chunk)):
-                results.append((i, lp[j], lp[n + j], next(samples) if ex.ref_sample_ids is not None else None))
+            chunk = mine[s : s + size]
+            lp = self._reference_logps([r[2] for r in chunk], [r[3] for r in chunk]).float().cpu().tolist()
+            results += [(r[0], r[1], v) for r, v in zip(chunk, lp)]
             bar.update(len(chunk))
         bar.close()
         self.policy.train(was_training)
         if acc.num_processes > 1:
             results = gather_object(results)
-        for i, rc, rr, rs in results:
-            examples[i].ref_chosen, examples[i].ref_rejected, examples[i].ref_ref_sample = rc, rr, rs
+        names = ("ref_chosen", "ref_rejected", "ref_ref_sample")
+        for i, slot, value in results:
+            setattr(examples[i], names[slot], value)
 
     # ------------------------------------------------------------------ the update
     def plan(self, n_examples: int) -> list[list[int]]:
@@ -415,7 +417,9 @@ class PreferenceTrainer:
             params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
             weight_decay=cfg.weight_decay,
         )
-        optimizer = acc.prepare_optimizer(optimizer)
+        # Not acc.prepare_optimizer(): the accelerator would keep every update's optimizer (and
+        # its state, 2x the trainable weights) alive for the life of the run. bf16 autocast and
+        # DDP need nothing from a prepared optimizer.
         warmup = math.ceil(cfg.warmup_ratio * len(steps))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, warmup, len(steps)))
         result = UpdateResult()

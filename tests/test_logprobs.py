@@ -98,3 +98,19 @@ def test_collate_rejects_mismatched_inputs():
         collate([[1], [2]], [[3]], pad_token_id=0)
     with pytest.raises(ValueError, match="padding_side"):
         collate([[1]], [[3]], pad_token_id=0, padding_side="middle")
+
+
+def test_bf16_autocast_backward_matches_naive_autocast():
+    """Under autocast the LM head's backward runs in the forward's dtype (bf16), and its
+    gradient agrees with autograd through the naive bf16 computation."""
+    model = make_model()
+    batch = collate(PROMPTS, RESPONSES, pad_token_id=0)
+    head = model.get_output_embeddings().weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = sequence_logprobs(model, batch, chunk_size=4)
+        (g_fast,) = torch.autograd.grad(fast.sum(), head)
+        slow = naive_logprobs(model, PROMPTS, RESPONSES)
+        (g_slow,) = torch.autograd.grad(slow.sum(), head)
+    torch.testing.assert_close(fast, slow, atol=0.05, rtol=0.01)
+    rel = (g_fast - g_slow).norm() / g_slow.norm()
+    assert rel < 0.02, rel

@@ -161,3 +161,15 @@ def test_ipo_and_xpo_train():
         r = trainer(TrainConfig(loss=loss, alpha=1e-3, batch_size=4)).update(copy.deepcopy(examples), progress=False)
         assert set(r.steps[0]) >= {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
                                    "rewards/accuracies", "logps/chosen", "logps/rejected"}
+
+
+def test_updates_do_not_keep_old_optimizers_alive():
+    """Each update makes its own AdamW; none may outlive its update (an online run makes
+    one per iteration, and each holds twice the trainable weights)."""
+    import gc
+
+    t = trainer(TrainConfig(batch_size=4))
+    for seed in range(3):
+        t.update(make_examples(4, seed=seed), progress=False)
+    gc.collect()
+    assert sum(isinstance(o, torch.optim.Optimizer) for o in gc.get_objects()) == 0
