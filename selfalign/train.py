@@ -274,8 +274,11 @@ class PreferenceTrainer:
             if reference is not None:
                 disable_dropout(reference)
         if config.gradient_checkpointing:
-            enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.x
+                policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             if is_peft_model(policy):
                 policy.enable_input_require_grads()
         policy.train()

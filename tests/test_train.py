@@ -173,3 +173,20 @@ def test_updates_do_not_keep_old_optimizers_alive():
         t.update(make_examples(4, seed=seed), progress=False)
     gc.collect()
     assert sum(isinstance(o, torch.optim.Optimizer) for o in gc.get_objects()) == 0
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_gives_the_same_update(lora):
+    examples = make_examples(4)
+    results = []
+    for checkpointing in (False, True):
+        config = TrainConfig(batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, gradient_checkpointing=checkpointing)
+        config.lora.enabled, config.lora.r = lora, 4
+        t = trainer(config)
+        base = t.policy.get_base_model() if lora else t.policy
+        assert base.is_activation_checkpointing == checkpointing
+        results.append((t.update(copy.deepcopy(examples), progress=False).steps, params(t)))
+    (steps_a, pa), (steps_b, pb) = results
+    assert steps_a[0]["loss"] == pytest.approx(steps_b[0]["loss"], abs=1e-6)
+    for name in pa:
+        torch.testing.assert_close(pa[name], pb[name], atol=1e-6, rtol=1e-5)
