@@ -145,24 +145,26 @@ class Objective:
     compute: Callable[[Logps, TrainConfig], losses.PairLoss]
 
 
+def _dpo(lp: Logps, c: TrainConfig) -> losses.PairLoss:
+    return losses.dpo_loss(lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, c.beta, c.label_smoothing)
+
+
+# selm and xpo fall back to DPO only when alpha = 0 (the trainer then leaves y_ref out).
 OBJECTIVES: dict[str, Objective] = {
-    "dpo": Objective(
-        "dpo", False,
-        lambda lp, c: losses.dpo_loss(lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, c.beta, c.label_smoothing),
-    ),
+    "dpo": Objective("dpo", False, _dpo),
     "ipo": Objective(
         "ipo", False, lambda lp, c: losses.ipo_loss(lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, c.beta)
     ),
     "selm": Objective(
         "selm", True,
-        lambda lp, c: losses.selm_loss(
+        lambda lp, c: _dpo(lp, c) if lp.ref_sample is None else losses.selm_loss(
             lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, lp.ref_sample, lp.ref_ref_sample,
             c.beta, c.alpha, c.label_smoothing,
         ),
     ),
     "xpo": Objective(
         "xpo", True,
-        lambda lp, c: losses.xpo_loss(
+        lambda lp, c: _dpo(lp, c) if lp.ref_sample is None else losses.xpo_loss(
             lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, lp.ref_sample, c.beta, c.alpha, c.label_smoothing
         ),
     ),
@@ -290,6 +292,12 @@ class PreferenceTrainer:
             reference.to(self.accelerator.device)
         self.model = self.accelerator.prepare_model(LogprobModel(policy, config.logprob_chunk_size))
 
+    @property
+    def needs_ref_sample(self) -> bool:
+        """Whether y_ref goes through the policy. With alpha = 0 the optimism term vanishes, so
+        y_ref is left out of the forward and selm/xpo train exactly as DPO does, bit for bit."""
+        return self.objective.needs_ref_sample and self.config.alpha != 0
+
     # ------------------------------------------------------------------ reference log-probs
     @torch.no_grad()
     def _reference_logps(self, prompts: list[list[int]], responses: list[list[int]]) -> Tensor:
@@ -311,7 +319,7 @@ class PreferenceTrainer:
         for i, ex in enumerate(examples):
             if ex.ref_chosen is None:
                 rows += [(i, 0, ex.prompt_ids, ex.chosen_ids), (i, 1, ex.prompt_ids, ex.rejected_ids)]
-                if ex.ref_sample_ids is not None:
+                if ex.ref_sample_ids is not None and self.needs_ref_sample:
                     rows.append((i, 2, ex.prompt_ids, ex.ref_sample_ids))
         if not rows:
             return
@@ -360,7 +368,7 @@ class PreferenceTrainer:
         device = self.accelerator.device
         prompts = [ex.prompt_ids for ex in chunk] * 2
         responses = [ex.chosen_ids for ex in chunk] + [ex.rejected_ids for ex in chunk]
-        needs_sample = self.objective.needs_ref_sample
+        needs_sample = self.needs_ref_sample
         if needs_sample:
             prompts += [ex.prompt_ids for ex in chunk]
             responses += [ex.ref_sample_ids for ex in chunk]
@@ -395,7 +403,7 @@ class PreferenceTrainer:
         cfg, acc = self.config, self.accelerator
         if not examples:
             raise ValueError("update() got no examples")
-        if self.objective.needs_ref_sample and any(ex.ref_sample_ids is None for ex in examples):
+        if self.needs_ref_sample and any(ex.ref_sample_ids is None for ex in examples):
             raise ValueError(f"loss '{cfg.loss}' needs y_ref for every example (PreferenceExample.ref_sample_ids)")
         steps = self.plan(len(examples))
         if not steps:

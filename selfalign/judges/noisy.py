@@ -3,6 +3,10 @@
 Adding independent Gumbel noise of scale T to each score makes every pairwise comparison
 a Bradley-Terry draw: P(a ranked above b) = sigmoid((s_a - s_b) / T), and the ranking of K
 candidates a Plackett-Luce draw. T = 0 returns the scores unchanged (a noiseless annotator).
+
+The noise of candidate j of prompt i in a call is drawn from a generator seeded with
+(seed, salt, i, j), not from a running stream: a caller that sets `salt` per chunk of work
+gets the same labels whether or not the run was interrupted and resumed in between.
 """
 
 from __future__ import annotations
@@ -22,18 +26,24 @@ class NoisyJudge:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.inner = inner
         self.temperature = temperature
-        self.rng = random.Random(seed)
+        self.seed = seed
+        self.salt = ""
+        self.calls = 0
 
     @property
     def labels(self) -> int:
         return self.inner.labels
 
-    def _gumbel(self) -> float:
-        u = min(max(self.rng.random(), 1e-12), 1 - 1e-12)
+    def _gumbel(self, key: str) -> float:
+        u = min(max(random.Random(key).random(), 1e-12), 1 - 1e-12)
         return -math.log(-math.log(u))
 
     def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
         scores = self.inner.score(prompts, candidates)
+        self.calls += 1
         if self.temperature == 0:
             return scores
-        return [[s + self.temperature * self._gumbel() for s in row] for row in scores]
+        # Without a salt, successive calls must still differ: the call count stands in.
+        salt = self.salt or f"call{self.calls}"
+        return [[s + self.temperature * self._gumbel(f"{self.seed}:{salt}:{i}:{j}") for j, s in enumerate(row)]
+                for i, row in enumerate(scores)]
