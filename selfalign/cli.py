@@ -1,5 +1,7 @@
 """The `selfalign` command line.
 
+    selfalign quickstart [key.sub=value ...]               SELM on the built-in task (CPU, a few minutes)
+    selfalign run RECIPE [key.sub=value ...]               an online run from a YAML recipe or a bundled name
     selfalign demo [--output-dir DIR] [key.sub=value ...]   build the tiny sorting task offline and train on it
     selfalign train RECIPE.yaml [key.sub=value ...]        offline preference training of a local/hub model
     selfalign config                                        list every config key with its default and meaning
@@ -23,6 +25,7 @@ import yaml
 
 from .config import ConfigError, describe, dump_yaml, field, load_config, to_dict
 from .data import DataError, PreferenceDataConfig, load_preferences
+from .judges import JudgeError
 from .train import PreferenceExample, PreferenceTrainer, TrainConfig
 
 
@@ -179,6 +182,52 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_train(load_config(TrainRunConfig, args.recipe, args.overrides), progress=not args.no_progress)
 
 
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def recipe_path(name: str) -> Path:
+    """A recipe file, or the name of one bundled with selfalign (e.g. 'quickstart')."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    bundled = RECIPES / f"{name}.yaml"
+    if not bundled.exists():
+        known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+        raise UsageError(f"no recipe file '{name}' and no bundled recipe of that name (bundled: {known})")
+    return bundled
+
+
+def iteration_table(out: Path, history: list[dict]) -> str:
+    """One row for pi_0 and one per iteration: the numbers a user watches."""
+    rows = []
+    pi0 = out / "pi0_metrics.json"
+    if pi0.exists():
+        rows.append(json.loads(pi0.read_text()))
+    rows += history
+    cols = [("labels_total", "labels", "{:>8d}"), ("gold/greedy", "gold(greedy)", "{:>13.3f}"),
+            ("gold/sampled", "gold(sampled)", "{:>14.3f}"), ("gold/high_reward_fraction", "perfect", "{:>8.3f}"),
+            ("win_rate", "win vs pi_0", "{:>12.3f}"), ("tie_rate", "ties", "{:>6.3f}"), ("kl_to_pi0", "KL(pi|pi_0)", "{:>12.3f}")]
+    lines = [f"{'iteration':>9} " + " ".join(f"{title:>{len(fmt.format(0))}}" for _, title, fmt in cols)]
+    for r in rows:
+        cells = [fmt.format(r[key]) if key in r else " " * len(fmt.format(0)) for key, _, fmt in cols]
+        lines.append(f"{str(r['iteration']):>9} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .loop import RunConfig, run
+
+    cfg = load_config(RunConfig, recipe_path(args.recipe), args.overrides)
+    print(f"selfalign: {cfg.method} on {cfg.model}, {cfg.iterations} iteration(s), run directory {cfg.output_dir}")
+    history = run(cfg, progress=not args.no_progress)
+    print(iteration_table(Path(cfg.output_dir), history))
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    args.recipe = "quickstart"
+    cmd_run(args)
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     for key, default, help_text in describe(TrainRunConfig):
         print(f"{key:<34} {default:<14} {help_text}")
@@ -195,7 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("recipe", help="YAML recipe (see `selfalign config` for the keys)")
     train.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     train.set_defaults(func=cmd_train)
-    for p in (demo, train):
+    quick = sub.add_parser("quickstart", help="SELM on the built-in task, a few iterations on a CPU (a few minutes)")
+    quick.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    quick.set_defaults(func=cmd_quickstart)
+    runp = sub.add_parser("run", help="an online alignment run from a recipe (a YAML file or a bundled name)")
+    runp.add_argument("recipe", help="YAML recipe, or a bundled one: quickstart, selm_llama3_8b, ...")
+    runp.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    runp.set_defaults(func=cmd_run)
+    for p in (demo, train, quick, runp):
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
     conf = sub.add_parser("config", help="list every config key, its default and meaning")
     conf.set_defaults(func=cmd_config)
@@ -206,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     try:
         args.func(args)
-    except (ConfigError, DataError, UsageError) as e:
+    except (ConfigError, DataError, JudgeError, UsageError) as e:
         print(f"selfalign: error: {e}", file=sys.stderr)
         return 2
     return 0

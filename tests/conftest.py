@@ -13,7 +13,7 @@ from selfalign.train import PreferenceExample
 VOCAB = 64
 
 
-def make_model(seed: int = 0, arch: str = "qwen2"):
+def make_model(seed: int = 0, arch: str = "qwen2"):  # no tokenizer saved: qwen2 is fine
     return build_model(VOCAB, arch=arch, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, seed=seed)
 
 

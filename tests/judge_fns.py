@@ -19,3 +19,20 @@ def nan(prompts, responses):
 
 def longer_wins(prompt, a, b):
     return 1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5
+
+
+def slow_counting_gold(prompts, responses):
+    """The built-in gold reward, after a pause, appending the number of labels it returned to
+    $SELFALIGN_TEST_LABEL_LOG (the pause comes first, so a kill during it pays for nothing)."""
+    import os
+    import time
+
+    from selfalign.tasks.builtin import gold_reward
+
+    time.sleep(float(os.environ.get("SELFALIGN_TEST_JUDGE_DELAY", "0")))
+    scores = gold_reward(prompts, responses)
+    log = os.environ.get("SELFALIGN_TEST_LABEL_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{len(scores)}\n")
+    return scores

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -37,6 +37,7 @@ def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
         clean_up_tokenization_spaces=False,
@@ -47,7 +48,7 @@ def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
 
 def build_model(
     vocab_size: int,
-    arch: str = "qwen2",
+    arch: str = "llama",
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
@@ -59,7 +60,12 @@ def build_model(
     bos_token_id: int = 2,
     eos_token_id: int = 3,
 ) -> PreTrainedModel:
-    """A random-init causal LM (Qwen2- or Llama-shaped), float32, deterministic for a seed."""
+    """A random-init causal LM (Llama- or Qwen2-shaped), float32, deterministic for a seed.
+
+    Llama is the default for models saved beside a tokenizer of ours: transformers 5's
+    AutoTokenizer rebuilds a 'qwen2' model's tokenizer as Qwen2Tokenizer (byte-level BPE),
+    silently dropping our word-level one, while for 'llama' it honours tokenizer_config.json.
+    """
     kwargs = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
