@@ -218,9 +218,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .loop import RunConfig, run
 
     cfg = load_config(RunConfig, recipe_path(args.recipe), args.overrides)
-    print(f"selfalign: {cfg.method} on {cfg.model}, {cfg.iterations} iteration(s), run directory {cfg.output_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"selfalign: {cfg.method} on {cfg.model}, {cfg.iterations} iteration(s), run directory {cfg.output_dir}")
     history = run(cfg, progress=not args.no_progress)
-    print(iteration_table(Path(cfg.output_dir), history))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(iteration_table(Path(cfg.output_dir), history))
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:

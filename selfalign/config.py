@@ -72,6 +72,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/false as False: map back to the spelled choice
+            spelled = [a for a in allowed if isinstance(a, str) and a.lower() in (
+                ("yes", "on", "true") if value else ("no", "off", "false"))]
+            value = spelled[0] if spelled else value
         if value not in allowed:
             raise ConfigError(f"{key}: expected one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
         return value

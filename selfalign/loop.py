@@ -216,12 +216,12 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
                                                            **pair_stats}, indent=1))
             del trainer, reference, policy
         # 7. Evaluate and record.
-        metrics = stage_eval(it, cfg, t, pi0_path, eval_prompts, tokenizer, gold, accelerator, show)
-        history.append(metrics)
         if accelerator.is_main_process:
+            metrics = stage_eval(it, cfg, t, pi0_path, eval_prompts, tokenizer, gold, accelerator, show)
             write_atomic(it / "metrics.json", json.dumps(metrics, indent=1))
-            write_jsonl(out / "metrics.jsonl", history)
+            write_jsonl(out / "metrics.jsonl", [*history, metrics])
         accelerator.wait_for_everyone()
+        history.append(json.loads((it / "metrics.json").read_text()))
     return history
 
 
@@ -432,7 +432,7 @@ def stage_eval(it: Path, cfg: RunConfig, t: int, pi0_path: Path, eval_prompts: l
                "pairs": train["pairs"], "ties": train["ties"],
                **{f"train/{k}": v for k, v in train["summary"].items() if k in ("loss", "rewards/accuracies",
                                                                                  "rewards/margins")}}
-    if eval_prompts and gold is not None and accelerator.is_main_process:
+    if eval_prompts and gold is not None:
         metrics.update(evaluate_policy(it / "policy", pi0_path, eval_prompts, tokenizer, gold, cfg, cache=it.parent,
                                        progress=show))
     return metrics

@@ -33,3 +33,21 @@ def _deterministic():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="session")
+def builtin_task(tmp_path_factory):
+    """The built-in task (SFT of pi_0, ~35 s) built once per test session in a private cache;
+    SELFALIGN_CACHE points there so the loop and subprocesses reuse it."""
+    import os
+
+    from selfalign.tasks.builtin import build_task
+
+    cache = tmp_path_factory.mktemp("selfalign_cache")
+    old = os.environ.get("SELFALIGN_CACHE")
+    os.environ["SELFALIGN_CACHE"] = str(cache)
+    yield build_task(progress=False)
+    if old is None:
+        os.environ.pop("SELFALIGN_CACHE", None)
+    else:
+        os.environ["SELFALIGN_CACHE"] = old

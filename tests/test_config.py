@@ -57,3 +57,7 @@ def test_bad_yaml_names_file_and_line(tmp_path):
 def test_every_field_is_documented():
     rows = describe(TrainConfig)
     assert rows and all(help_text for _, _, help_text in rows), [k for k, _, h in rows if not h]
+
+
+def test_yaml_no_is_read_as_the_choice_no():
+    assert load_config(TrainConfig, None, ["mixed_precision=no"]).mixed_precision == "no"

@@ -25,20 +25,9 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def task_cache(tmp_path_factory):
-    """Build the built-in task (SFT of pi_0) once per test session, in a private cache."""
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("SELFALIGN_CACHE")
-    os.environ["SELFALIGN_CACHE"] = str(cache)
-    from selfalign.tasks.builtin import build_task
-
-    build_task(progress=False)
-    yield cache
-    if old is None:
-        os.environ.pop("SELFALIGN_CACHE", None)
-    else:
-        os.environ["SELFALIGN_CACHE"] = old
+@pytest.fixture(autouse=True)
+def _task(builtin_task):
+    return builtin_task
 
 
 def small(tmp_path: Path, *extra: str) -> RunConfig:

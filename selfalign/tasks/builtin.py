@@ -75,6 +75,10 @@ class SFTConfig:
     pool_size: int = 8192  # distinct SFT prompts; demonstrations are drawn afresh at every use
 
 
+# The SFT that build_task runs; a module constant so tests can check a (shortened) build's reproducibility cheaply.
+PI0_SFT = SFTConfig()
+
+
 @dataclass
 class BuiltinTask:
     """Where the built task lives: pi_0, the prompt files, and the gold reward to name in a config."""
@@ -178,8 +182,8 @@ def demonstration(values: Sequence[int], rng: random.Random) -> list[int]:
         return answer
     if kind == "echo" and list(values) == answer:
         kind = "swap"  # an already-sorted prompt cannot be echoed wrongly; without this the loop never ends
-    # Retry until the mistake is a mistake (two swaps can cancel, an echo can be sorted already),
-    # so the share of correct demonstrations is exactly DEMONSTRATIONS["correct"].
+    # Every mistake below changes a list of distinct numbers; the check keeps the share of correct
+    # demonstrations exactly DEMONSTRATIONS["correct"] should a future kind of mistake not.
     while True:
         out = list(answer)
         if kind == "swap_last":
@@ -282,8 +286,8 @@ def _write_prompts(path: Path, prompts: list[tuple[int, ...]]) -> None:
 
 
 def build_task(cache_dir: str | Path | None = None, seed: int = 0, progress: bool = True) -> BuiltinTask:
-    """Build the task under cache_dir/builtin-sort-v1-seed{seed} (default cache: $SELFALIGN_CACHE or
-    ~/.cache/selfalign), or reuse it if it is there.
+    """Build the task under cache_dir/builtin-sort-v{VERSION}-seed{seed} (default cache: $SELFALIGN_CACHE
+    or ~/.cache/selfalign), or reuse it if it is there.
 
     The build goes to a temporary folder renamed into place at the end, so an interrupted build
     leaves nothing that looks finished, and processes racing to build it agree on the result.
@@ -301,7 +305,7 @@ def build_task(cache_dir: str | Path | None = None, seed: int = 0, progress: boo
         rng = random.Random(f"builtin-prompts-{seed}")
         eval_prompts = _unique_prompts(rng, NUM_EVAL_PROMPTS, set())
         train_prompts = _unique_prompts(rng, NUM_TRAIN_PROMPTS, set(eval_prompts))
-        config = SFTConfig()
+        config = PI0_SFT
         model, tokenizer, stats = train_pi0(seed, config, exclude=set(eval_prompts), progress=progress)
         save_tiny(tmp / "policy", model, tokenizer)
         task = _task_at(tmp)
