@@ -42,8 +42,11 @@ BUILTIN = "builtin"
 class JudgeConfig:
     """Who labels the generations."""
 
-    kind: Literal["function", "reward_model"] = field("function", help="A Python reward function or a reward model.")
-    function: str = field("", help="'pkg.module:function' scoring (prompts, responses) -> scores; empty: built-in task's.")
+    kind: Literal["function", "reward_model", "pairwise"] = field(
+        "function", help="A reward function, a reward model, or a pairwise ranker (mean win probability, like PairRM)."
+    )
+    function: str = field("", help="'pkg.module:function': fn(prompts, responses) -> scores (kind=function; empty: "
+                                   "the built-in task's), or fn(prompt, a, b) -> P(a better than b) (kind=pairwise).")
     reward_model: str = field("", help="Sequence-classification reward model directory or hub name (kind=reward_model).")
     noise: float = field(0.0, help="Bradley-Terry temperature of a simulated annotator over the scores; 0 = noiseless.")
     chunk_size: int = field(64, help="Prompts judged per journal entry (the unit that survives an interruption).")
@@ -266,6 +269,12 @@ def build_judge(cfg: RunConfig, reward_fn: str) -> Judge:
         if not cfg.judge.reward_model:
             raise ConfigError("judge.reward_model: required with judge.kind=reward_model (a model directory)")
         judge: Judge = RewardModelJudge(cfg.judge.reward_model)
+    elif cfg.judge.kind == "pairwise":
+        from .judges.pairwise import PairwiseJudge
+
+        if not cfg.judge.function:
+            raise ConfigError("judge.function: required with judge.kind=pairwise ('pkg.module:fn', fn(prompt, a, b) -> P)")
+        judge = PairwiseJudge(cfg.judge.function)
     else:
         judge = FunctionJudge(reward_fn)
     return NoisyJudge(judge, cfg.judge.noise, seed=cfg.seed) if cfg.judge.noise > 0 else judge
@@ -369,8 +378,10 @@ def stage_judge(it: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], g
                     continue
                 if hasattr(judge, "salt"):
                     judge.salt = f"{it.name}:{s}"  # annotator noise fixed per chunk: resume-stable
+                before = judge.labels
                 scores = judge.score([prompts[i] for i in todo], [gens[i]["responses"] for i in todo])
-                entry = {"scores": {str(i): sc for i, sc in zip(todo, scores)}, "labels": sum(map(len, scores))}
+                # The judge's own count: one per response scored, one per comparison for a ranker.
+                entry = {"scores": {str(i): sc for i, sc in zip(todo, scores)}, "labels": judge.labels - before}
                 f.write(json.dumps(entry) + "\n")
                 f.flush()
                 os.fsync(f.fileno())

@@ -36,3 +36,11 @@ def slow_counting_gold(prompts, responses):
         with open(log, "a") as f:
             f.write(f"{len(scores)}\n")
     return scores
+
+
+def gold_pairwise(prompt, a, b):
+    """P(a better than b) from the built-in gold reward: 1, 0, or 0.5 on a tie."""
+    from selfalign.tasks.builtin import gold_reward
+
+    ra, rb = gold_reward([prompt, prompt], [a, b])
+    return 1.0 if ra > rb else 0.0 if ra < rb else 0.5

@@ -177,3 +177,11 @@ def test_sigkill_in_each_stage_then_resume_matches_uninterrupted(tmp_path):
     assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
     assert (out / "metrics.jsonl").read_text() == expected
     assert labels_paid(log) == labels_paid(ref_log) == 144
+
+
+def test_pairwise_ranker_judge_in_the_loop(tmp_path):
+    history = run(small(tmp_path / "run", "iterations=1", "judge.kind=pairwise", "generation.num_samples=4",
+                        "judge.function=tests.judge_fns:gold_pairwise"), progress=False)
+    assert history[0]["labels"] == 24 * 6  # C(4, 2) = 6 comparisons per prompt, not 4 responses
+    rows = [json.loads(line) for line in (tmp_path / "run" / "iter_000" / "generations.jsonl").read_text().splitlines()]
+    assert all(0.0 <= s <= 1.0 for r in rows for s in r["scores"])

@@ -75,7 +75,7 @@ class SFTConfig:
     pool_size: int = 8192  # distinct SFT prompts; demonstrations are drawn afresh at every use
 
 
-# The SFT that build_task runs; a module constant so tests can check a (shortened) build's reproducibility cheaply.
+# The SFT that build_task runs; a module constant so a test can check a shortened build's reproducibility.
 PI0_SFT = SFTConfig()
 
 
@@ -116,7 +116,7 @@ def prompt_numbers(prompt: str | Sequence[dict[str, str]]) -> list[int]:
                 break
             numbers.append(value)
     if not numbers:
-        raise ValueError(f"not a prompt of the built-in sorting task (expected 'sort : 7 2 9 4'): {text[:80]!r}")
+        raise ValueError(f"not a prompt of the built-in sorting task (like 'sort : 7 2 9 4'): {text[:80]!r}")
     return numbers
 
 
@@ -138,7 +138,8 @@ def score_response(numbers: Sequence[int], response: str) -> float:
     allowed = set(target)
     pairs = width - 1
     if pairs:
-        ascending = sum(a in allowed and b in allowed and int(a) < int(b) for a, b in zip(words, words[1:])) / pairs
+        up = sum(a in allowed and b in allowed and int(a) < int(b) for a, b in zip(words, words[1:]))
+        ascending = up / pairs
     else:
         ascending = float(words == target)
     return 0.5 * position + 0.25 * f1 + 0.25 * ascending
@@ -204,7 +205,7 @@ def demonstration(values: Sequence[int], rng: random.Random) -> list[int]:
 # ----------------------------------------------------------------------------------------- SFT
 def train_pi0(seed: int = 0, config: SFTConfig | None = None, exclude: set[tuple[int, ...]] | None = None,
               progress: bool = True) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, tokenizer, stats): pi_0 trained from scratch on imperfect demonstrations; deterministic for a seed.
+    """(model, tokenizer, stats): pi_0 trained from scratch on imperfect demonstrations; deterministic.
 
     SFT prompts avoid `exclude` (the held-out eval prompts). Runs on one CPU thread: it is as
     fast as more for a model this small, and the result then does not depend on the thread count.
@@ -223,10 +224,11 @@ def train_pi0(seed: int = 0, config: SFTConfig | None = None, exclude: set[tuple
     with torch.random.fork_rng(devices=[]):
         torch.set_num_threads(1)
         try:
-            model = build_model(len(tokenizer), hidden_size=config.hidden_size, num_layers=config.num_layers,
-                                num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, max_positions=64,
-                                seed=seed, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                                eos_token_id=eos)
+            model = build_model(
+                len(tokenizer), hidden_size=config.hidden_size, num_layers=config.num_layers,
+                num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, max_positions=64, seed=seed,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+            )
             optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.98),
                                           weight_decay=config.weight_decay)
 
@@ -278,7 +280,8 @@ def task_name(seed: int) -> str:
 
 
 def _task_at(directory: Path) -> BuiltinTask:
-    return BuiltinTask(directory / "policy", directory / "train_prompts.jsonl", directory / "eval_prompts.jsonl")
+    return BuiltinTask(directory / "policy", directory / "train_prompts.jsonl",
+                       directory / "eval_prompts.jsonl")
 
 
 def _write_prompts(path: Path, prompts: list[tuple[int, ...]]) -> None:
@@ -297,7 +300,11 @@ def build_task(cache_dir: str | Path | None = None, seed: int = 0, progress: boo
     if (final / "task.json").is_file():
         return _task_at(final)
     root.mkdir(parents=True, exist_ok=True)
-    say = (lambda msg: print(f"selfalign: {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"selfalign: {msg}", file=sys.stderr, flush=True)
+
     say(f"building the built-in sorting task (pi_0 by SFT, once) in {final}")
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
@@ -323,18 +330,21 @@ def build_task(cache_dir: str | Path | None = None, seed: int = 0, progress: boo
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    say(f"built the built-in task in {time.perf_counter() - start:.1f} s (SFT loss {stats['final_loss']:.3f})")
+    seconds = time.perf_counter() - start
+    say(f"built the built-in task in {seconds:.1f} s (SFT loss {stats['final_loss']:.3f})")
     return _task_at(final)
 
 
 # ------------------------------------------------------------------------------------- measure
 def read_prompts(path: str | Path) -> list[list[dict[str, str]]]:
-    return [json.loads(line)["prompt"] for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["prompt"] for line in lines if line.strip()]
 
 
 def policy_stats(policy_dir: str | Path, prompts: list, num_samples: int = 8, seed: int = 0,
                  max_new_tokens: int = 12) -> dict[str, float]:
-    """Gold reward of a policy's greedy and sampled (temperature 1.0) responses, and its share of exact sorts."""
+    """Mean gold reward of a policy's greedy and sampled (temperature 1.0) responses, and the share of
+    exact sorts among each; `prompts` are message lists."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..generation import GenerationConfig
@@ -342,12 +352,13 @@ def policy_stats(policy_dir: str | Path, prompts: list, num_samples: int = 8, se
 
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    ids = [list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False))
-           for p in prompts]
+    ids = [list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
+                                              return_dict=False)) for p in prompts]
     gen = HFGenerator(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
 
     def run(k: int, temperature: float) -> list[list[float]]:
-        cfg = GenerationConfig(num_samples=k, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=64)
+        cfg = GenerationConfig(num_samples=k, temperature=temperature, max_new_tokens=max_new_tokens,
+                               batch_size=64)
         out = gen.generate(ids, cfg, seed=seed)
         return [gold_reward([p] * k, [tokenizer.decode(r, skip_special_tokens=True) for r in rs])
                 for p, rs in zip(prompts, out)]
@@ -365,8 +376,10 @@ def policy_stats(policy_dir: str | Path, prompts: list, num_samples: int = 8, se
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m selfalign.tasks.builtin", description=__doc__.split("\n")[0])
-    parser.add_argument("--cache-dir", default=None, help="Cache root (default: $SELFALIGN_CACHE or ~/.cache/selfalign).")
+    parser = argparse.ArgumentParser(prog="python -m selfalign.tasks.builtin",
+                                     description="Build (or reuse) the built-in task and print pi_0's stats.")
+    parser.add_argument("--cache-dir", default=None,
+                        help="Cache root (default: $SELFALIGN_CACHE or ~/.cache/selfalign).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=8, help="Sampled responses per eval prompt.")
     args = parser.parse_args(argv)
@@ -375,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     built = time.perf_counter() - start
     print(f"policy_dir:    {task.policy_dir}\ntrain_prompts: {task.train_prompts}\n"
           f"eval_prompts:  {task.eval_prompts}\nreward_fn:     {task.reward_fn}\nready in {built:.1f} s")
-    stats = policy_stats(task.policy_dir, read_prompts(task.eval_prompts), num_samples=args.samples, seed=args.seed)
+    prompts = read_prompts(task.eval_prompts)
+    stats = policy_stats(task.policy_dir, prompts, num_samples=args.samples, seed=args.seed)
     print(f"pi_0 on {stats['prompts']} eval prompts, {stats['samples']} samples at temperature 1.0:")
     print(f"  gold reward  greedy {stats['gold_greedy']:.3f}   sampled {stats['gold_sampled']:.3f}")
     print(f"  exact sorts  greedy {stats['exact_greedy']:.3f}   sampled {stats['exact_sampled']:.3f}")
