@@ -170,7 +170,10 @@ def test_pi0_loads_and_answers_its_own_prompts(builtin_task):
 
     model = AutoModelForCausalLM.from_pretrained(builtin_task.policy_dir)
     tokenizer = AutoTokenizer.from_pretrained(builtin_task.policy_dir)
-    assert tokenizer.chat_template and model.config.model_type == "qwen2"
+    # Our word-level tokenizer came back (not one transformers substituted for the model type).
+    ours = builtin.build_tokenizer(builtin.WORDS)
+    assert tokenizer("sort : 7 2 9 4")["input_ids"] == ours("sort : 7 2 9 4")["input_ids"]
+    assert tokenizer.chat_template == ours.chat_template
     prompts = read_prompts(builtin_task.eval_prompts)
     ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
            for p in prompts]

@@ -4,13 +4,14 @@ Prompt (chat messages): [{"role": "user", "content": "sort : 7 2 9 4"}]; the ide
 is "2 4 7 9". `gold_reward` grades a response in [0, 1] and gives 1.0 only to the exact sort,
 so preference pairs between imperfect responses still carry signal.
 
-pi_0 is a tiny random-init Qwen2 model fine-tuned (SFT, cross-entropy on response tokens) on
-deliberately imperfect demonstrations: most are the sorted list with a mistake in it (swapped
-neighbours, a foreign number, a dropped number, the prompt's order echoed), a few are
-correct. Sampled at temperature 1.0, pi_0 therefore scores well below the maximum and
-produces exact sorts rarely but not never: alignment has room to work, and a method that
-explores finds the rare good responses to learn from. Everything is built offline, from a
-seed, in well under a minute on a laptop CPU, and saved the Hugging Face way
+pi_0 is a tiny random-init causal LM (Llama-shaped, see tiny.build_model) fine-tuned (SFT,
+cross-entropy on response tokens) on deliberately imperfect demonstrations: most are the
+sorted list with a mistake in it (mostly the same one, the last two numbers swapped; also
+other swapped neighbours, a foreign number, a dropped number, the prompt's order echoed), a
+few are correct. Sampled at temperature 1.0, pi_0 therefore scores well below the maximum
+and produces exact sorts in a minority of samples: alignment has room to work, and a method
+that explores finds the good responses to learn from. Everything is built offline, from a
+seed, in about half a minute on a laptop CPU, and saved the Hugging Face way
 (save_pretrained) so the loop loads pi_0 through the ordinary from_pretrained path.
 
     python -m selfalign.tasks.builtin [--cache-dir D] [--seed S]   # build (or reuse) and print pi_0's stats
