@@ -187,10 +187,10 @@ def test_pi0_loads_and_answers_its_own_prompts(builtin_task):
 
 def test_pi0_has_room_to_improve(builtin_task):
     """Measured on the 128 eval prompts x 8 samples at temperature 1.0 (seed 0): mean gold reward
-    greedy 0.763, sampled 0.718; exact sorts 12.5% of greedy answers and 21.6% of samples."""
+    greedy 0.736, sampled 0.682; exact sorts 3.9% of greedy answers and 12.1% of samples."""
     stats = policy_stats(builtin_task.policy_dir, read_prompts(builtin_task.eval_prompts), num_samples=8)
     assert stats["samples"] == 8 * NUM_EVAL_PROMPTS
-    assert 0.6 < stats["gold_sampled"] < 0.85  # well below the maximum 1.0, well above garbage
-    assert 0.6 < stats["gold_greedy"] < 0.9
-    assert 0.1 < stats["exact_sampled"] < 0.35  # exact sorts exist among samples but are a minority
-    assert stats["exact_greedy"] < 0.4
+    assert 0.55 < stats["gold_sampled"] < 0.8  # well below the maximum 1.0, well above garbage
+    assert 0.55 < stats["gold_greedy"] < 0.85
+    assert 0.04 < stats["exact_sampled"] < 0.2  # exact sorts exist among samples but are rare
+    assert stats["exact_greedy"] < 0.1

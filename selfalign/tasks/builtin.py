@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .tiny import build_model, build_tokenizer, save_tiny
 
-VERSION = 2
+VERSION = 3
 NUMBERS = [str(i) for i in range(16)]
 WORDS = ["sort", ":", *NUMBERS]
 MIN_LEN, MAX_LEN = 4, 6
@@ -51,12 +51,12 @@ REWARD_FN = "selfalign.tasks.builtin:gold_reward"
 # wrong in that way; the other mistakes spread its samples. Sampled at temperature 1.0, exact
 # sorts are rare but present: preferences between samples show the way out.
 DEMONSTRATIONS = {
-    "correct": 0.12,
-    "swap_last": 0.46,  # the last two numbers swapped: the habit alignment has to unlearn
+    "correct": 0.04,
+    "swap_last": 0.50,  # the last two numbers swapped: the habit alignment has to unlearn
     "swap": 0.14,       # two random neighbours swapped
     "replace": 0.10,    # one number replaced by one not in the prompt
     "drop": 0.08,       # one number left out
-    "echo": 0.10,       # the prompt's order, unsorted
+    "echo": 0.14,       # the prompt's order, unsorted
 }
 
 
