@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import ConfigError, describe, dump_yaml, field, load_config, to_dict
+from .config import ConfigError, config_diff, describe, dump_yaml, field, load_config, to_dict
 from .data import DataError, PreferenceDataConfig, load_preferences
 from .judges import JudgeError
 from .train import PreferenceExample, PreferenceTrainer, TrainConfig
@@ -63,23 +63,12 @@ def _prepare_run_dir(cfg: TrainRunConfig) -> Path:
         old = yaml.safe_load(saved.read_text())
         new = to_dict(cfg)
         if old != new:
-            diff = [f"{k}: {a!r} -> {b!r}" for k, a, b in _diff(old, new)]
+            diff = [f"{k}: {a!r} -> {b!r}" for k, a, b in config_diff(old, new)]
             raise UsageError(f"{saved} holds a different config ({'; '.join(diff)}); resume with the same settings "
                              "or choose another output_dir")
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(saved, dump_yaml(cfg))
     return out
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    rows = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            rows += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            rows.append((f"{prefix}{key}", a, b))
-    return rows
 
 
 @torch.no_grad()

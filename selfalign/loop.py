@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .config import ConfigError, check, dump_yaml, field, to_dict
+from .config import ConfigError, check, config_diff, dump_yaml, field, to_dict
 from .data import DataError, read_jsonl
 from .generation import GenerationConfig
 from .generation.hf import HFGenerator
@@ -286,23 +286,12 @@ def check_run_dir(out: Path, cfg: RunConfig, accelerator: Accelerator) -> None:
     if saved.exists():
         old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
         if old != new:
-            diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in dict_diff(old, new))
+            diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in config_diff(old, new))
             raise ConfigError(f"{saved} was made with a different config ({diff}); re-run with the same settings "
                               "or choose another output_dir")
     elif accelerator.is_main_process:
         write_atomic(saved, dump_yaml(cfg))
     accelerator.wait_for_everyone()
-
-
-def dict_diff(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    rows = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            rows += dict_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            rows.append((f"{prefix}{key}", a, b))
-    return rows
 
 
 def generate_sharded(model, ids: list[list[int]], gen_cfg: GenerationConfig, seed: int, tokenizer,
