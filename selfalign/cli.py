@@ -15,16 +15,14 @@ import argparse
 import json
 import os
 import random
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from .config import ConfigError, config_diff, describe, dump_yaml, field, load_config, to_dict
-from .data import DataError, PreferenceDataConfig, load_preferences
+from .config import ConfigError, check_same_config, describe, dump_yaml, field, load_config
+from .data import DataError, PreferenceDataConfig, load_preferences, pad_token_id, write_atomic, write_jsonl
 from .judges import JudgeError
 from .train import PreferenceExample, PreferenceTrainer, TrainConfig
 
@@ -48,26 +46,14 @@ class UsageError(Exception):
     """Input the user must fix; printed as one line, exit status 2."""
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _prepare_run_dir(cfg: TrainRunConfig) -> Path:
     out = Path(cfg.output_dir)
     if (out / "policy").exists():
         raise UsageError(f"{out}/policy already exists: this run finished; choose another output_dir=... to train again")
     saved = out / "config.yaml"
-    if saved.exists():
-        old = yaml.safe_load(saved.read_text())
-        new = to_dict(cfg)
-        if old != new:
-            diff = [f"{k}: {a!r} -> {b!r}" for k, a, b in config_diff(old, new)]
-            raise UsageError(f"{saved} holds a different config ({'; '.join(diff)}); resume with the same settings "
-                             "or choose another output_dir")
+    check_same_config(saved, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(saved, dump_yaml(cfg))
+    write_atomic(saved, dump_yaml(cfg))
     return out
 
 
@@ -98,6 +84,8 @@ def run_train(cfg: TrainRunConfig, progress: bool = True) -> dict[str, float]:
     """Train cfg.model on cfg.data; write the run directory; return the final held-out metrics."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .loop import save_policy
+
     if not cfg.model:
         raise ConfigError("model: required (a local model directory or hub name)")
     if not cfg.data.path:
@@ -113,22 +101,16 @@ def run_train(cfg: TrainRunConfig, progress: bool = True) -> dict[str, float]:
     reference = None
     if not cfg.train.lora.enabled:
         reference = AutoModelForCausalLM.from_pretrained(cfg.reference or cfg.model, dtype=torch.float32)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     trainer = PreferenceTrainer(policy, cfg.train, pad_token_id=pad, reference=reference)
 
     before = heldout_accuracy(trainer, heldout) if heldout else {}
     result = trainer.update(train_set, checkpoint_dir=out / "checkpoint", progress=progress)
     after = heldout_accuracy(trainer, heldout) if heldout else {}
-    _write_atomic(out / "metrics.jsonl", "".join(json.dumps({"step": i + 1, **s}) + "\n" for i, s in enumerate(result.steps)))
-
-    tmp = out / "policy.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = trainer.policy.merge_and_unload() if cfg.train.lora.enabled else trainer.policy
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out / "policy")
+    write_jsonl(out / "metrics.jsonl", [{"step": i + 1, **s} for i, s in enumerate(result.steps)])
+    save_policy(trainer, tokenizer, out / "policy", trainer.accelerator)
     summary = {"train_pairs": len(train_set), "heldout_pairs": len(heldout), **after}
-    _write_atomic(out / "summary.json", json.dumps({"before": before, "after": after, **summary}, indent=2))
+    write_atomic(out / "summary.json", json.dumps({"before": before, "after": after, **summary}, indent=2))
     _print_table(result.steps, before, after)
     print(f"policy saved to {out / 'policy'}")
     return after

@@ -204,6 +204,17 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
     return rows
 
 
+def check_same_config(saved: Path, cfg: Any) -> None:
+    """Refuse (ConfigError) to resume a run whose saved config.yaml differs from cfg, showing the difference."""
+    if not saved.exists():
+        return
+    old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
+    if old != new:
+        diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in config_diff(old, new))
+        raise ConfigError(f"{saved} was made with a different config ({diff}); re-run with the same settings "
+                          "or choose another output_dir")
+
+
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 

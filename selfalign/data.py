@@ -9,6 +9,7 @@ generation prompt; a response given as messages contributes its assistant conten
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,13 +54,37 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield lineno, row
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temp file, fsync it, rename it over `path`: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, or its EOS id for tokenizers that define no pad token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in value)
 
 
-def _field(row: dict[str, Any], name: str, where: str) -> Any:
+def text_or_messages(
+    row: dict[str, Any], name: str, where: str, hint: str = "set the column name in the data config if it differs"
+) -> Any:
+    """row[name] if it is non-empty text or a non-empty message list; DataError naming where otherwise."""
     if name not in row:
-        raise DataError(f"{where}: missing field '{name}' (set the column name in the data config if it differs)")
+        raise DataError(f"{where}: missing field '{name}' ({hint})")
     value = row[name]
     if isinstance(value, str) and value.strip():
         return value
@@ -90,14 +115,14 @@ def load_preferences(config: PreferenceDataConfig, tokenizer) -> list[Preference
     examples = []
     for lineno, row in read_jsonl(config.path):
         where = f"{config.path} line {lineno}"
-        prompt = prompt_ids(tokenizer, _field(row, config.prompt_field, where))
+        prompt = prompt_ids(tokenizer, text_or_messages(row, config.prompt_field, where))
         if len(prompt) > config.max_prompt_tokens:
             raise DataError(
                 f"{where}: prompt has {len(prompt)} tokens, over max_prompt_tokens={config.max_prompt_tokens} "
                 "(shorten it or raise data.max_prompt_tokens)"
             )
-        chosen = response_ids(tokenizer, _field(row, config.chosen_field, where))[: config.max_response_tokens]
-        rejected = response_ids(tokenizer, _field(row, config.rejected_field, where))[: config.max_response_tokens]
+        chosen = response_ids(tokenizer, text_or_messages(row, config.chosen_field, where))[: config.max_response_tokens]
+        rejected = response_ids(tokenizer, text_or_messages(row, config.rejected_field, where))[: config.max_response_tokens]
         examples.append(PreferenceExample(prompt, chosen, rejected))
     if not examples:
         raise DataError(f"{config.path}: no rows")

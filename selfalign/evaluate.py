@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .data import prompt_ids
+from .data import pad_token_id, prompt_ids, write_atomic
 from .generation import GenerationConfig
 from .generation.hf import HFGenerator
 from .judges import Prompt
@@ -27,8 +27,7 @@ HIGH_REWARD = 0.999
 
 
 def _generate(model, ids, tokenizer, num_samples: int, temperature: float, max_new_tokens: int, seed: int):
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    gen = HFGenerator(model, pad, tokenizer.eos_token_id)
+    gen = HFGenerator(model, pad_token_id(tokenizer), tokenizer.eos_token_id)
     cfg = GenerationConfig(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
                            batch_size=64)
     return gen.generate(ids, cfg, seed=seed)
@@ -55,9 +54,7 @@ def baseline_greedy(pi0_path: Path, prompts: list[Prompt], tokenizer, max_new_to
     texts = [tokenizer.decode(r[0], skip_special_tokens=True)
              for r in _generate(model, ids, tokenizer, 1, 0.0, max_new_tokens, seed=0)]
     if path is not None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(texts))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(texts))
     return texts
 
 
@@ -68,7 +65,7 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
 
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
     pi0 = AutoModelForCausalLM.from_pretrained(pi0_path, dtype=torch.float32)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     max_new = cfg.generation.max_new_tokens
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     greedy_ids = [r[0] for r in _generate(policy, ids, tokenizer, 1, 0.0, max_new, seed=0)]

@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .config import ConfigError, check, config_diff, dump_yaml, field, to_dict
-from .data import DataError, read_jsonl
+from .config import ConfigError, check, check_same_config, dump_yaml, field
+from .data import DataError, pad_token_id, read_jsonl, text_or_messages, write_atomic, write_jsonl
 from .generation import GenerationConfig
 from .generation.hf import HFGenerator
 from .judges import Judge, Prompt
@@ -110,20 +109,6 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------- files
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
 def load_jsonl(path: Path) -> list[dict[str, Any]]:
     return [row for _, row in read_jsonl(path)]
 
@@ -135,14 +120,7 @@ def load_prompts(path: str, field_name: str, tokenizer, max_tokens: int) -> list
     prompts = []
     for lineno, row in read_jsonl(path):
         where = f"{path} line {lineno}"
-        if field_name not in row:
-            raise DataError(f"{where}: missing field '{field_name}' (set prompt_field=... if the column differs)")
-        value = row[field_name]
-        ok_text = isinstance(value, str) and value.strip()
-        ok_messages = isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in value)
-        if not (ok_text or ok_messages):
-            raise DataError(f"{where}: field '{field_name}' must be non-empty text or a list of {{role, content}} messages")
+        value = text_or_messages(row, field_name, where, hint="set prompt_field=... if the column differs")
         n = len(prompt_ids(tokenizer, value))
         if n > max_tokens:
             raise DataError(f"{where}: prompt has {n} tokens, over max_prompt_tokens={max_tokens} "
@@ -169,7 +147,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
     # Build: pi_0, prompts, judge, gold reward.
     pi0_path, train_file, eval_file, judge_fn, gold_fn = resolve_task(cfg, progress=show)
     tokenizer = AutoTokenizer.from_pretrained(pi0_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     train_prompts = load_prompts(train_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)
     eval_prompts = load_prompts(eval_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: cfg.eval.prompts] \
         if eval_file and cfg.eval.prompts else []
@@ -283,13 +261,8 @@ def build_judge(cfg: RunConfig, reward_fn: str) -> Judge:
 def check_run_dir(out: Path, cfg: RunConfig, accelerator: Accelerator) -> None:
     """Save the config, or refuse to resume a run made with a different one."""
     saved = out / "config.yaml"
-    if saved.exists():
-        old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
-        if old != new:
-            diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in config_diff(old, new))
-            raise ConfigError(f"{saved} was made with a different config ({diff}); re-run with the same settings "
-                              "or choose another output_dir")
-    elif accelerator.is_main_process:
+    check_same_config(saved, cfg)
+    if not saved.exists() and accelerator.is_main_process:
         write_atomic(saved, dump_yaml(cfg))
     accelerator.wait_for_everyone()
 
@@ -297,8 +270,7 @@ def check_run_dir(out: Path, cfg: RunConfig, accelerator: Accelerator) -> None:
 def generate_sharded(model, ids: list[list[int]], gen_cfg: GenerationConfig, seed: int, tokenizer,
                      accelerator: Accelerator, show: bool) -> list[list[list[int]]]:
     """Each process generates for prompts i = rank, rank + P, ...; the results are gathered in order."""
-    generator = HFGenerator(model, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                            tokenizer.eos_token_id)
+    generator = HFGenerator(model, pad_token_id(tokenizer), tokenizer.eos_token_id)
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(ids), world))
     # The seed depends on the process so that shards do not repeat each other's samples.
