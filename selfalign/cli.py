@@ -175,7 +175,13 @@ def iteration_table(out: Path, history: list[dict]) -> str:
     if pi0.exists():
         rows.append(json.loads(pi0.read_text()))
     rows += history
-    cols = [("labels_total", "labels", "{:>8d}"), ("gold/greedy", "gold(greedy)", "{:>13.3f}"),
+    # Labels by source, cumulative: judge labels are paid for; policy and dataset labels are not (SAIL).
+    for r in rows:
+        for source, n in r.get("labels_total_by_source", {}).items():
+            r[f"labels/{source}"] = n
+    extra = [(f"labels/{s}", f"{s} labels", "{:>14d}") for s in ("policy", "dataset")
+             if any(r.get(f"labels/{s}") for r in rows)]
+    cols = [("labels_total", "judge labels", "{:>12d}"), *extra, ("gold/greedy", "gold(greedy)", "{:>13.3f}"),
             ("gold/sampled", "gold(sampled)", "{:>14.3f}"), ("gold/high_reward_fraction", "perfect", "{:>8.3f}"),
             ("win_rate", "win vs pi_0", "{:>12.3f}"), ("tie_rate", "ties", "{:>6.3f}"), ("kl_to_pi0", "KL(pi|pi_0)", "{:>12.3f}")]
     lines = [f"{'iteration':>9} " + " ".join(f"{title:>{len(fmt.format(0))}}" for _, title, fmt in cols)]

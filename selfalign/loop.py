@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -32,7 +33,14 @@ from .judges import Judge, Prompt
 from .judges.function import FunctionJudge
 from .methods import METHODS, Method
 from .pairs import SELECTORS
-from .train import PreferenceExample, PreferenceTrainer, TrainConfig, resolve_mixed_precision
+from .train import (
+    ROUTES,
+    PreferenceExample,
+    PreferenceTrainer,
+    SailConfig,
+    TrainConfig,
+    resolve_mixed_precision,
+)
 
 BUILTIN = "builtin"
 
@@ -68,15 +76,23 @@ class EvalConfig:
 class RunConfig:
     """An online alignment run."""
 
-    method: Literal["offline_dpo", "iterative_dpo", "selm", "xpo"] = field("selm", help="Method preset.")
+    method: Literal["offline_dpo", "iterative_dpo", "selm", "xpo", "sail_dp", "sail_pp", "sail_pr", "sail_mix"] = field(
+        "selm", help="Method preset.")
     model: str = field(BUILTIN, help="pi_0: 'builtin' (the built-in task's SFT model) or a from_pretrained path/name.")
     prompts: str = field("", help="JSONL training prompts ({'prompt': text or messages}); empty with the built-in task.")
     eval_prompts: str = field("", help="JSONL held-out prompts; empty with the built-in task.")
-    prompt_field: str = field("prompt", help="Column holding the prompt in the prompt files.")
+    preferences: str = field("", help="JSONL preference dataset (prompt, chosen, rejected) for SAIL's offline and DP "
+                                      "routes; its prompts are the run's prompts. Empty with the built-in task.")
+    prompt_field: str = field("prompt", help="Column holding the prompt in the prompt and preference files.")
+    chosen_field: str = field("chosen", help="Column holding the preferred response in the preference file.")
+    rejected_field: str = field("rejected", help="Column holding the dispreferred response in the preference file.")
     max_prompt_tokens: int = field(512, help="A longer prompt is an error naming its file and line.")
     output_dir: str = field("runs/run", help="Run directory (the unit of resume).")
     iterations: int = field(3, help="Online iterations, each on a fresh disjoint slice of prompts.")
     prompts_per_iteration: int = field(256, help="Prompts in each iteration's slice.")
+    generate_every: int = field(
+        0, help="Optimizer steps between generation rounds inside an iteration (each round generates from the "
+                "current policy; small is fully online); 0: one round per iteration.")
     pair_selector: Literal["best_worst", "best_random", "random"] = field("best_worst", help="How a pair is picked from K.")
     reference: Literal["method", "previous", "initial"] = field(
         "method", help="pi_ref each iteration: the method's choice, the previous iterate, or pi_0."
@@ -84,7 +100,7 @@ class RunConfig:
     iteration_learning_rates: list[float] = field(
         default_factory=list, help="Peak learning rate of each iteration (SELM's papers decay it); empty: train.learning_rate."
     )
-    seed: int = field(0, help="Seed for prompt order, generation and annotator noise.")
+    seed: int = field(0, help="Seed for prompt order, routing, generation and annotator noise.")
     generation: GenerationConfig = field(default_factory=GenerationConfig, help="Sampling of the K responses.")
     judge: JudgeConfig = field(default_factory=JudgeConfig, help="Labelling.")
     train: TrainConfig = field(default_factory=TrainConfig, help="The preference update of each iteration.")
@@ -93,19 +109,47 @@ class RunConfig:
     def __post_init__(self) -> None:
         check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
         check(self.prompts_per_iteration >= 1, "prompts_per_iteration", f"must be >= 1, got {self.prompts_per_iteration}")
+        check(self.generate_every >= 0, "generate_every", f"must be >= 0, got {self.generate_every}")
         check(self.generation.num_samples >= 2, "generation.num_samples", "must be >= 2 to form a pair")
         check(not self.iteration_learning_rates or len(self.iteration_learning_rates) == self.iterations,
               "iteration_learning_rates", f"needs one value per iteration ({self.iterations}), "
               f"got {len(self.iteration_learning_rates)}")
         check(all(lr > 0 for lr in self.iteration_learning_rates), "iteration_learning_rates", "values must be > 0")
-        if self.model != BUILTIN:
+        method = self.method_spec
+        check(not (method.offline and self.generate_every), "generate_every",
+              f"{self.method} answers every prompt with pi_0 up front; generation rounds need an online method")
+        if method.loss == "sail":
+            check(self.generation.num_samples == 2, "generation.num_samples",
+                  f"SAIL's PP and PR routes draw 2 responses per prompt; set generation.num_samples=2 "
+                  f"(got {self.generation.num_samples})")
+            sail = self.sail
+            check(not (sail.stretch_epochs and sail.online_share >= 1), "train.sail.stretch_epochs",
+                  f"r + p + g = {sail.online_share:g} leaves no offline share to stretch epochs by")
+            if self.model != BUILTIN and self.needs_dataset:
+                check(bool(self.preferences), "preferences",
+                      "SAIL's offline and DP routes need a preference file (prompt, chosen, rejected)")
+        elif self.model != BUILTIN:
             check(bool(self.prompts), "prompts", "required when model is not 'builtin' (a JSONL file of prompts)")
+        if self.model != BUILTIN and not (method.loss == "sail" and self.sail.g == 0):
             check(bool(self.judge.function or self.judge.reward_model), "judge",
                   "set judge.function='pkg.module:fn' or judge.reward_model=PATH for a model other than 'builtin'")
 
     @property
     def method_spec(self) -> Method:
         return METHODS[self.method]
+
+    @property
+    def sail(self) -> SailConfig:
+        """train.sail with every unset value taken from the method preset (SAIL methods only)."""
+        preset = self.method_spec.sail or {}
+        values = {k: v if v is not None else preset.get(k, 0.0)
+                  for k, v in dataclasses.asdict(self.train.sail).items() if k in ("r", "p", "g", "rho", "pi", "gamma")}
+        return dataclasses.replace(self.train.sail, **values)
+
+    @property
+    def needs_dataset(self) -> bool:
+        """Whether dataset pairs are trained on: SAIL with an offline share or a DP route."""
+        return self.method_spec.loss == "sail" and (self.sail.online_share < 1 or self.sail.r > 0)
 
 
 # ---------------------------------------------------------------------------------- files
@@ -132,11 +176,18 @@ def load_prompts(path: str, field_name: str, tokenizer, max_tokens: int) -> list
 
 
 # ---------------------------------------------------------------------------------- the recipe
+@dataclass
+class Dataset:
+    """The run's prompts: raw (for the judge), token ids (for the policy), and dataset pairs where SAIL needs them."""
+
+    prompts: list[Prompt]
+    ids: list[list[int]]
+    pairs: list[PreferenceExample] | None = None
+
+
 def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) cfg; returns one metrics dict per iteration."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .data import prompt_ids
 
     out = Path(cfg.output_dir)
     method = cfg.method_spec
@@ -144,17 +195,18 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
                               cpu=not torch.cuda.is_available())
     show = progress and accelerator.is_main_process
 
-    # Build: pi_0, prompts, judge, gold reward.
-    pi0_path, train_file, eval_file, judge_fn, gold_fn = resolve_task(cfg, progress=show)
-    tokenizer = AutoTokenizer.from_pretrained(pi0_path)
+    # Build: pi_0, prompts (and dataset pairs), judge, gold reward.
+    task = resolve_task(cfg, progress=show)
+    tokenizer = AutoTokenizer.from_pretrained(task.policy)
     pad_id = pad_token_id(tokenizer)
-    train_prompts = load_prompts(train_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)
-    eval_prompts = load_prompts(eval_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: cfg.eval.prompts] \
-        if eval_file and cfg.eval.prompts else []
-    slices = prompt_slices(len(train_prompts), cfg)
-    judge = build_judge(cfg, judge_fn)
-    gold = FunctionJudge(gold_fn) if gold_fn else None
+    data = load_dataset(cfg, task, tokenizer)
+    eval_prompts = load_prompts(task.eval_prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: cfg.eval.prompts] \
+        if task.eval_prompts and cfg.eval.prompts else []
+    slices = prompt_slices(len(data.prompts), cfg)
+    judge = build_judge(cfg, task.judge_fn)
+    gold = FunctionJudge(task.gold_fn) if task.gold_fn else None
     check_run_dir(out, cfg, accelerator)
+    pi0_path = task.policy
 
     if eval_prompts and gold is not None and accelerator.is_main_process and not (out / "pi0_metrics.json").exists():
         from .evaluate import evaluate_policy
@@ -172,29 +224,38 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
             continue
         prev = pi0_path if t == 0 else out / f"iter_{t - 1:03d}" / "policy"
         ref_path = prev if reference_policy(cfg, method) == "previous" else pi0_path
-        prompts = [train_prompts[i] for i in slices[t]]
+        rows = route_rows(cfg, slices[t], t)
         if accelerator.is_main_process and not (it / "prompts.jsonl").exists():
-            write_jsonl(it / "prompts.jsonl", [{"prompt": p} for p in prompts])
-        ids = [prompt_ids(tokenizer, p) for p in prompts]
+            write_jsonl(it / "prompts.jsonl", [{"prompt": data.prompts[i], **({"route": r} if r else {})}
+                                               for i, r in rows])
 
         if not (it / "policy").exists():
-            # 1-2. Generate K responses from the current policy (and y_ref from pi_ref).
             policy = AutoModelForCausalLM.from_pretrained(prev, dtype=torch.float32).to(accelerator.device)
-            gens = stage_generate(it, cfg, method, policy, ref_path, prev, ids, tokenizer, accelerator, show)
-            # 3. Judge: every label paid for is journaled before it is used.
-            scored = stage_judge(it, cfg, judge, prompts, gens, tokenizer, accelerator, show)
-            # 4. Pairs.
-            examples, pair_stats = stage_pairs(it, cfg, method, ids, scored, tokenizer, accelerator)
-            # 5. Train; 6. the reference for this update is ref_path (refreshed per iteration).
             reference = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32)
             lr = cfg.iteration_learning_rates[t] if cfg.iteration_learning_rates else cfg.train.learning_rate
-            train_cfg = dataclasses.replace(cfg.train, loss=method.loss, learning_rate=lr, seed=cfg.train.seed + t)
+            train_cfg = dataclasses.replace(cfg.train, loss=method.loss, learning_rate=lr, seed=cfg.train.seed + t,
+                                            sail=cfg.sail)
             trainer = PreferenceTrainer(policy, train_cfg, pad_id, reference=reference, accelerator=accelerator)
-            result = trainer.update(examples, checkpoint_dir=it / "train_state", progress=show)
+            rounds = round_bounds(len(rows), cfg)
+            done = trainer.begin(sum(math.ceil((b - a) / cfg.train.batch_size) for a, b in rounds) * cfg.train.epochs,
+                                 checkpoint_dir=it / "train_state")
+            for k, (a, b) in enumerate(rounds[done:], start=done):
+                rd = it if len(rounds) == 1 else it / f"round_{k:03d}"
+                # 1-4. Generate from the current policy, label (judge, policy or dataset), pair.
+                examples = stage_round(rd, cfg, method, trainer, rows[a:b], data, judge, tokenizer, accelerator,
+                                       seed=cfg.seed * 7919 + t + 100_003 * k, show=show)
+                # 5. Train on them; the optimizer and schedule carry over from round to round.
+                result = trainer.train_round(examples, last=k == len(rounds) - 1, progress=show)
+            # 6. The reference of the next iteration follows from ref_path's choice.
             save_policy(trainer, tokenizer, it / "policy", accelerator)
             if accelerator.is_main_process:
+                counts = [json.loads(((it if len(rounds) == 1 else it / f"round_{k:03d}") / "labels.json").read_text())
+                          for k in range(len(rounds))]
+                labels = {key: sum(c[key] for c in counts) for key in ("judge", "policy", "dataset", "pairs", "ties")}
+                labels["routes"] = {r: sum(c["routes"].get(r, 0) for c in counts) for r in counts[0]["routes"]}
+                write_atomic(it / "labels.json", json.dumps(labels, indent=1))
                 write_atomic(it / "train.json", json.dumps({"steps": result.steps, "summary": result.summary,
-                                                           **pair_stats}, indent=1))
+                                                           "rounds": len(rounds)}, indent=1))
             del trainer, reference, policy
         # 7. Evaluate and record.
         if accelerator.is_main_process:
@@ -207,19 +268,47 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- stages
-def resolve_task(cfg: RunConfig, progress: bool) -> tuple[Path, str, str, str, str]:
-    """(pi_0 directory, train prompts file, eval prompts file, judge function spec, gold reward spec).
+@dataclass
+class Task:
+    """Where a run's pieces come from (files and 'pkg.module:fn' names)."""
+
+    policy: Path
+    prompts: str
+    eval_prompts: str
+    preferences: str
+    judge_fn: str
+    gold_fn: str
+
+
+def resolve_task(cfg: RunConfig, progress: bool) -> Task:
+    """pi_0, the prompt and preference files, the judge function and the gold reward.
 
     The gold reward is eval.reward, else the built-in task's reward, else the judge's function:
     a judge swapped in for the built-in task never changes what evaluation measures.
     """
     if cfg.model != BUILTIN:
-        return Path(cfg.model), cfg.prompts, cfg.eval_prompts, cfg.judge.function, cfg.eval.reward or cfg.judge.function
+        return Task(Path(cfg.model), cfg.prompts, cfg.eval_prompts, cfg.preferences, cfg.judge.function,
+                    cfg.eval.reward or cfg.judge.function)
     from .tasks.builtin import build_task
 
     task = build_task(progress=progress)
-    return (task.policy_dir, cfg.prompts or str(task.train_prompts), cfg.eval_prompts or str(task.eval_prompts),
-            cfg.judge.function or task.reward_fn, cfg.eval.reward or task.reward_fn)
+    preferences = cfg.preferences or (str(task.train_preferences) if cfg.needs_dataset else "")
+    return Task(task.policy_dir, cfg.prompts or str(task.train_prompts), cfg.eval_prompts or str(task.eval_prompts),
+                preferences, cfg.judge.function or task.reward_fn, cfg.eval.reward or task.reward_fn)
+
+
+def load_dataset(cfg: RunConfig, task: Task, tokenizer) -> Dataset:
+    """The prompts to slice: the preference file's when SAIL trains on dataset pairs, else the prompt file's."""
+    from .data import PreferenceDataConfig, load_preferences, prompt_ids
+
+    if cfg.needs_dataset:
+        prompts = load_prompts(task.preferences, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)
+        pairs = load_preferences(PreferenceDataConfig(
+            path=task.preferences, prompt_field=cfg.prompt_field, chosen_field=cfg.chosen_field,
+            rejected_field=cfg.rejected_field, max_prompt_tokens=cfg.max_prompt_tokens), tokenizer)
+        return Dataset(prompts, [ex.prompt_ids for ex in pairs], pairs)
+    prompts = load_prompts(task.prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)
+    return Dataset(prompts, [prompt_ids(tokenizer, p) for p in prompts])
 
 
 def prompt_slices(n: int, cfg: RunConfig) -> list[list[int]]:
@@ -232,6 +321,38 @@ def prompt_slices(n: int, cfg: RunConfig) -> list[list[int]]:
     random.Random(cfg.seed).shuffle(order)
     slices = [order[t * cfg.prompts_per_iteration : (t + 1) * cfg.prompts_per_iteration] for t in range(cfg.iterations)]
     return [sum(slices, [])] if cfg.method_spec.offline else slices
+
+
+def route_rows(cfg: RunConfig, indices: list[int], t: int) -> list[tuple[int, str | None]]:
+    """(prompt index, route) of each row of iteration t; the route is None outside SAIL.
+
+    SAIL routes every row independently: DP with probability r, PP with p, PR with g, plain
+    offline DPO otherwise. With train.sail.stretch_epochs the slice is visited 1/(1 - r - p - g)
+    times over (later visits reshuffled), each visit routed afresh.
+    """
+    if cfg.method_spec.loss != "sail":
+        return [(i, None) for i in indices]
+    sail = cfg.sail
+    rng = random.Random(f"{cfg.seed}:routes:{t}")
+    rows = list(indices)
+    if sail.stretch_epochs:
+        target = math.ceil(len(indices) / (1.0 - sail.online_share) - 1e-9)
+        while len(rows) < target:
+            again = list(indices)
+            rng.shuffle(again)
+            rows += again[: target - len(rows)]
+    routed = []
+    for i in rows:
+        u = rng.random()
+        route = "dp" if u < sail.r else "pp" if u < sail.r + sail.p else "pr" if u < sail.online_share else "offline"
+        routed.append((i, route))
+    return routed
+
+
+def round_bounds(n_rows: int, cfg: RunConfig) -> list[tuple[int, int]]:
+    """[start, end) rows of each generation round: generate_every optimizer steps' worth, or all rows."""
+    size = cfg.generate_every * cfg.train.batch_size if cfg.generate_every else n_rows
+    return [(a, min(a + size, n_rows)) for a in range(0, n_rows, size)]
 
 
 def reference_policy(cfg: RunConfig, method: Method) -> str:
@@ -282,26 +403,27 @@ def generate_sharded(model, ids: list[list[int]], gen_cfg: GenerationConfig, see
     return [by_index[i] for i in range(len(ids))]
 
 
-def stage_generate(it: Path, cfg: RunConfig, method: Method, policy, ref_path: Path, prev: Path,
-                   ids: list[list[int]], tokenizer, accelerator: Accelerator, show: bool) -> list[dict[str, Any]]:
-    """RUN/iter/responses.jsonl: K decoded responses per prompt (+ y_ref), ids kept beside the text."""
-    from transformers import AutoModelForCausalLM
+def stage_key(rd: Path) -> str:
+    """'iter_000', or 'iter_000/round_001' inside an iteration with several rounds: keys the stage's randomness."""
+    return f"{rd.parent.name}/{rd.name}" if rd.name.startswith("round_") else rd.name
 
-    path = it / "responses.jsonl"
+
+def stage_generate(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTrainer, ids: list[list[int]],
+                   tokenizer, accelerator: Accelerator, seed: int, show: bool) -> list[dict[str, Any]]:
+    """RUN/iter[/round]/responses.jsonl: K responses per prompt from the current policy (+ y_ref from pi_ref)."""
+    path = rd / "responses.jsonl"
     if path.exists():
         return load_jsonl(path)
-    seed = cfg.seed * 7919 + int(it.name.split("_")[1])
-    samples = generate_sharded(policy, ids, cfg.generation, seed, tokenizer, accelerator, show)
+    samples = generate_sharded(trainer.policy, ids, cfg.generation, seed, tokenizer, accelerator, show) if ids else []
     ref_samples: list[list[int]] | None = None
-    if method.needs_ref_sample and cfg.train.alpha != 0:
+    if method.needs_ref_sample and cfg.train.alpha != 0 and ids:
         # SELM: y_ref from pi_ref (greedy); XPO: a sample from the fixed pi_0.
-        ref_model = policy if ref_path == prev else AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32).to(
-            accelerator.device)
         greedy = method.ref_sample == "greedy"
         ref_cfg = GenerationConfig(num_samples=1, temperature=0.0 if greedy else cfg.generation.temperature,
                                    top_p=cfg.generation.top_p, max_new_tokens=cfg.generation.max_new_tokens,
                                    batch_size=cfg.generation.batch_size)
-        ref_samples = [r[0] for r in generate_sharded(ref_model, ids, ref_cfg, seed + 1, tokenizer, accelerator, show)]
+        ref_samples = [r[0] for r in generate_sharded(trainer.reference, ids, ref_cfg, seed + 1, tokenizer, accelerator,
+                                                      show)]
     rows = []
     for i, responses in enumerate(samples):
         row = {"response_ids": responses, "responses": [tokenizer.decode(r, skip_special_tokens=True) for r in responses]}
@@ -314,13 +436,17 @@ def stage_generate(it: Path, cfg: RunConfig, method: Method, policy, ref_path: P
     return rows
 
 
-def stage_judge(it: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], gens: list[dict[str, Any]],
-                tokenizer, accelerator: Accelerator, show: bool) -> list[dict[str, Any]]:
-    """RUN/iter/generations.jsonl: prompt, responses[], scores[]; paid labels journaled chunk by chunk."""
-    path, journal = it / "generations.jsonl", it / "judge_journal.jsonl"
-    if path.exists():
-        return load_jsonl(path)
-    if accelerator.is_main_process:
+def stage_judge(rd: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], responses: list[list[str]],
+                accelerator: Accelerator, show: bool) -> tuple[list[list[float]], int]:
+    """RUN/iter[/round]/generations.jsonl: prompt, responses[], scores[]; returns (scores, labels paid).
+
+    Every label paid for is journaled chunk by chunk before it is used, so a resumed run
+    never asks the judge again for one it already has.
+    """
+    path, journal = rd / "generations.jsonl", rd / "judge_journal.jsonl"
+    if not prompts:
+        return [], 0
+    if not path.exists() and accelerator.is_main_process:
         done: dict[int, list[float]] = {}
         if journal.exists():
             text = journal.read_text()
@@ -332,15 +458,16 @@ def stage_judge(it: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], g
                 done.update({int(k): v for k, v in json.loads(line)["scores"].items()})
         size = cfg.judge.chunk_size
         bar = tqdm(total=len(prompts), initial=len(done), desc="judge", disable=not show, leave=False)
+        rd.mkdir(parents=True, exist_ok=True)
         with open(journal, "a") as f:
             for s in range(0, len(prompts), size):
                 todo = [i for i in range(s, min(s + size, len(prompts))) if i not in done]
                 if not todo:
                     continue
                 if hasattr(judge, "salt"):
-                    judge.salt = f"{it.name}:{s}"  # annotator noise fixed per chunk: resume-stable
+                    judge.salt = f"{stage_key(rd)}:{s}"
                 before = judge.labels
-                scores = judge.score([prompts[i] for i in todo], [gens[i]["responses"] for i in todo])
+                scores = judge.score([prompts[i] for i in todo], [responses[i] for i in todo])
                 # The judge's own count: one per response scored, one per comparison for a ranker.
                 entry = {"scores": {str(i): sc for i, sc in zip(todo, scores)}, "labels": judge.labels - before}
                 f.write(json.dumps(entry) + "\n")
@@ -349,35 +476,96 @@ def stage_judge(it: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], g
                 done.update(zip(todo, scores))
                 bar.update(len(todo))
         bar.close()
-        labels = sum(json.loads(line)["labels"] for line in journal.read_text().splitlines() if line.strip())
-        rows = [{"prompt": prompts[i], **gens[i], "scores": done[i]} for i in range(len(prompts))]
-        write_jsonl(path, rows)
-        write_atomic(it / "labels.json", json.dumps({"judge_labels": labels}))
+        write_jsonl(path, [{"prompt": prompts[i], "responses": responses[i], "scores": done[i]}
+                           for i in range(len(prompts))])
     accelerator.wait_for_everyone()
-    return load_jsonl(path)
+    labels = sum(json.loads(line)["labels"] for line in journal.read_text().splitlines() if line.strip())
+    return [row["scores"] for row in load_jsonl(path)], labels
 
 
-def stage_pairs(it: Path, cfg: RunConfig, method: Method, ids: list[list[int]], scored: list[dict[str, Any]],
-                tokenizer, accelerator: Accelerator) -> tuple[list[PreferenceExample], dict[str, int]]:
-    """RUN/iter/pairs.jsonl: the training examples; prompts whose K scores all tie give none."""
+def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTrainer, rows: list[tuple[int, str | None]],
+                data: Dataset, judge: Judge, tokenizer, accelerator: Accelerator, seed: int,
+                show: bool) -> list[PreferenceExample]:
+    """RUN/iter[/round]/pairs.jsonl and labels.json: one round's training examples and where their labels came from.
+
+    Rows on an online route (every row outside SAIL; SAIL's PP and PR) get K responses from the
+    current policy. The judge labels them, except SAIL-PP's, which the policy labels itself:
+    Bernoulli(sigmoid(h)) over its two samples, at no judge call. SAIL's offline and DP rows
+    train on the dataset's pair. Every example carries its own row's prompt ids; nothing is
+    zipped across two lists that could be ordered differently.
+    """
+    if (rd / "pairs.jsonl").exists() and (rd / "labels.json").exists():
+        return [PreferenceExample(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], r.get("ref_sample_ids"),
+                                  r.get("route")) for r in load_jsonl(rd / "pairs.jsonl")]
+    online = [j for j, (_, route) in enumerate(rows) if route in (None, "pp", "pr")]
+    gens = dict(zip(online, stage_generate(rd, cfg, method, trainer, [data.ids[rows[j][0]] for j in online],
+                                           tokenizer, accelerator, seed, show)))
+    judged = [j for j in online if rows[j][1] != "pp"]
+    scores, judge_labels = stage_judge(rd, cfg, judge, [data.prompts[rows[j][0]] for j in judged],
+                                       [gens[j]["responses"] for j in judged], accelerator, show)
+    scores_of = dict(zip(judged, scores))
     select = SELECTORS[cfg.pair_selector]
-    rng = random.Random(f"{cfg.seed}:{it.name}")
-    examples, ties = [], 0
-    for i, row in enumerate(scored):
-        pair = select(row["scores"], rng)
-        if pair is None:
-            ties += 1
-            continue
-        examples.append(PreferenceExample(
-            ids[i], row["response_ids"][pair.chosen], row["response_ids"][pair.rejected],
-            row.get("ref_response_ids")))
-    if not examples:
-        raise RuntimeError(f"{it}: every prompt's responses tied under the judge; no pair to train on")
-    if accelerator.is_main_process and not (it / "pairs.jsonl").exists():
-        write_jsonl(it / "pairs.jsonl", [
+    rng = random.Random(f"{cfg.seed}:{stage_key(rd)}")
+    examples: dict[int, PreferenceExample] = {}
+    sources: dict[int, str] = {}
+    ties = 0
+    for j, (i, route) in enumerate(rows):
+        if route in ("offline", "dp"):
+            pair = data.pairs[i]
+            examples[j] = PreferenceExample(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, route=route)
+            sources[j] = "dataset"
+        elif route == "pp":
+            y = gens[j]["response_ids"]
+            examples[j] = PreferenceExample(data.ids[i], y[0], y[1], route=route)
+            sources[j] = "policy"
+        else:
+            pair = select(scores_of[j], rng)
+            if pair is None:
+                ties += 1
+                continue
+            y = gens[j]["response_ids"]
+            examples[j] = PreferenceExample(data.ids[i], y[pair.chosen], y[pair.rejected],
+                                            gens[j].get("ref_response_ids"), route=route)
+            sources[j] = "judge"
+    policy_prob = label_by_policy(trainer, examples, [j for j, (_, r) in enumerate(rows) if r == "pp"], seed)
+    ordered = [examples[j] for j in sorted(examples)]
+    if not ordered:
+        raise RuntimeError(f"{rd}: every prompt's responses tied under the judge; no pair to train on")
+    routes = [r for _, r in rows]
+    counts = {
+        "judge": judge_labels,
+        # SAIL-DP redraws each of its labels from the policy at every visit (once per epoch).
+        "policy": routes.count("pp") + routes.count("dp") * cfg.train.epochs,
+        "dataset": routes.count("offline") + routes.count("dp"),
+        "pairs": len(ordered), "ties": ties,
+        "routes": {r: routes.count(r) for r in ROUTES} if method.loss == "sail" else {},
+    }
+    if accelerator.is_main_process:
+        write_jsonl(rd / "pairs.jsonl", [
             {"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": e.rejected_ids,
-             "ref_sample_ids": e.ref_sample_ids} for e in examples])
-    return examples, {"pairs": len(examples), "ties": ties}
+             "ref_sample_ids": e.ref_sample_ids, "route": e.route, "label_source": sources[j],
+             **({"policy_prob": policy_prob[j]} if j in policy_prob else {})}
+            for j, e in sorted(examples.items())])
+        write_atomic(rd / "labels.json", json.dumps(counts, indent=1))
+    accelerator.wait_for_everyone()
+    return ordered
+
+
+def label_by_policy(trainer: PreferenceTrainer, examples: dict[int, PreferenceExample], rows: list[int],
+                    seed: int) -> dict[int, float]:
+    """SAIL-PP: order each pair by a draw from the policy's own preference P(y1 > y2) = sigmoid(h)."""
+    if not rows:
+        return {}
+    h = trainer.policy_preference([examples[j] for j in rows])
+    probs = {}
+    for j, hj in zip(rows, h):
+        p1 = 1.0 / (1.0 + math.exp(-hj))
+        ex = examples[j]
+        if random.Random(f"{seed}:pp:{j}").random() >= p1:
+            ex.chosen_ids, ex.rejected_ids = ex.rejected_ids, ex.chosen_ids
+            ex.ref_chosen, ex.ref_rejected = ex.ref_rejected, ex.ref_chosen
+        probs[j] = p1
+    return probs
 
 
 def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: Accelerator) -> None:
@@ -394,14 +582,19 @@ def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: 
 
 def stage_eval(it: Path, cfg: RunConfig, t: int, pi0_path: Path, eval_prompts: list[Prompt], tokenizer, gold,
                accelerator: Accelerator, show: bool) -> dict[str, Any]:
-    """Gold reward of greedy and sampled responses, win rate and KL against pi_0, labels used."""
+    """Gold reward of greedy and sampled responses, win rate and KL against pi_0, labels used by source."""
     from .evaluate import evaluate_policy
 
-    labels = json.loads((it / "labels.json").read_text())["judge_labels"]
+    labels = json.loads((it / "labels.json").read_text())
     previous = json.loads((it.parent / f"iter_{t - 1:03d}" / "metrics.json").read_text()) if t > 0 else {}
     train = json.loads((it / "train.json").read_text())
-    metrics = {"iteration": t, "labels": labels, "labels_total": previous.get("labels_total", 0) + labels,
-               "pairs": train["pairs"], "ties": train["ties"],
+    by_source = {k: labels[k] for k in ("judge", "policy", "dataset")}
+    before = previous.get("labels_total_by_source", {})
+    metrics = {"iteration": t, "labels": labels["judge"], "labels_total": previous.get("labels_total", 0) + labels["judge"],
+               "labels_by_source": by_source,
+               "labels_total_by_source": {k: before.get(k, 0) + v for k, v in by_source.items()},
+               "pairs": labels["pairs"], "ties": labels["ties"],
+               **({"routes": labels["routes"]} if labels["routes"] else {}),
                **{f"train/{k}": v for k, v in train["summary"].items() if k in ("loss", "rewards/accuracies",
                                                                                  "rewards/margins")}}
     if eval_prompts and gold is not None:

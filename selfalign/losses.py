@@ -26,11 +26,13 @@ class PairLoss:
     loss:             [B] value to minimise (the caller takes the mean).
     chosen_rewards:   [B] implicit reward beta * (logp(y_w) - ref_logp(y_w)), detached.
     rejected_rewards: [B] implicit reward beta * (logp(y_l) - ref_logp(y_l)), detached.
+    extras: named sums over the batch (detached) that a loss reports beside the rewards.
     """
 
     loss: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
+    extras: dict[str, Tensor] | None = None
 
     @property
     def margins(self) -> Tensor:

@@ -1,4 +1,4 @@
-"""Methods as named bundles: a loss, where y_ref comes from, and how the reference is refreshed.
+"""Methods as named bundles: a loss, where y_ref comes from, how the reference is refreshed, SAIL's routes.
 
 The loop asks a method what it needs through these properties instead of comparing names.
 """
@@ -20,13 +20,16 @@ class Method:
         "initial" (pi_ref stays pi_0, as XPO does).
     offline: every prompt is answered by pi_0 and labelled up front, then trained on in one
         pass: offline DPO on self-generated pairs, the baseline with no online feedback.
+    sail: SAIL's preset routing probabilities and coefficients (r, p, g, rho, pi, gamma);
+        train.sail values the user sets win over these.
     """
 
     name: str
-    loss: Literal["dpo", "ipo", "selm", "xpo"]
+    loss: Literal["dpo", "ipo", "selm", "xpo", "sail"]
     ref_sample: Literal["greedy", "sample"] | None
     reference: Literal["previous", "initial"]
     offline: bool = False
+    sail: dict[str, float] | None = None
 
     @property
     def needs_ref_sample(self) -> bool:
@@ -38,4 +41,12 @@ METHODS: dict[str, Method] = {
     "iterative_dpo": Method("iterative_dpo", "dpo", None, "previous"),
     "selm": Method("selm", "selm", "greedy", "previous"),
     "xpo": Method("xpo", "xpo", "sample", "initial"),
+    # SAIL's official code trains once against the fixed SFT model: the reference stays pi_0.
+    # Its defaults per variant (ALGORITHMS.md); sail_mix uses all three routes at once, so
+    # no example is left to plain offline DPO.
+    "sail_dp": Method("sail_dp", "sail", None, "initial", sail=dict(r=0.4, p=0.0, g=0.0, rho=0.2, pi=0.0, gamma=0.0)),
+    "sail_pp": Method("sail_pp", "sail", None, "initial", sail=dict(r=0.0, p=0.3, g=0.0, rho=0.0, pi=0.2, gamma=0.0)),
+    "sail_pr": Method("sail_pr", "sail", None, "initial", sail=dict(r=0.0, p=0.0, g=0.3, rho=0.0, pi=0.0, gamma=0.3)),
+    "sail_mix": Method("sail_mix", "sail", None, "initial",
+                       sail=dict(r=0.4, p=0.3, g=0.3, rho=0.2, pi=0.2, gamma=0.3)),
 }

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,19 +56,74 @@ class LoraSettings:
         check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
 
 
+ROUTES = ("offline", "dp", "pp", "pr")
+
+
+@dataclass
+class SailConfig:
+    """SAIL (Ding et al., arXiv 2406.15567): how examples are routed, and its extra gradient terms.
+
+    Each example goes to SAIL-DP with probability r (a dataset pair whose label is redrawn
+    from the policy's own preference every step; label term rho), SAIL-PP with p (two policy
+    samples labelled by the policy when generated; label and response terms, pi), SAIL-PR
+    with g (two policy samples labelled by the judge; response term, gamma), and plain offline
+    DPO on its dataset pair otherwise. Unset values (null) take the method preset's.
+    """
+
+    r: float | None = cfield(None, help="Probability of the SAIL-DP route (preset sail_dp: 0.4).")
+    p: float | None = cfield(None, help="Probability of the SAIL-PP route (preset sail_pp: 0.3).")
+    g: float | None = cfield(None, help="Probability of the SAIL-PR route (preset sail_pr: 0.3).")
+    rho: float | None = cfield(None, help="Label-term coefficient of SAIL-DP (official 0.2).")
+    pi: float | None = cfield(None, help="Label- and response-term coefficient of SAIL-PP (official 0.2).")
+    gamma: float | None = cfield(None, help="Response-term coefficient of SAIL-PR (official 0.3).")
+    baseline: bool = cfield(
+        False, help="Subtract a running mean of F (over earlier steps) in the response term: less variance, same "
+                    "expected gradient."
+    )
+    official_response_term: bool = cfield(
+        False, help="Reproduce the official code's gradient hook -c*sg(F)/sg(logp(y)) instead of the paper's "
+                    "score-function term (opposite sign, divided by the log-prob); for reproduction only."
+    )
+    stretch_epochs: bool = cfield(
+        False, help="Visit each iteration's rows 1/(1-r-p-g) times (re-routed each visit), as the official code "
+                    "stretches epochs so the offline pairs seen stay the same."
+    )
+
+    def __post_init__(self) -> None:
+        for key in ("r", "p", "g", "rho", "pi", "gamma"):
+            value = getattr(self, key)
+            check(value is None or value >= 0, f"train.sail.{key}", f"must be >= 0, got {value}")
+        for key in ("r", "p", "g"):
+            value = getattr(self, key)
+            check(value is None or value <= 1, f"train.sail.{key}", f"is a probability, must be <= 1, got {value}")
+        total = sum(getattr(self, k) or 0.0 for k in ("r", "p", "g"))
+        check(total <= 1 + 1e-9, "train.sail", f"r + p + g = {total:g} must be <= 1 (the rest is offline DPO)")
+
+    @property
+    def online_share(self) -> float:
+        return (self.r or 0.0) + (self.p or 0.0) + (self.g or 0.0)
+
+    def coefficient(self, name: str) -> float:
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"train.sail.{name} is unset: choose a sail_* method preset or set it")
+        return value
+
+
 @dataclass
 class TrainConfig:
     """Everything one preference update needs."""
 
-    loss: Literal["dpo", "ipo", "selm", "xpo"] = cfield("dpo", help="Preference loss (see selfalign.losses).")
+    loss: Literal["dpo", "ipo", "selm", "xpo", "sail"] = cfield("dpo", help="Preference loss (see selfalign.losses).")
     beta: float = cfield(0.1, help="KL strength beta in h = beta * (log-ratio difference).")
     alpha: float = cfield(0.0, help="Optimism coefficient for selm (alpha*beta*...) and xpo (alpha*...).")
     label_smoothing: float = cfield(0.0, help="Probability a label is flipped (conservative DPO); 0 is plain DPO.")
-    learning_rate: float = cfield(1e-6, help="Peak learning rate of AdamW.")
-    weight_decay: float = cfield(0.0, help="AdamW weight decay.")
+    optimizer: Literal["adamw", "rmsprop"] = cfield("adamw", help="AdamW, or RMSprop (SAIL's official choice).")
+    learning_rate: float = cfield(1e-6, help="Peak learning rate.")
+    weight_decay: float = cfield(0.0, help="Weight decay (decoupled for AdamW).")
     adam_beta1: float = cfield(0.9, help="AdamW beta1.")
-    adam_beta2: float = cfield(0.999, help="AdamW beta2.")
-    adam_epsilon: float = cfield(1e-8, help="AdamW epsilon.")
+    adam_beta2: float = cfield(0.999, help="AdamW beta2; RMSprop's smoothing constant alpha.")
+    adam_epsilon: float = cfield(1e-8, help="Epsilon of AdamW and RMSprop.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = cfield("cosine", help="Decay after warmup.")
     warmup_ratio: float = cfield(0.1, help="Fraction of the update's optimizer steps spent in linear warmup.")
     max_grad_norm: float = cfield(1.0, help="Clip the global gradient norm to this value; 0 disables clipping.")
@@ -84,6 +140,7 @@ class TrainConfig:
     seed: int = cfield(0, help="Seed for the example order.")
     checkpoint_every: int = cfield(0, help="Save a resumable checkpoint every N optimizer steps; 0 disables.")
     lora: LoraSettings = cfield(default_factory=LoraSettings, help="LoRA settings.")
+    sail: SailConfig = cfield(default_factory=SailConfig, help="SAIL routing and extra terms (loss=sail).")
 
     def __post_init__(self) -> None:
         check(self.beta > 0, "train.beta", f"must be > 0, got {self.beta}")
@@ -103,6 +160,7 @@ class PreferenceExample:
 
     prompt_ids, chosen_ids, rejected_ids: token ids (the response ids exclude the prompt).
     ref_sample_ids: y_ref, a response drawn from pi_ref (needed by selm and xpo).
+    route: the SAIL route ("offline", "dp", "pp", "pr"); None trains it with the plain loss.
     ref_chosen, ref_rejected, ref_ref_sample: reference log-probs, computed once per update.
     """
 
@@ -110,6 +168,7 @@ class PreferenceExample:
     chosen_ids: list[int]
     rejected_ids: list[int]
     ref_sample_ids: list[int] | None = None
+    route: str | None = None
     ref_chosen: float | None = None
     ref_rejected: float | None = None
     ref_ref_sample: float | None = None
@@ -126,6 +185,8 @@ class Logps:
 
     chosen, rejected: policy (with gradient); ref_chosen, ref_rejected: reference (constants).
     ref_sample / ref_ref_sample: policy / reference log-probs of y_ref, or None.
+    route: [B] index into ROUTES (loss=sail); uniform: [B] draws in [0, 1) for SAIL-DP's
+    per-step relabelling; f_baseline: the running mean of F for SAIL's response term.
     """
 
     chosen: Tensor
@@ -134,6 +195,9 @@ class Logps:
     ref_rejected: Tensor
     ref_sample: Tensor | None = None
     ref_ref_sample: Tensor | None = None
+    route: Tensor | None = None
+    uniform: Tensor | None = None
+    f_baseline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +211,46 @@ class Objective:
 
 def _dpo(lp: Logps, c: TrainConfig) -> losses.PairLoss:
     return losses.dpo_loss(lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, c.beta, c.label_smoothing)
+
+
+def _sail(lp: Logps, c: TrainConfig) -> losses.PairLoss:
+    """SAIL's per-example loss: DPO on the (possibly relabelled) pair plus each route's extra terms.
+
+    SAIL-DP swaps its pair with probability 1 - sigmoid(h) under the current policy (the label
+    is redrawn at every step, from this very forward); the label term then acts on the
+    relabelled pair. Terms whose coefficient is 0 are left out, so SAIL with every coefficient
+    0 trains exactly as DPO does.
+    """
+    s = c.sail
+    route = lp.route if lp.route is not None else torch.zeros_like(lp.chosen, dtype=torch.long)
+    dp, pp, pr = (route == ROUTES.index(name) for name in ("dp", "pp", "pr"))
+    h = losses.preference_logits(lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, c.beta)
+    swap = dp & (lp.uniform >= torch.sigmoid(h.detach())) if bool(dp.any()) else torch.zeros_like(dp)
+    chosen, rejected = torch.where(swap, lp.rejected, lp.chosen), torch.where(swap, lp.chosen, lp.rejected)
+    ref_chosen = torch.where(swap, lp.ref_rejected, lp.ref_chosen)
+    ref_rejected = torch.where(swap, lp.ref_chosen, lp.ref_rejected)
+    out = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, c.beta, c.label_smoothing)
+    loss = out.loss
+    h = losses.preference_logits(chosen, rejected, ref_chosen, ref_rejected, c.beta)
+    zero = torch.zeros_like(h)
+    rho = s.coefficient("rho") if bool(dp.any()) else 0.0
+    pi = s.coefficient("pi") if bool(pp.any()) else 0.0
+    gamma = s.coefficient("gamma") if bool(pr.any()) else 0.0
+    label_coef = torch.where(dp, rho, torch.where(pp, pi, zero))
+    response_coef = torch.where(pp, pi, torch.where(pr, gamma, zero))
+    if bool((label_coef != 0).any()):
+        loss = loss + losses.sail_label_term(h, 1.0) * label_coef
+    if bool((response_coef != 0).any()):
+        if s.official_response_term:
+            term = losses.sail_response_term_official(h, chosen, rejected, 1.0)
+        else:
+            term = losses.sail_response_term(h, chosen, rejected, 1.0, baseline=lp.f_baseline if s.baseline else None)
+        loss = loss + term * response_coef
+    f = torch.nn.functional.logsigmoid(h.detach())
+    on_policy = pp | pr
+    extras = {"dp": dp.sum(), "dp_swapped": swap.sum(), "on_policy": on_policy.sum(),
+              "on_policy_f": torch.where(on_policy, f, zero).sum()}
+    return losses.PairLoss(loss, out.chosen_rewards, out.rejected_rewards, extras)
 
 
 # selm and xpo fall back to DPO only when alpha = 0 (the trainer then leaves y_ref out).
@@ -168,6 +272,7 @@ OBJECTIVES: dict[str, Objective] = {
             lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, lp.ref_sample, c.beta, c.alpha, c.label_smoothing
         ),
     ),
+    "sail": Objective("sail", False, _sail),
 }
 
 
@@ -344,10 +449,34 @@ class PreferenceTrainer:
         for i, slot, value in results:
             setattr(examples[i], names[slot], value)
 
+    @torch.no_grad()
+    def policy_preference(self, examples: Sequence[PreferenceExample], progress: bool = False) -> list[float]:
+        """h of each example under the current policy: its implicit preference of chosen over rejected.
+
+        SAIL-PP labels its two policy samples with Bernoulli(sigmoid(h)). Reference log-probs
+        are computed (and kept on the examples) first.
+        """
+        self.compute_reference_logps(examples, progress=progress)
+        was_training = self.policy.training
+        self.policy.eval()
+        h = []
+        size = self.config.ref_batch_size
+        for s in range(0, len(examples), size):
+            chunk = examples[s : s + size]
+            batch = collate([ex.prompt_ids for ex in chunk] * 2, [ex.chosen_ids for ex in chunk] +
+                            [ex.rejected_ids for ex in chunk], self.pad_token_id).to(self.accelerator.device)
+            with self.accelerator.autocast():
+                lp = sequence_logprobs(self.policy, batch, self.config.logprob_chunk_size).float().cpu()
+            n = len(chunk)
+            h += [self.config.beta * ((lp[i] - ex.ref_chosen) - (lp[n + i] - ex.ref_rejected)).item()
+                  for i, ex in enumerate(chunk)]
+        self.policy.train(was_training)
+        return h
+
     # ------------------------------------------------------------------ the update
-    def plan(self, n_examples: int) -> list[list[int]]:
+    def plan(self, n_examples: int, round_index: int = 0) -> list[list[int]]:
         """Example indices of each optimizer step: a seeded shuffle per epoch, cut into global batches."""
-        gen = torch.Generator().manual_seed(self.config.seed)
+        gen = torch.Generator().manual_seed(self.config.seed + 1_000_003 * round_index)
         steps = []
         for _ in range(self.config.epochs):
             order = torch.randperm(n_examples, generator=gen).tolist()
@@ -358,13 +487,14 @@ class PreferenceTrainer:
     def _fingerprint(self, examples: Sequence[PreferenceExample]) -> str:
         digest = hashlib.sha256(json.dumps(to_dict(self.config), sort_keys=True).encode())
         for ex in examples:
-            digest.update(json.dumps([ex.prompt_ids, ex.chosen_ids, ex.rejected_ids, ex.ref_sample_ids]).encode())
+            digest.update(json.dumps([ex.prompt_ids, ex.chosen_ids, ex.rejected_ids, ex.ref_sample_ids,
+                                      ex.route]).encode())
         return digest.hexdigest()
 
     def _trainable_state(self) -> dict[str, Tensor]:
         return {n: p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
 
-    def _micro_logps(self, chunk: list[PreferenceExample]) -> Logps:
+    def _micro_logps(self, chunk: list[PreferenceExample], uniform: list[float]) -> Logps:
         device = self.accelerator.device
         prompts = [ex.prompt_ids for ex in chunk] * 2
         responses = [ex.chosen_ids for ex in chunk] + [ex.rejected_ids for ex in chunk]
@@ -380,10 +510,14 @@ class PreferenceTrainer:
         def const(name: str) -> Tensor:
             return torch.tensor([getattr(ex, name) for ex in chunk], dtype=torch.float32, device=device)
 
+        sail = self.config.loss == "sail"
         return Logps(
             chosen=lp[:n], rejected=lp[n : 2 * n], ref_chosen=const("ref_chosen"), ref_rejected=const("ref_rejected"),
             ref_sample=lp[2 * n :] if needs_sample else None,
             ref_ref_sample=const("ref_ref_sample") if needs_sample else None,
+            route=torch.tensor([ROUTES.index(ex.route or "offline") for ex in chunk], device=device) if sail else None,
+            uniform=torch.tensor(uniform, dtype=torch.float32, device=device) if sail else None,
+            f_baseline=self._f_baseline,
         )
 
     def update(
@@ -400,105 +534,166 @@ class PreferenceTrainer:
         resumes after the last checkpointed step. stop_after_steps ends the call early after
         that many optimizer steps (checkpointing first), for tests and time-boxed jobs.
         """
-        cfg, acc = self.config, self.accelerator
         if not examples:
             raise ValueError("update() got no examples")
-        if self.needs_ref_sample and any(ex.ref_sample_ids is None for ex in examples):
-            raise ValueError(f"loss '{cfg.loss}' needs y_ref for every example (PreferenceExample.ref_sample_ids)")
-        steps = self.plan(len(examples))
-        if not steps:
-            raise ValueError(f"{len(examples)} examples are fewer than the {acc.num_processes} processes")
+        self.begin(len(self.plan(len(examples))), checkpoint_dir)
+        return self.train_round(examples, last=True, stop_after_steps=stop_after_steps, progress=progress)
 
-        ckpt_path = Path(checkpoint_dir) / "update_state.pt" if checkpoint_dir is not None else None
-        fingerprint = self._fingerprint(examples)
-        state = None
-        if ckpt_path is not None and ckpt_path.exists():
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            if state["fingerprint"] != fingerprint:
-                raise ValueError(
-                    f"{ckpt_path} belongs to a different update (other examples or config); "
-                    "delete it to start this update afresh"
-                )
-            for ex, (rc, rr, rs) in zip(examples, state["ref_logps"]):
-                ex.ref_chosen, ex.ref_rejected, ex.ref_ref_sample = rc, rr, rs
-        self.compute_reference_logps(examples, progress=progress)
+    def begin(self, total_steps: int, checkpoint_dir: str | Path | None = None) -> int:
+        """Start an update of about `total_steps` optimizer steps, fed in rounds by train_round().
 
+        The optimizer and the learning-rate schedule live for the whole update, across rounds:
+        the online loop generates a round of examples from the current policy, trains on it,
+        and generates the next. If checkpoint_dir holds a checkpoint, its weights, optimizer
+        and schedule are restored; returns the number of rounds it had finished.
+        """
+        cfg = self.config
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-            weight_decay=cfg.weight_decay,
-        )
+        if cfg.optimizer == "rmsprop":
+            optimizer: torch.optim.Optimizer = torch.optim.RMSprop(
+                params, lr=cfg.learning_rate, alpha=cfg.adam_beta2, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(
+                params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                weight_decay=cfg.weight_decay,
+            )
         # Not acc.prepare_optimizer(): the accelerator would keep every update's optimizer (and
         # its state, 2x the trainable weights) alive for the life of the run. bf16 autocast and
         # DDP need nothing from a prepared optimizer.
-        warmup = math.ceil(cfg.warmup_ratio * len(steps))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, warmup, len(steps)))
-        result = UpdateResult()
-        start = 0
-        if state is not None:
+        warmup = math.ceil(cfg.warmup_ratio * total_steps)
+        self._optimizer = optimizer
+        self._scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, warmup, total_steps))
+        self._ckpt_path = Path(checkpoint_dir) / "update_state.pt" if checkpoint_dir is not None else None
+        self._history: list[dict[str, float]] = []
+        self._rounds_done = 0
+        self._resume: dict | None = None
+        self._f_baseline: float | None = None
+        if self._ckpt_path is not None and self._ckpt_path.exists():
+            state = torch.load(self._ckpt_path, map_location="cpu", weights_only=False)
             missing = set(self._trainable_state()) - set(state["trainable"])
             if missing:
-                raise ValueError(f"{ckpt_path} lacks trainable parameters such as {sorted(missing)[0]}")
+                raise ValueError(f"{self._ckpt_path} lacks trainable parameters such as {sorted(missing)[0]}")
             self.policy.load_state_dict(state["trainable"], strict=False)
             optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start = result.resumed_from_step = state["step"]
-            result.steps = list(state["history"])
+            self._scheduler.load_state_dict(state["scheduler"])
+            self._history = list(state["history"])
+            self._rounds_done = state["round"]
+            self._f_baseline = state.get("f_baseline")
+            self._resume = state if state["step"] > 0 else None
+        return self._rounds_done
+
+    def train_round(
+        self,
+        examples: Sequence[PreferenceExample],
+        last: bool = True,
+        stop_after_steps: int | None = None,
+        progress: bool = True,
+    ) -> UpdateResult:
+        """Train on one round of examples (config.epochs passes) after begin(); returns all steps so far.
+
+        A round that stops early (stop_after_steps, or a kill after a checkpoint_every save)
+        resumes mid-round when begin() and train_round() are called again with the same
+        examples. After a round that is not the last, a checkpoint marks it finished, so a
+        resumed online loop goes on with the next round; after the last one it is removed.
+        """
+        cfg, acc = self.config, self.accelerator
+        k = self._rounds_done
+        if not examples:
+            raise ValueError("train_round() got no examples")
+        if self.needs_ref_sample and any(ex.ref_sample_ids is None for ex in examples):
+            raise ValueError(f"loss '{cfg.loss}' needs y_ref for every example (PreferenceExample.ref_sample_ids)")
+        steps = self.plan(len(examples), k)
+        if not steps:
+            raise ValueError(f"{len(examples)} examples are fewer than the {acc.num_processes} processes")
+        fingerprint = self._fingerprint(examples)
+        result = UpdateResult(steps=self._history)
+        start = 0
+        if self._resume is not None:
+            if self._resume["fingerprint"] != fingerprint:
+                raise ValueError(
+                    f"{self._ckpt_path} belongs to a different update (other examples or config); "
+                    "delete it to start this update afresh"
+                )
+            for ex, (rc, rr, rs) in zip(examples, self._resume["ref_logps"]):
+                ex.ref_chosen, ex.ref_rejected, ex.ref_ref_sample = rc, rr, rs
+            start = result.resumed_from_step = self._resume["step"]
+            self._resume = None
+        self.compute_reference_logps(examples, progress=progress)
 
         end = len(steps) if stop_after_steps is None else min(len(steps), start + stop_after_steps)
-        bar = tqdm(range(start, end), desc=f"{cfg.loss} update", disable=not (progress and acc.is_main_process), leave=False)
-        for k in bar:
-            metrics = self._step([examples[i] for i in steps[k]], optimizer, scheduler)
+        desc = f"{cfg.loss} update" + (f" round {k}" if k or not last else "")
+        bar = tqdm(range(start, end), desc=desc, disable=not (progress and acc.is_main_process), leave=False)
+        for j in bar:
+            metrics = self._step(steps[j], examples, key=f"{cfg.seed}:{k}:{j}")
             result.steps.append(metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-            done = k + 1
-            if ckpt_path is not None and (
+            done = j + 1
+            if self._ckpt_path is not None and (
                 (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (done == end and done < len(steps))
-            ):
-                self._save_checkpoint(ckpt_path, fingerprint, done, examples, optimizer, scheduler, result.steps)
-        if ckpt_path is not None and end == len(steps) and acc.is_main_process and ckpt_path.exists():
-            ckpt_path.unlink()  # the update finished; its caller saves the policy
+            ) and done < len(steps):
+                self._save_checkpoint(k, done, fingerprint, examples)
+        if end < len(steps):
+            return result
+        self._rounds_done = k + 1
+        if last:
+            self._optimizer = self._scheduler = None  # its state is as large as the trainable weights
+        if self._ckpt_path is not None:
+            if not last:
+                self._save_checkpoint(k + 1, 0, None, [])
+            elif acc.is_main_process and self._ckpt_path.exists():
+                self._ckpt_path.unlink()  # the update finished; its caller saves the policy
         return result
 
-    def _save_checkpoint(self, path, fingerprint, step, examples, optimizer, scheduler, history) -> None:
+    def _save_checkpoint(self, round_index: int, step: int, fingerprint: str | None,
+                         examples: Sequence[PreferenceExample]) -> None:
+        path = self._ckpt_path
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_torch_save(
                 {
                     "fingerprint": fingerprint,
+                    "round": round_index,
                     "step": step,
                     "trainable": self._trainable_state(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
+                    "optimizer": self._optimizer.state_dict(),
+                    "scheduler": self._scheduler.state_dict(),
                     "ref_logps": [(ex.ref_chosen, ex.ref_rejected, ex.ref_ref_sample) for ex in examples],
-                    "history": history,
+                    "history": self._history,
+                    "f_baseline": self._f_baseline,
                 },
                 path,
             )
         self.accelerator.wait_for_everyone()
 
-    def _step(self, batch: list[PreferenceExample], optimizer, scheduler) -> dict[str, float]:
+    def _step(self, indices: list[int], examples: Sequence[PreferenceExample], key: str) -> dict[str, float]:
         cfg, acc = self.config, self.accelerator
+        optimizer, scheduler = self._optimizer, self._scheduler
+        # SAIL-DP's per-step label draws, keyed by example and step: the same whatever the split.
+        draws = {i: random.Random(f"{key}:{i}").random() for i in indices}
         # Longest first, then dealt round-robin to processes: each process gets similar lengths.
-        batch = sorted(batch, key=lambda ex: -ex.num_tokens)
-        mine = batch[acc.process_index :: acc.num_processes]
+        order = sorted(indices, key=lambda i: -examples[i].num_tokens)
+        mine = order[acc.process_index :: acc.num_processes]
         # Per-example losses are scaled so that DDP's gradient average yields the mean over the
         # global batch, whatever the micro-batch split: 8 x 1 equals 1 x 8.
-        scale = acc.num_processes / len(batch)
+        scale = acc.num_processes / len(order)
         micro = [mine[s : s + cfg.micro_batch_size] for s in range(0, len(mine), cfg.micro_batch_size)]
-        sums = torch.zeros(8, dtype=torch.float64, device=acc.device)
-        for j, chunk in enumerate(micro):
+        sums = torch.zeros(12, dtype=torch.float64, device=acc.device)
+        for j, chunk_ids in enumerate(micro):
+            chunk = [examples[i] for i in chunk_ids]
             sync = acc.no_sync(self.model) if j < len(micro) - 1 else contextlib.nullcontext()
             with sync:
-                lp = self._micro_logps(chunk)
+                lp = self._micro_logps(chunk, [draws[i] for i in chunk_ids])
                 out = self.objective.compute(lp, cfg)
                 acc.backward(out.loss.sum() * scale)
+            extras = out.extras or {}
+            zero = torch.zeros((), device=acc.device)
             sums += torch.stack([
                 out.loss.detach().sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
                 (out.chosen_rewards > out.rejected_rewards).float().sum(), lp.chosen.detach().sum(),
                 lp.rejected.detach().sum(), torch.tensor(float(len(chunk)), device=acc.device),
                 torch.tensor(float(sum(ex.num_tokens for ex in chunk)), device=acc.device),
+                *(extras.get(name, zero).float() for name in ("dp", "dp_swapped", "on_policy", "on_policy_f")),
             ]).double()
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         lr = scheduler.get_last_lr()[0]
@@ -507,7 +702,7 @@ class PreferenceTrainer:
         optimizer.zero_grad(set_to_none=True)
         sums = acc.reduce(sums, reduction="sum") if acc.num_processes > 1 else sums
         n = sums[6].item()
-        return {
+        metrics = {
             "loss": sums[0].item() / n,
             "rewards/chosen": sums[1].item() / n,
             "rewards/rejected": sums[2].item() / n,
@@ -519,3 +714,12 @@ class PreferenceTrainer:
             "learning_rate": lr,
             "num_tokens": sums[7].item(),
         }
+        if cfg.loss == "sail":
+            dp, swapped, on_policy, f_sum = (sums[i].item() for i in range(8, 12))
+            metrics["sail/dp_examples"] = dp
+            metrics["sail/dp_swapped"] = swapped
+            if on_policy:
+                f_mean = f_sum / on_policy
+                # The baseline for later steps: a running mean, independent of their own samples.
+                self._f_baseline = f_mean if self._f_baseline is None else 0.9 * self._f_baseline + 0.1 * f_mean
+        return metrics

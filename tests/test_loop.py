@@ -51,7 +51,7 @@ def test_run_directory_layout_and_metrics(tmp_path):
         assert (it / "policy" / "config.json").exists()
         gens = [json.loads(line) for line in (it / "generations.jsonl").read_text().splitlines()]
         assert len(gens) == 24 and all(len(g["responses"]) == len(g["scores"]) == 3 for g in gens)
-        assert json.loads((it / "labels.json").read_text())["judge_labels"] == 72
+        assert json.loads((it / "labels.json").read_text())["judge"] == 72
     assert history[-1]["labels_total"] == 144
     assert {"gold/greedy", "gold/sampled", "win_rate", "tie_rate", "kl_to_pi0"} <= set(history[-1])
     # Disjoint prompt slices.

@@ -89,6 +89,14 @@ class BuiltinTask:
     eval_prompts: Path
     reward_fn: str = REWARD_FN
 
+    @property
+    def train_preferences(self) -> Path:
+        """An offline preference dataset over the train prompts (built on first use; see preference_dataset)."""
+        path = self.train_prompts.with_name("train_preferences.jsonl")
+        if not path.is_file():
+            write_preferences(path, read_prompts(self.train_prompts), seed=0)
+        return path
+
 
 # ------------------------------------------------------------------------------------ reward
 def _as_number(word: str) -> int | None:
@@ -201,6 +209,36 @@ def demonstration(values: Sequence[int], rng: random.Random) -> list[int]:
             out = list(values)
         if out != answer:
             return out
+
+
+PREFERENCE_NOISE = 0.1  # Bradley-Terry temperature of the simulated annotators of the dataset
+
+
+def preference_row(prompt: list[dict[str, str]], rng: random.Random) -> dict[str, Any]:
+    """One row of the offline dataset: two demonstrations (pi_0's kind of answer), labelled by a noisy annotator.
+
+    Like a human-labelled dataset (SAIL trains on one): two responses with different gold
+    rewards, the preferred one drawn Bradley-Terry with temperature PREFERENCE_NOISE.
+    """
+    numbers = prompt_numbers(prompt)
+    for _ in range(16):
+        a, b = (" ".join(map(str, demonstration(numbers, rng))) for _ in range(2))
+        ra, rb = score_response(numbers, a), score_response(numbers, b)
+        if ra != rb:
+            break
+    else:  # every draw tied: the exact answer against the last draw (a rare prompt)
+        a, ra = " ".join(map(str, sorted(numbers))), 1.0
+    p_a = 1.0 / (1.0 + math.exp(-(ra - rb) / PREFERENCE_NOISE))
+    chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def write_preferences(path: Path, prompts: list, seed: int) -> None:
+    """The offline preference dataset (prompt, chosen, rejected) for `prompts`, deterministic in seed; atomic."""
+    from ..data import write_jsonl
+
+    rng = random.Random(f"builtin-preferences-{seed}")
+    write_jsonl(path, [preference_row(p, rng) for p in prompts])
 
 
 # ----------------------------------------------------------------------------------------- SFT
