@@ -4,6 +4,9 @@
     selfalign run RECIPE [key.sub=value ...]               an online run from a YAML recipe or a bundled name
     selfalign demo [--output-dir DIR] [key.sub=value ...]   build the tiny sorting task offline and train on it
     selfalign train RECIPE.yaml [key.sub=value ...]        offline preference training of a local/hub model
+    selfalign eval POLICY|RUN [--baseline DIR] [...]        held-out reward, win rate, KL, implicit-reward gap
+    selfalign report RUN                                    RUN/report.md and RUN/plots/*.png
+    selfalign compare RUN1 RUN2 ... [--output DIR]          runs side by side: one table, one plot
     selfalign config                                        list every config key with its default and meaning
 
 Bad input (config, data) ends with a one-line error and exit status 2.
@@ -24,6 +27,7 @@ import torch
 from .config import ConfigError, check_same_config, describe, dump_yaml, field, load_config
 from .data import DataError, PreferenceDataConfig, load_preferences, pad_token_id, write_atomic, write_jsonl
 from .judges import JudgeError
+from .report import ReportError
 from .train import PreferenceExample, PreferenceTrainer, TrainConfig
 
 
@@ -209,6 +213,81 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     cmd_run(args)
 
 
+def _eval_pairs(path: str, tokenizer) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) ids from a run's pairs.jsonl or a preference JSONL (prompt, chosen, rejected)."""
+    from .data import read_jsonl
+
+    first = next(iter(read_jsonl(path)), (0, {}))[1]
+    if "prompt_ids" in first:
+        return [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for _, r in read_jsonl(path)]
+    return [(e.prompt_ids, e.chosen_ids, e.rejected_ids)
+            for e in load_preferences(PreferenceDataConfig(path=path, eval_fraction=0.0), tokenizer)]
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Evaluate a policy directory, or a run's final policy with the run's own settings."""
+    from transformers import AutoTokenizer
+
+    from .evaluate import evaluate_policy
+    from .judges.function import FunctionJudge
+    from .loop import RunConfig, load_prompts, resolve_task
+
+    target = Path(args.target)
+    if (target / "config.yaml").is_file():  # a run directory: its last policy, its settings
+        cfg = load_config(RunConfig, target / "config.yaml", args.overrides)
+        policies = sorted(target.glob("iter_*/policy"))
+        if not policies:
+            raise UsageError(f"{target}: no iteration has finished yet (no iter_*/policy); run it first")
+        policy = policies[-1]
+    elif (target / "config.json").is_file():
+        cfg, policy = load_config(RunConfig, None, args.overrides), target
+    else:
+        raise UsageError(f"{target}: neither a policy directory (config.json) nor a run directory (config.yaml)")
+    task = resolve_task(cfg, progress=not args.no_progress)
+    pi0 = Path(args.reference or task.policy)
+    baseline = Path(args.baseline) if args.baseline else pi0
+    prompts_file = args.prompts or task.eval_prompts
+    if not prompts_file:
+        raise UsageError("no held-out prompts: pass --prompts FILE.jsonl (or set eval_prompts in the run's config)")
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    prompts = load_prompts(prompts_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: args.limit or None]
+    if args.reward_model:
+        from .judges.reward_model import RewardModelJudge
+
+        gold = RewardModelJudge(args.reward_model)
+        scorer = f"reward model {args.reward_model}"
+    else:
+        spec = args.reward or task.gold_fn
+        if not spec:
+            raise UsageError("no reward to evaluate with: pass --reward pkg.module:fn or --reward-model DIR")
+        gold, scorer = FunctionJudge(spec), spec
+    pairs = _eval_pairs(args.pairs, tokenizer) if args.pairs else None
+    metrics = evaluate_policy(policy, pi0, prompts, tokenizer, gold, cfg, progress=not args.no_progress,
+                              baseline_path=baseline, pairs=pairs, high_reward=args.high_reward)
+    record = {"policy": str(policy), "baseline": str(baseline), "reference": str(pi0), "prompts": prompts_file,
+              "num_prompts": len(prompts), "reward": scorer, **metrics}
+    if args.output:
+        write_atomic(Path(args.output), json.dumps(record, indent=1))
+    width = max(len(k) for k in record)
+    for key, value in record.items():
+        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    path = write_report(Path(args.run))
+    print(f"selfalign: wrote {path} and {path.parent / 'plots'}/")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .report import write_comparison
+
+    out = Path(args.output)
+    print(write_comparison([Path(r) for r in args.runs], out))
+    print(f"selfalign: wrote {out / 'compare.md'} and {out / 'compare.png'}")
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     for key, default, help_text in describe(TrainRunConfig):
         print(f"{key:<34} {default:<14} {help_text}")
@@ -232,7 +311,27 @@ def main(argv: list[str] | None = None) -> int:
     runp.add_argument("recipe", help="YAML recipe, or a bundled one: quickstart, selm_llama3_8b, ...")
     runp.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     runp.set_defaults(func=cmd_run)
-    for p in (demo, train, quick, runp):
+    ev = sub.add_parser("eval", help="evaluate a policy (or a run's final policy) on held-out prompts")
+    ev.add_argument("target", help="a policy directory, or a run directory (its last iteration, its settings)")
+    ev.add_argument("overrides", nargs="*", help="run-config overrides key.sub=value (eval.samples=8, seed=1, ...)")
+    ev.add_argument("--prompts", help="JSONL held-out prompts (default: the run's or the built-in task's)")
+    ev.add_argument("--reward", help="'pkg.module:fn' reward (default: the run's gold reward)")
+    ev.add_argument("--reward-model", help="score with this sequence-classification reward model instead")
+    ev.add_argument("--baseline", help="policy to win against (default: pi_0)")
+    ev.add_argument("--reference", help="pi_ref of the KL and implicit reward (default: pi_0)")
+    ev.add_argument("--pairs", help="JSONL pairs for the implicit-reward gap (a run's pairs.jsonl or prompt/chosen/rejected)")
+    ev.add_argument("--limit", type=int, default=0, help="evaluate on the first N prompts only")
+    ev.add_argument("--high-reward", type=float, default=0.999, help="threshold of the high-reward region")
+    ev.add_argument("--output", help="also write the metrics as JSON here")
+    ev.set_defaults(func=cmd_eval)
+    rep = sub.add_parser("report", help="write RUN/report.md and RUN/plots/*.png")
+    rep.add_argument("run", help="run directory")
+    rep.set_defaults(func=cmd_report)
+    cmp_ = sub.add_parser("compare", help="runs side by side: one table and one plot")
+    cmp_.add_argument("runs", nargs="+", help="run directories")
+    cmp_.add_argument("--output", default="runs/compare", help="where compare.md and compare.png go")
+    cmp_.set_defaults(func=cmd_compare)
+    for p in (demo, train, quick, runp, ev):
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
     conf = sub.add_parser("config", help="list every config key, its default and meaning")
     conf.set_defaults(func=cmd_config)
@@ -243,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     try:
         args.func(args)
-    except (ConfigError, DataError, JudgeError, UsageError) as e:
+    except (ConfigError, DataError, JudgeError, ReportError, UsageError) as e:
         print(f"selfalign: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,12 +1,17 @@
-"""Held-out evaluation of a policy against pi_0 under a gold reward.
+"""Held-out evaluation of a policy: reward, win rate against a baseline, KL to a reference.
 
 Metrics (per policy directory):
-    gold/greedy, gold/sampled      mean gold reward of greedy and of sampled responses
-    gold/high_reward_fraction      fraction of sampled responses with gold reward >= HIGH_REWARD
-    win_rate, tie_rate             greedy response vs pi_0's greedy response on the same prompt,
-                                   judged by the gold reward; ties counted apart
-    kl_to_pi0                      KL(pi || pi_0) estimated from samples of pi: mean of
-                                   log pi(y|x) - log pi_0(y|x)
+    gold/greedy, gold/sampled      mean reward of greedy and of sampled responses (the gold reward,
+                                   or a judge: whatever `gold` scores with)
+    gold/high_reward_fraction      fraction of sampled responses with reward >= high_reward
+    win_rate, tie_rate             greedy response vs the baseline policy's greedy response on the
+                                   same prompt (pi_0 by default), judged by the same reward; ties apart
+    kl_to_pi0                      KL(pi || pi_ref) estimated from samples of pi: mean of
+                                   log pi(y|x) - log pi_ref(y|x) (pi_ref = pi_0 by default)
+    implicit/gap, implicit/accuracy  (given pairs) SELM's analysis: mean implicit reward
+                                   beta * log(pi/pi_ref) of chosen minus that of rejected responses,
+                                   and the share of pairs where it is positive
+The per-response rewards come back too (`rewards`), for histograms.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ from .logprobs import collate, sequence_logprobs
 HIGH_REWARD = 0.999
 
 
-def _generate(model, ids, tokenizer, num_samples: int, temperature: float, max_new_tokens: int, seed: int):
+def _generate(model, ids, tokenizer, num_samples: int, temperature: float, max_new_tokens: int, seed: int,
+              progress: bool = False):
     gen = HFGenerator(model, pad_token_id(tokenizer), tokenizer.eos_token_id)
     cfg = GenerationConfig(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
                            batch_size=64)
-    return gen.generate(ids, cfg, seed=seed)
+    return gen.generate(ids, cfg, seed=seed, progress=progress)
 
 
 @torch.no_grad()
@@ -39,42 +45,67 @@ def _logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad: 
     for s in range(0, len(prompts), 64):
         batch = collate(prompts[s : s + 64], responses[s : s + 64], pad)
         out.append(sequence_logprobs(model, batch.to(next(model.parameters()).device)).cpu())
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0)
 
 
-def baseline_greedy(pi0_path: Path, prompts: list[Prompt], tokenizer, max_new_tokens: int, cache: Path | None) -> list[str]:
-    """pi_0's greedy responses on the eval prompts (cached in the run directory)."""
+def _load(path: Path):
     from transformers import AutoModelForCausalLM
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+
+
+def baseline_greedy(baseline_path: Path, prompts: list[Prompt], tokenizer, max_new_tokens: int,
+                    cache: Path | None) -> list[str]:
+    """The baseline policy's greedy responses on the eval prompts (cached in the run directory)."""
     path = cache / "baseline_greedy.json" if cache is not None else None
     if path is not None and path.exists():
-        return json.loads(path.read_text())
-    model = AutoModelForCausalLM.from_pretrained(pi0_path, dtype=torch.float32)
+        saved = json.loads(path.read_text())
+        if isinstance(saved, dict) and saved.get("policy") == str(baseline_path) and len(saved["texts"]) == len(prompts):
+            return saved["texts"]
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     texts = [tokenizer.decode(r[0], skip_special_tokens=True)
-             for r in _generate(model, ids, tokenizer, 1, 0.0, max_new_tokens, seed=0)]
+             for r in _generate(_load(baseline_path), ids, tokenizer, 1, 0.0, max_new_tokens, seed=0)]
     if path is not None:
-        write_atomic(path, json.dumps(texts))
+        write_atomic(path, json.dumps({"policy": str(baseline_path), "texts": texts}))
     return texts
 
 
-def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], tokenizer, gold, cfg,
-                    cache: Path | None = None, progress: bool = False) -> dict[str, Any]:
-    """Metrics of the policy at policy_path (see the module docstring); `gold` is a Judge."""
-    from transformers import AutoModelForCausalLM
+def implicit_reward_gap(policy, reference, pairs: list[tuple[list[int], list[int], list[int]]], beta: float,
+                        pad: int) -> dict[str, float]:
+    """Mean of beta*log(pi/pi_ref)(chosen) - beta*log(pi/pi_ref)(rejected) over (prompt, chosen, rejected) ids."""
+    if not pairs:
+        return {}
+    prompts = [p for p, _, _ in pairs] * 2
+    responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
+    ratio = _logprobs(policy, prompts, responses, pad) - _logprobs(reference, prompts, responses, pad)
+    n = len(pairs)
+    gap = beta * (ratio[:n] - ratio[n:])
+    return {"implicit/gap": gap.mean().item(), "implicit/accuracy": (gap > 0).float().mean().item()}
 
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
-    pi0 = AutoModelForCausalLM.from_pretrained(pi0_path, dtype=torch.float32)
+
+def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], tokenizer, gold, cfg,
+                    cache: Path | None = None, progress: bool = False, baseline_path: Path | None = None,
+                    pairs: list[tuple[list[int], list[int], list[int]]] | None = None,
+                    high_reward: float = HIGH_REWARD, keep_rewards: bool = False) -> dict[str, Any]:
+    """Metrics of the policy at policy_path (see the module docstring); `gold` is a Judge.
+
+    pi0_path is the reference of the KL and of the implicit reward; baseline_path (default
+    pi0_path) is the opponent of the win rate. cfg supplies generation.max_new_tokens,
+    generation.temperature, eval.samples, seed and train.beta.
+    """
+    policy, pi0 = _load(policy_path), _load(pi0_path)
     pad = pad_token_id(tokenizer)
     max_new = cfg.generation.max_new_tokens
     ids = [prompt_ids(tokenizer, p) for p in prompts]
-    greedy_ids = [r[0] for r in _generate(policy, ids, tokenizer, 1, 0.0, max_new, seed=0)]
+    greedy_ids = [r[0] for r in _generate(policy, ids, tokenizer, 1, 0.0, max_new, seed=0, progress=progress)]
     k = cfg.eval.samples
-    sampled_ids = _generate(policy, ids, tokenizer, k, cfg.generation.temperature or 1.0, max_new, seed=cfg.seed + 1)
+    sampled_ids = _generate(policy, ids, tokenizer, k, cfg.generation.temperature or 1.0, max_new, seed=cfg.seed + 1,
+                            progress=progress)
     decode = lambda r: tokenizer.decode(r, skip_special_tokens=True)  # noqa: E731
     greedy = [decode(r) for r in greedy_ids]
     sampled = [[decode(r) for r in rs] for rs in sampled_ids]
-    base = baseline_greedy(pi0_path, prompts, tokenizer, max_new, cache)
+    base = baseline_greedy(baseline_path or pi0_path, prompts, tokenizer, max_new, cache)
 
     g_greedy = [row[0] for row in gold.score(prompts, [[r] for r in greedy])]
     g_base = [row[0] for row in gold.score(prompts, [[r] for r in base])]
@@ -86,11 +117,15 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
     flat_r = [r for rs in sampled_ids for r in rs]
     kl = (_logprobs(policy, flat_p, flat_r, pad) - _logprobs(pi0, flat_p, flat_r, pad)).mean().item()
     n = len(prompts)
-    return {
+    metrics: dict[str, Any] = {
         "gold/greedy": sum(g_greedy) / n,
         "gold/sampled": sum(g_sampled) / len(g_sampled),
-        "gold/high_reward_fraction": sum(v >= HIGH_REWARD for v in g_sampled) / len(g_sampled),
+        "gold/high_reward_fraction": sum(v >= high_reward for v in g_sampled) / len(g_sampled),
         "win_rate": wins / n,
         "tie_rate": ties / n,
         "kl_to_pi0": kl,
     }
+    metrics.update(implicit_reward_gap(policy, pi0, pairs or [], cfg.train.beta, pad))
+    if keep_rewards:
+        metrics["rewards"] = {"greedy": g_greedy, "sampled": g_sampled}
+    return metrics

@@ -211,9 +211,10 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
     if eval_prompts and gold is not None and accelerator.is_main_process and not (out / "pi0_metrics.json").exists():
         from .evaluate import evaluate_policy
 
+        result = evaluate_policy(pi0_path, pi0_path, eval_prompts, tokenizer, gold, cfg, cache=out, keep_rewards=True)
+        write_atomic(out / "pi0_eval_rewards.json", json.dumps(result.pop("rewards")))
         write_atomic(out / "pi0_metrics.json", json.dumps(
-            {"iteration": "pi_0", "labels_total": 0,
-             **evaluate_policy(pi0_path, pi0_path, eval_prompts, tokenizer, gold, cfg, cache=out)}, indent=1))
+            {"iteration": "pi_0", "labels_total": 0, "labelled_pairs_total": 0, **result}, indent=1))
     accelerator.wait_for_everyone()
 
     history = []
@@ -251,7 +252,8 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
             if accelerator.is_main_process:
                 counts = [json.loads(((it if len(rounds) == 1 else it / f"round_{k:03d}") / "labels.json").read_text())
                           for k in range(len(rounds))]
-                labels = {key: sum(c[key] for c in counts) for key in ("judge", "policy", "dataset", "pairs", "ties")}
+                labels = {key: sum(c[key] for c in counts)
+                          for key in ("judge", "judged_prompts", "policy", "dataset", "pairs", "ties")}
                 labels["routes"] = {r: sum(c["routes"].get(r, 0) for c in counts) for r in counts[0]["routes"]}
                 write_atomic(it / "labels.json", json.dumps(labels, indent=1))
                 write_atomic(it / "train.json", json.dumps({"steps": result.steps, "summary": result.summary,
@@ -534,6 +536,7 @@ def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTra
     routes = [r for _, r in rows]
     counts = {
         "judge": judge_labels,
+        "judged_prompts": len(judged),
         # SAIL-DP redraws each of its labels from the policy at every visit (once per epoch).
         "policy": routes.count("pp") + routes.count("dp") * cfg.train.epochs,
         "dataset": routes.count("offline") + routes.count("dp"),
@@ -590,14 +593,25 @@ def stage_eval(it: Path, cfg: RunConfig, t: int, pi0_path: Path, eval_prompts: l
     train = json.loads((it / "train.json").read_text())
     by_source = {k: labels[k] for k in ("judge", "policy", "dataset")}
     before = previous.get("labels_total_by_source", {})
+    # Labelled pairs: prompts whose K responses the judge scored, plus dataset pairs (SAIL). Comparable
+    # across methods where judge labels are not (K judge labels make one labelled prompt).
+    labelled = labels["judged_prompts"] + labels["dataset"]
     metrics = {"iteration": t, "labels": labels["judge"], "labels_total": previous.get("labels_total", 0) + labels["judge"],
                "labels_by_source": by_source,
                "labels_total_by_source": {k: before.get(k, 0) + v for k, v in by_source.items()},
+               "labelled_pairs": labelled, "labelled_pairs_total": previous.get("labelled_pairs_total", 0) + labelled,
                "pairs": labels["pairs"], "ties": labels["ties"],
                **({"routes": labels["routes"]} if labels["routes"] else {}),
                **{f"train/{k}": v for k, v in train["summary"].items() if k in ("loss", "rewards/accuracies",
                                                                                  "rewards/margins")}}
     if eval_prompts and gold is not None:
-        metrics.update(evaluate_policy(it / "policy", pi0_path, eval_prompts, tokenizer, gold, cfg, cache=it.parent,
-                                       progress=show))
+        # SELM's analysis: the implicit reward gap, here on (up to 256 of) the iteration's own training pairs.
+        pairs = [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"])
+                 for rd in [it, *sorted(it.glob("round_*"))] if (rd / "pairs.jsonl").exists()
+                 for r in load_jsonl(rd / "pairs.jsonl")]
+        pairs = random.Random(f"{cfg.seed}:implicit").sample(pairs, min(256, len(pairs)))
+        result = evaluate_policy(it / "policy", pi0_path, eval_prompts, tokenizer, gold, cfg, cache=it.parent,
+                                 progress=show, pairs=pairs, keep_rewards=True)
+        write_atomic(it / "eval_rewards.json", json.dumps(result.pop("rewards")))
+        metrics.update(result)
     return metrics

@@ -1,0 +1,274 @@
+"""Sample efficiency on the built-in task: every method at the same label budget, several seeds.
+
+What is run
+-----------
+Each method runs the same online schedule on the built-in sorting task, from the same pi_0:
+ITERATIONS iterations of PROMPTS fresh prompts each (offline DPO takes all of them up front
+from pi_0), K = 2 responses per prompt (SAIL's PP and PR routes draw 2, so every method does),
+a simulated annotator (Bradley-Terry noise T = 0.1 over the gold reward), beta 0.1, the same
+learning rate, batch, epochs and evaluation (held-out prompts, noiseless gold reward). Per
+method only what defines it changes: SELM's alpha and y_ref, XPO's alpha and fixed pi_ref,
+SAIL's routes and coefficients (official presets). Every method sees the same number of rows
+per iteration, and each row costs one labelled pair (a judged prompt or a dataset pair) except
+SAIL-PP's, which the policy labels itself.
+
+What is reported
+----------------
+For each method, over the seeds: final gold reward of sampled and greedy answers and win rate
+against pi_0's greedy answer, as mean and 95% confidence interval (t distribution); the
+difference from iterative DPO with an exact two-sided permutation test on the seed means; the
+labelled pairs (and judge labels) used; the labelled pairs each method needed to reach
+iterative DPO's final mean sampled reward (linear interpolation on its mean curve, "not
+reached" if it never does); and the wall-clock per run. Then SELM's alpha ablation: alpha 0
+(which is iterative DPO exactly) and the paper's grid.
+
+    python bench/sample_efficiency.py                 # full: 5 seeds, results in bench/results/
+    python bench/sample_efficiency.py --quick --out DIR   # a CI-sized smoke run of the same code
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from selfalign.config import load_config  # noqa: E402
+from selfalign.loop import RunConfig, run  # noqa: E402
+
+METHODS = ["offline_dpo", "iterative_dpo", "selm", "xpo", "sail_dp", "sail_pp", "sail_pr"]
+ALPHA = {"selm": 0.001, "xpo": 1e-5}  # SELM: the quickstart's value (beta 0.1); XPO: its paper's default
+ALPHA_GRID = [0.0, 0.005, 0.001, 0.0005, 0.0001]  # 0, then SELM's official grid
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+FULL = dict(iterations=3, prompts=192, eval_prompts=128, eval_samples=4, seeds=5, grid=ALPHA_GRID)
+QUICK = dict(iterations=1, prompts=32, eval_prompts=16, eval_samples=2, seeds=2, grid=[0.0, 0.001])
+
+
+def overrides(method: str, seed: int, out: Path, size: dict, alpha: float | None = None) -> list[str]:
+    a = ALPHA.get(method, 0.0) if alpha is None else alpha
+    return [
+        f"method={method}", "model=builtin", f"output_dir={out}", f"seed={seed}", f"train.seed={seed}",
+        f"iterations={size['iterations']}", f"prompts_per_iteration={size['prompts']}",
+        "generation.num_samples=2", "generation.temperature=1.0", "generation.max_new_tokens=12",
+        "generation.batch_size=64", "judge.noise=0.1", "train.beta=0.1", f"train.alpha={a}",
+        "train.learning_rate=1e-4", "train.batch_size=16", "train.micro_batch_size=16", "train.epochs=2",
+        "train.warmup_ratio=0.1", f"eval.prompts={size['eval_prompts']}", f"eval.samples={size['eval_samples']}",
+    ]
+
+
+def run_one(argv: list[str]) -> tuple[list[dict], dict, float]:
+    cfg = load_config(RunConfig, None, argv)
+    out = Path(cfg.output_dir)
+    start = time.perf_counter()
+    history = run(cfg, progress=False)
+    seconds = time.perf_counter() - start
+    pi0 = json.loads((out / "pi0_metrics.json").read_text())
+    return history, pi0, seconds
+
+
+# ------------------------------------------------------------------------------------ statistics
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (t distribution)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, T_975.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def permutation_p(a: list[float], b: list[float]) -> float:
+    """Exact two-sided permutation test of a difference in means (all splits of the pooled values)."""
+    pooled, n = a + b, len(a)
+    observed = abs(sum(a) / n - sum(b) / len(b))
+    hits = total = 0
+    for idx in itertools.combinations(range(len(pooled)), n):
+        chosen = set(idx)
+        x = [pooled[i] for i in chosen]
+        y = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+        hits += abs(sum(x) / len(x) - sum(y) / len(y)) >= observed - 1e-12
+        total += 1
+    return hits / total
+
+
+def labels_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """First x where the piecewise-linear curve [(x, y), ...] reaches y >= target."""
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if y0 >= target:
+            return x0
+        if y1 >= target:
+            return x0 + (x1 - x0) * (target - y0) / (y1 - y0)
+    return curve[-1][0] if curve and curve[-1][1] >= target else None
+
+
+def mean_curve(histories: list[list[dict]], pi0: dict, key: str) -> list[tuple[float, float]]:
+    points = [(0.0, pi0[key])]
+    for t in range(len(histories[0])):
+        points.append((sum(h[t]["labelled_pairs_total"] for h in histories) / len(histories),
+                       sum(h[t][key] for h in histories) / len(histories)))
+    return points
+
+
+# ------------------------------------------------------------------------------------ tables
+def fmt_ci(mean: float, half: float) -> str:
+    return f"{mean:.3f} ± {half:.3f}" if half == half else f"{mean:.3f}"
+
+
+def summarise(results: dict[str, list[dict]], pi0: dict, baseline: str = "iterative_dpo") -> tuple[str, dict]:
+    """The main table (markdown) and its numbers."""
+    finals = {m: [r["history"][-1] for r in rs] for m, rs in results.items()}
+    base = finals.get(baseline)
+    target = sum(f["gold/sampled"] for f in base) / len(base) if base else None
+    rows, numbers = [], {}
+    header = ("| method | labelled pairs | judge labels | gold (sampled) | Δ vs it. DPO (p) | gold (greedy) | "
+              "win rate vs pi_0 | Δ win (p) | pairs to reach it. DPO | s / run |")
+    for method, rs in results.items():
+        f = finals[method]
+        sampled, greedy, win = ([x[k] for x in f] for k in ("gold/sampled", "gold/greedy", "win_rate"))
+        entry = {"gold/sampled": mean_ci(sampled), "gold/greedy": mean_ci(greedy), "win_rate": mean_ci(win),
+                 "labelled_pairs": sum(x["labelled_pairs_total"] for x in f) / len(f),
+                 "judge_labels": sum(x["labels_total"] for x in f) / len(f),
+                 "seconds": sum(r["seconds"] for r in rs) / len(rs),
+                 "seeds": [r["seed"] for r in rs]}
+        if base is not None and method != baseline:
+            b_s, b_w = [x["gold/sampled"] for x in base], [x["win_rate"] for x in base]
+            entry["delta_sampled"] = entry["gold/sampled"][0] - sum(b_s) / len(b_s)
+            entry["p_sampled"] = permutation_p(sampled, b_s)
+            entry["delta_win"] = entry["win_rate"][0] - sum(b_w) / len(b_w)
+            entry["p_win"] = permutation_p(win, b_w)
+        reach = labels_to_reach(mean_curve([r["history"] for r in rs], pi0, "gold/sampled"), target) \
+            if target is not None else None
+        entry["pairs_to_reach_baseline"] = reach
+        numbers[method] = entry
+        delta = (f"{entry['delta_sampled']:+.3f} (p={entry['p_sampled']:.3f})" if "delta_sampled" in entry else "—")
+        dwin = (f"{entry['delta_win']:+.3f} (p={entry['p_win']:.3f})" if "delta_win" in entry else "—")
+        rows.append(f"| {method} | {entry['labelled_pairs']:.0f} | {entry['judge_labels']:.0f} | "
+                    f"{fmt_ci(*entry['gold/sampled'])} | {delta} | {fmt_ci(*entry['gold/greedy'])} | "
+                    f"{fmt_ci(*entry['win_rate'])} | {dwin} | "
+                    f"{'not reached' if reach is None else f'{reach:.0f}'} | {entry['seconds']:.0f} |")
+    table = "\n".join([header, "|---|" + "---:|" * 9, *rows])
+    return table, numbers
+
+
+def verdicts(numbers: dict, alpha: float = 0.05) -> list[str]:
+    lines = []
+    for method, e in numbers.items():
+        if "p_sampled" not in e:
+            continue
+        for key, name in (("sampled", "sampled gold reward"), ("win", "win rate")):
+            d, p = e[f"delta_{key}"], e[f"p_{key}"]
+            word = "significantly " + ("higher" if d > 0 else "lower") if p < alpha else "not significantly different"
+            lines.append(f"- {method}: {name} {word} {'from' if p >= alpha else 'than'} iterative DPO "
+                         f"({d:+.3f}, p = {p:.3f})")
+    return lines
+
+
+def plot(results: dict[str, list[dict]], pi0: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
+    for method, rs in results.items():
+        for ax, key in zip(axes, ("gold/sampled", "win_rate")):
+            hs = [r["history"] for r in rs]
+            xs = [0.0] + [sum(h[t]["labelled_pairs_total"] for h in hs) / len(hs) for t in range(len(hs[0]))]
+            stats = [mean_ci([pi0[key]] * len(hs))] + [mean_ci([h[t][key] for h in hs]) for t in range(len(hs[0]))]
+            means = [m for m, _ in stats]
+            halves = [0.0 if h != h else h for _, h in stats]
+            line, = ax.plot(xs, means, "o-", label=method, linewidth=1.8, markersize=4)
+            ax.fill_between(xs, [m - h for m, h in zip(means, halves)], [m + h for m, h in zip(means, halves)],
+                            color=line.get_color(), alpha=0.12)
+    axes[0].set_ylabel("gold reward of sampled answers (held-out)")
+    axes[1].set_ylabel("win rate vs pi_0 (greedy, held-out)")
+    for ax in axes:
+        ax.set_xlabel("labelled pairs used (judged prompts + dataset pairs)")
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title + " (mean over seeds, band = 95% CI)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI-sized: 1 iteration of 32 prompts, 2 seeds")
+    parser.add_argument("--seeds", type=int, help="seeds per method (default 5, quick 2)")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--no-ablation", action="store_true", help="skip SELM's alpha ablation")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where the results go")
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench"), help="where the runs go")
+    args = parser.parse_args(argv)
+    size = dict(QUICK if args.quick else FULL)
+    if args.seeds:
+        size["seeds"] = args.seeds
+    out, work = Path(args.out), Path(args.workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "sample_efficiency_quick" if args.quick else "sample_efficiency"
+    seeds = list(range(size["seeds"]))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    results: dict[str, list[dict]] = {}
+    pi0 = None
+    jobs = [(m, None) for m in args.methods]
+    if not args.no_ablation:
+        jobs += [("selm", a) for a in size["grid"] if a != ALPHA["selm"] or "selm" not in args.methods]
+    for method, alpha in jobs:
+        key = method if alpha is None else f"selm alpha={alpha:g}"
+        for seed in seeds:
+            run_dir = work / name / key.replace(" ", "_").replace("=", "") / f"seed{seed}"
+            history, pi0_s, seconds = run_one(overrides(method, seed, run_dir, size, alpha))
+            pi0 = pi0 or pi0_s
+            final = history[-1]
+            print(f"{key:>22} seed {seed}: gold sampled {final['gold/sampled']:.3f} greedy {final['gold/greedy']:.3f} "
+                  f"win {final['win_rate']:.3f} labelled pairs {final['labelled_pairs_total']} ({seconds:.0f} s)",
+                  flush=True)
+            results.setdefault(key, []).append({"seed": seed, "history": history, "seconds": seconds})
+
+    main_results = {m: results[m] for m in args.methods}
+    table, numbers = summarise(main_results, pi0)
+    ablation = {f"selm alpha={ALPHA['selm']:g}" if k == "selm" else k: v for k, v in results.items()
+                if k.startswith("selm")}
+    ablation = dict(sorted(ablation.items(), key=lambda kv: -float(kv[0].split("=")[1])))
+    ab_table, ab_numbers = summarise(ablation, pi0, baseline="selm alpha=0") if ablation else ("", {})
+    title = f"Built-in task, {size['iterations']} x {size['prompts']} prompts, K = 2, {len(seeds)} seeds"
+    plot(main_results, pi0, out / f"{name}.png", title)
+    command = "python bench/sample_efficiency.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    md = [
+        f"# Sample efficiency on the built-in task{' (quick mode)' if args.quick else ''}", "",
+        f"Command: `{command.strip()}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, CPU.", "",
+        f"{title}; pi_0: gold sampled {pi0['gold/sampled']:.3f}, greedy {pi0['gold/greedy']:.3f}. "
+        "Means ± 95% CI over seeds; p from an exact permutation test against iterative DPO.", "",
+        table, "", *verdicts(numbers), "",
+        f"![sample efficiency]({name}.png)", "",
+    ]
+    if ab_table:
+        md += ["## SELM alpha ablation", "", "alpha 0 is iterative DPO exactly; Δ and p are against it.", "", ab_table,
+               "", *verdicts(ab_numbers), ""]
+    text = "\n".join(md)
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps(
+        {"command": command, "size": size, "pi0": pi0, "summary": numbers, "ablation": ab_numbers,
+         "runs": {k: [{"seed": r["seed"], "seconds": r["seconds"], "history": r["history"]} for r in rs]
+                  for k, rs in results.items()}}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
