@@ -24,6 +24,7 @@ reached" if it never does); and the wall-clock per run. Then SELM's alpha ablati
 
     python bench/sample_efficiency.py                 # full: 5 seeds, results in bench/results/
     python bench/sample_efficiency.py --quick --out DIR   # a CI-sized smoke run of the same code
+    python bench/sample_efficiency.py --set model=DIR prompts=P.jsonl ...   # your own task (see --help)
 """
 
 from __future__ import annotations
@@ -212,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-ablation", action="store_true", help="skip SELM's alpha ablation")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where the results go")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench"), help="where the runs go")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every run, e.g. your own model, prompts, preferences and judge: "
+                             "model=DIR prompts=P.jsonl eval_prompts=E.jsonl preferences=PREFS.jsonl "
+                             "judge.reward_model=RM eval.reward=pkg.mod:gold")
     args = parser.parse_args(argv)
     size = dict(QUICK if args.quick else FULL)
     if args.seeds:
@@ -220,7 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = "sample_efficiency_quick" if args.quick else "sample_efficiency"
     seeds = list(range(size["seeds"]))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     results: dict[str, list[dict]] = {}
     pi0 = None
@@ -231,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         key = method if alpha is None else f"selm alpha={alpha:g}"
         for seed in seeds:
             run_dir = work / name / key.replace(" ", "_").replace("=", "") / f"seed{seed}"
-            history, pi0_s, seconds = run_one(overrides(method, seed, run_dir, size, alpha))
+            history, pi0_s, seconds = run_one([*overrides(method, seed, run_dir, size, alpha), *args.set])
             pi0 = pi0 or pi0_s
             final = history[-1]
             print(f"{key:>22} seed {seed}: gold sampled {final['gold/sampled']:.3f} greedy {final['gold/greedy']:.3f} "

@@ -264,3 +264,22 @@ def test_bad_preference_file_exits_2_and_keeps_the_run(tmp_path, capsys, builtin
     err = capsys.readouterr().err.strip()
     assert code == 2 and f"{prefs} line 7" in err and "rejected" in err and len(err.splitlines()) == 1, err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_response_term_baseline_is_the_running_mean_of_f():
+    cfg = TrainConfig(loss="sail", beta=0.5)
+    cfg.sail.gamma, cfg.sail.baseline = 0.4, True
+    lp = _logps(["pr"] * 4, [0.0] * 4)
+    lp.f_baseline = -0.3
+    h = losses.preference_logits(lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, 0.5)
+    dpo = losses.dpo_loss(lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, 0.5).loss
+    expected = dpo - 0.4 * (torch.nn.functional.logsigmoid(h) + 0.3) * (lp.chosen + lp.rejected)
+    assert torch.allclose(_sail(lp, cfg).loss, expected)
+    # In the trainer: no baseline at the first step, then the running mean of earlier steps' F.
+    examples = make_examples(8)
+    for ex in examples:
+        ex.route = "pr"
+    trainer = PreferenceTrainer(make_model(), TrainConfig(loss="sail", batch_size=4, sail=cfg.sail), 0,
+                                reference=make_model())
+    trainer.update(examples, progress=False)
+    assert trainer._f_baseline is not None and trainer._f_baseline < 0
