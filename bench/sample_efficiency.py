@@ -20,7 +20,9 @@ difference from iterative DPO with an exact two-sided permutation test on the se
 labelled pairs (and judge labels) used; the labelled pairs each method needed to reach
 iterative DPO's final mean sampled reward (linear interpolation on its mean curve, "not
 reached" if it never does); and the wall-clock per run. Then SELM's alpha ablation: alpha 0
-(which is iterative DPO exactly) and the paper's grid.
+(which is iterative DPO exactly) and the paper's grid. Then SAIL against the baseline of its own
+paper, DPO on the same preference dataset (SAIL with r = p = g = 0), with and without the
+response term's baseline, and the PR route alone (every row online) with gamma 0 and 0.3.
 
     python bench/sample_efficiency.py                 # full: 5 seeds, results in bench/results/
     python bench/sample_efficiency.py --quick --out DIR   # a CI-sized smoke run of the same code
@@ -48,6 +50,17 @@ from selfalign.config import load_config  # noqa: E402
 from selfalign.loop import RunConfig, run  # noqa: E402
 
 METHODS = ["offline_dpo", "iterative_dpo", "selm", "xpo", "sail_dp", "sail_pp", "sail_pr"]
+# SAIL's paper measures it against DPO on the same preference dataset: every row routed offline.
+DATASET_DPO = ("sail_pr", ["train.sail.g=0"])
+# What SAIL's extra terms do: the official presets with the paper's optional baseline, and the PR route
+# alone (every row online and judged) with and without its response term.
+SAIL_ABLATION = {
+    "sail_pp +baseline": ("sail_pp", ["train.sail.baseline=true"]),
+    "sail_pr +baseline": ("sail_pr", ["train.sail.baseline=true"]),
+    "pr-only gamma=0": ("sail_pr", ["train.sail.g=1", "train.sail.gamma=0"]),
+    "pr-only gamma=0.3": ("sail_pr", ["train.sail.g=1"]),
+    "pr-only gamma=0.3 +baseline": ("sail_pr", ["train.sail.g=1", "train.sail.baseline=true"]),
+}
 ALPHA = {"selm": 0.001, "xpo": 1e-5}  # SELM: the quickstart's value (beta 0.1); XPO: its paper's default
 ALPHA_GRID = [0.0, 0.005, 0.001, 0.0005, 0.0001]  # 0, then SELM's official grid
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -127,13 +140,13 @@ def fmt_ci(mean: float, half: float) -> str:
 
 
 def summarise(results: dict[str, list[dict]], pi0: dict, baseline: str = "iterative_dpo") -> tuple[str, dict]:
-    """The main table (markdown) and its numbers."""
+    """A table (markdown) of the runs against `baseline`, and its numbers."""
     finals = {m: [r["history"][-1] for r in rs] for m, rs in results.items()}
     base = finals.get(baseline)
     target = sum(f["gold/sampled"] for f in base) / len(base) if base else None
     rows, numbers = [], {}
-    header = ("| method | labelled pairs | judge labels | gold (sampled) | Δ vs it. DPO (p) | gold (greedy) | "
-              "win rate vs pi_0 | Δ win (p) | pairs to reach it. DPO | s / run |")
+    header = (f"| method | labelled pairs | judge labels | gold (sampled) | Δ vs {baseline} (p) | gold (greedy) | "
+              f"win rate vs pi_0 | Δ win (p) | pairs to reach {baseline} | s / run |")
     for method, rs in results.items():
         f = finals[method]
         sampled, greedy, win = ([x[k] for x in f] for k in ("gold/sampled", "gold/greedy", "win_rate"))
@@ -162,7 +175,7 @@ def summarise(results: dict[str, list[dict]], pi0: dict, baseline: str = "iterat
     return table, numbers
 
 
-def verdicts(numbers: dict, alpha: float = 0.05) -> list[str]:
+def verdicts(numbers: dict, baseline: str = "iterative DPO", alpha: float = 0.05) -> list[str]:
     lines = []
     for method, e in numbers.items():
         if "p_sampled" not in e:
@@ -170,7 +183,7 @@ def verdicts(numbers: dict, alpha: float = 0.05) -> list[str]:
         for key, name in (("sampled", "sampled gold reward"), ("win", "win rate")):
             d, p = e[f"delta_{key}"], e[f"p_{key}"]
             word = "significantly " + ("higher" if d > 0 else "lower") if p < alpha else "not significantly different"
-            lines.append(f"- {method}: {name} {word} {'from' if p >= alpha else 'than'} iterative DPO "
+            lines.append(f"- {method}: {name} {word} {'from' if p >= alpha else 'than'} {baseline} "
                          f"({d:+.3f}, p = {p:.3f})")
     return lines
 
@@ -181,26 +194,30 @@ def plot(results: dict[str, list[dict]], pi0: dict, path: Path, title: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
-    for method, rs in results.items():
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), dpi=110)
+    # Methods can coincide (SELM at a small alpha is iterative DPO to three decimals): distinct dashes and
+    # markers keep a line drawn on top of another visible.
+    styles = itertools.cycle([("-", "o"), ("--", "s"), (":", "D"), ("-.", "^"), ("-", "v"), ("--", "P"), (":", "X")])
+    for (method, rs), (dash, marker) in zip(results.items(), styles):
         for ax, key in zip(axes, ("gold/sampled", "win_rate")):
             hs = [r["history"] for r in rs]
             xs = [0.0] + [sum(h[t]["labelled_pairs_total"] for h in hs) / len(hs) for t in range(len(hs[0]))]
             stats = [mean_ci([pi0[key]] * len(hs))] + [mean_ci([h[t][key] for h in hs]) for t in range(len(hs[0]))]
             means = [m for m, _ in stats]
             halves = [0.0 if h != h else h for _, h in stats]
-            line, = ax.plot(xs, means, "o-", label=method, linewidth=1.8, markersize=4)
+            line, = ax.plot(xs, means, linestyle=dash, marker=marker, label=method, linewidth=1.8, markersize=5)
             ax.fill_between(xs, [m - h for m, h in zip(means, halves)], [m + h for m, h in zip(means, halves)],
-                            color=line.get_color(), alpha=0.12)
+                            color=line.get_color(), alpha=0.07)
     axes[0].set_ylabel("gold reward of sampled answers (held-out)")
     axes[1].set_ylabel("win rate vs pi_0 (greedy, held-out)")
     for ax in axes:
         ax.set_xlabel("labelled pairs used (judged prompts + dataset pairs)")
         ax.grid(alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
-    axes[0].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=9, frameon=False)
     fig.suptitle(title + " (mean over seeds, band = 95% CI)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.87, 1))
     fig.savefig(path)
     plt.close(fig)
 
@@ -211,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, help="seeds per method (default 5, quick 2)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--no-ablation", action="store_true", help="skip SELM's alpha ablation")
+    parser.add_argument("--no-sail-ablation", action="store_true",
+                        help="skip SAIL against dataset DPO and its response-term ablation")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where the results go")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench"), help="where the runs go")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -229,19 +248,23 @@ def main(argv: list[str] | None = None) -> None:
 
     hf_logging.disable_progress_bar()
 
+    # (table key, method, extra overrides, SELM/XPO alpha)
+    jobs = [(m, m, [], None) for m in args.methods]
+    if not args.no_ablation:
+        jobs += [(f"selm alpha={a:g}", "selm", [], a) for a in size["grid"]
+                 if a != ALPHA["selm"] or "selm" not in args.methods]
+    if not args.no_sail_ablation:
+        jobs += [("dataset_dpo", *DATASET_DPO, None)]
+        jobs += [(key, method, extra, None) for key, (method, extra) in SAIL_ABLATION.items()]
     results: dict[str, list[dict]] = {}
     pi0 = None
-    jobs = [(m, None) for m in args.methods]
-    if not args.no_ablation:
-        jobs += [("selm", a) for a in size["grid"] if a != ALPHA["selm"] or "selm" not in args.methods]
-    for method, alpha in jobs:
-        key = method if alpha is None else f"selm alpha={alpha:g}"
+    for key, method, extra, alpha in jobs:
         for seed in seeds:
-            run_dir = work / name / key.replace(" ", "_").replace("=", "") / f"seed{seed}"
-            history, pi0_s, seconds = run_one([*overrides(method, seed, run_dir, size, alpha), *args.set])
+            run_dir = work / name / key.replace(" ", "_").replace("=", "").replace("+", "") / f"seed{seed}"
+            history, pi0_s, seconds = run_one([*overrides(method, seed, run_dir, size, alpha), *extra, *args.set])
             pi0 = pi0 or pi0_s
             final = history[-1]
-            print(f"{key:>22} seed {seed}: gold sampled {final['gold/sampled']:.3f} greedy {final['gold/greedy']:.3f} "
+            print(f"{key:>28} seed {seed}: gold sampled {final['gold/sampled']:.3f} greedy {final['gold/greedy']:.3f} "
                   f"win {final['win_rate']:.3f} labelled pairs {final['labelled_pairs_total']} ({seconds:.0f} s)",
                   flush=True)
             results.setdefault(key, []).append({"seed": seed, "history": history, "seconds": seconds})
@@ -252,6 +275,13 @@ def main(argv: list[str] | None = None) -> None:
                 if k.startswith("selm")}
     ablation = dict(sorted(ablation.items(), key=lambda kv: -float(kv[0].split("=")[1])))
     ab_table, ab_numbers = summarise(ablation, pi0, baseline="selm alpha=0") if ablation else ("", {})
+    sail_table = sail_numbers = online_table = online_numbers = None
+    if "dataset_dpo" in results:
+        mixed = ["dataset_dpo", *(k for k in ("sail_dp", "sail_pp", "sail_pp +baseline", "sail_pr",
+                                              "sail_pr +baseline") if k in results)]
+        sail_table, sail_numbers = summarise({k: results[k] for k in mixed}, pi0, baseline="dataset_dpo")
+        online = [k for k in SAIL_ABLATION if k.startswith("pr-only")]
+        online_table, online_numbers = summarise({k: results[k] for k in online}, pi0, baseline=online[0])
     title = f"Built-in task, {size['iterations']} x {size['prompts']} prompts, K = 2, {len(seeds)} seeds"
     plot(main_results, pi0, out / f"{name}.png", title)
     command = "python bench/sample_efficiency.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -267,11 +297,22 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if ab_table:
         md += ["## SELM alpha ablation", "", "alpha 0 is iterative DPO exactly; Δ and p are against it.", "", ab_table,
-               "", *verdicts(ab_numbers), ""]
+               "", *verdicts(ab_numbers, "SELM alpha=0"), ""]
+    if sail_table:
+        md += ["## SAIL against its own baseline", "",
+               "SAIL's paper compares with DPO on the same preference dataset: `dataset_dpo` is SAIL with "
+               "r = p = g = 0 (every row is a dataset pair, plain DPO). `+baseline` subtracts the running mean "
+               "of F in the response term (`train.sail.baseline=true`).", "",
+               sail_table, "", *verdicts(sail_numbers, "dataset DPO"), "",
+               "## SAIL's response term, PR route only", "",
+               "Every row online and judged (g = 1), so only the response term differs; gamma = 0 is on-policy "
+               "DPO against the fixed pi_0 reference.", "",
+               online_table, "", *verdicts(online_numbers, "gamma = 0"), ""]
     text = "\n".join(md)
     (out / f"{name}.md").write_text(text)
     (out / f"{name}.json").write_text(json.dumps(
         {"command": command, "size": size, "pi0": pi0, "summary": numbers, "ablation": ab_numbers,
+         "sail": sail_numbers, "sail_pr_only": online_numbers,
          "runs": {k: [{"seed": r["seed"], "seconds": r["seconds"], "history": r["history"]} for r in rs]
                   for k, rs in results.items()}}, indent=1))
     print(text)

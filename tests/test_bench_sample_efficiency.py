@@ -31,6 +31,11 @@ def test_quick_mode_runs_every_method_and_reports(tmp_path, builtin_task):
     a0, it = result["runs"]["selm alpha=0"], result["runs"]["iterative_dpo"]
     for x, y in zip(a0, it):
         assert {k: v for k, v in x["history"][-1].items()} == {k: v for k, v in y["history"][-1].items()}
+    # SAIL's own baseline is DPO on the dataset pairs: no judge call, every row a dataset pair.
+    assert result["sail"]["dataset_dpo"]["judge_labels"] == 0 and result["sail"]["dataset_dpo"]["labelled_pairs"] == 32
+    assert set(result["sail"]) == {"dataset_dpo", "sail_dp", "sail_pp", "sail_pp +baseline", "sail_pr", "sail_pr +baseline"}
+    assert result["sail_pr_only"]["pr-only gamma=0.3"]["judge_labels"] == 64  # g = 1: every row judged
     md = (tmp_path / "out" / "sample_efficiency_quick.md").read_text()
     assert "| sail_pr |" in md and "## SELM alpha ablation" in md and "Command: `python bench/sample_efficiency.py" in md
+    assert "## SAIL against its own baseline" in md and "| pr-only gamma=0.3 +baseline |" in md
     assert (tmp_path / "out" / "sample_efficiency_quick.png").stat().st_size > 10_000
