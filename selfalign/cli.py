@@ -336,10 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     conf = sub.add_parser("config", help="list every config key, its default and meaning")
     conf.set_defaults(func=cmd_config)
     args = parser.parse_args(argv)
-    if getattr(args, "no_progress", False):
-        from transformers.utils import logging as hf_logging
+    # transformers' own bars (loading and writing weights: sub-second on the tasks here) only interleave
+    # with selfalign's bars for generation, judging and training; --no-progress silences those too.
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
     try:
         args.func(args)
     except (ConfigError, DataError, JudgeError, ReportError, UsageError) as e:
