@@ -289,7 +289,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    for key, default, help_text in describe(TrainRunConfig):
+    from .loop import RunConfig
+
+    schema = RunConfig if args.which == "run" else TrainRunConfig
+    print(f"# keys of `selfalign {args.which}` recipes (override any with key.sub=value)")
+    for key, default, help_text in describe(schema):
         print(f"{key:<34} {default:<14} {help_text}")
 
 
@@ -334,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in (demo, train, quick, runp, ev):
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
     conf = sub.add_parser("config", help="list every config key, its default and meaning")
+    conf.add_argument("which", nargs="?", choices=["run", "train"], default="run",
+                      help="the online loop's keys (run, quickstart; default) or offline training's (train)")
     conf.set_defaults(func=cmd_config)
     args = parser.parse_args(argv)
     # transformers' own bars (loading and writing weights: sub-second on the tasks here) only interleave

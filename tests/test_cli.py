@@ -108,3 +108,14 @@ def test_changed_config_on_existing_run_refuses_and_keeps_it(tmp_path, task, cap
     code, _, err = run(["train", str(recipe), "train.beta=0.5"], capsys)
     assert code == 2 and "train.beta: 0.1 -> 0.5" in err
     assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_config_lists_the_online_keys_by_default_and_the_offline_ones_on_request(capsys):
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "selfalign run" in out
+    for key in ("generate_every", "generation.num_samples", "judge.reward_model", "train.sail.gamma", "eval.reward"):
+        assert f"\n{key} " in out, key
+    assert main(["config", "train"]) == 0
+    out = capsys.readouterr().out
+    assert "\ndata.path " in out and "generate_every" not in out
