@@ -138,7 +138,8 @@ class TrainConfig:
     gradient_checkpointing: bool = cfield(False, help="Recompute activations in backward to save memory.")
     disable_dropout: bool = cfield(True, help="Set every dropout probability to 0 (as DPO implementations do).")
     seed: int = cfield(0, help="Seed for the example order.")
-    checkpoint_every: int = cfield(0, help="Save a resumable checkpoint every N optimizer steps; 0 disables.")
+    checkpoint_every: int = cfield(0, help="Save a resumable checkpoint every N optimizer steps (counted across "
+                                           "generation rounds); 0 disables.")
     lora: LoraSettings = cfield(default_factory=LoraSettings, help="LoRA settings.")
     sail: SailConfig = cfield(default_factory=SailConfig, help="SAIL routing and extra terms (loss=sail).")
 
@@ -580,6 +581,7 @@ class PreferenceTrainer:
             self._rounds_done = state["round"]
             self._f_baseline = state.get("f_baseline")
             self._resume = state if state["step"] > 0 else None
+        self._saved_at = len(self._history)
         return self._rounds_done
 
     def train_round(
@@ -628,9 +630,7 @@ class PreferenceTrainer:
             result.steps.append(metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
             done = j + 1
-            if self._ckpt_path is not None and (
-                (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or (done == end and done < len(steps))
-            ) and done < len(steps):
+            if self._ckpt_path is not None and done < len(steps) and (self._checkpoint_due() or done == end):
                 self._save_checkpoint(k, done, fingerprint, examples)
         if end < len(steps):
             return result
@@ -638,15 +638,26 @@ class PreferenceTrainer:
         if last:
             self._optimizer = self._scheduler = None  # its state is as large as the trainable weights
         if self._ckpt_path is not None:
-            if not last:
+            if not last and self._checkpoint_due():
                 self._save_checkpoint(k + 1, 0, None, [])
-            elif acc.is_main_process and self._ckpt_path.exists():
+            elif last and acc.is_main_process and self._ckpt_path.exists():
                 self._ckpt_path.unlink()  # the update finished; its caller saves the policy
         return result
+
+    def _checkpoint_due(self) -> bool:
+        """checkpoint_every optimizer steps (counted over rounds) have passed since the last save.
+
+        Rounds of one step (generation every step) thus save every checkpoint_every steps, not every
+        round: a full fine-tune's checkpoint is three times the weights. A resumed update replays the
+        rounds after its last checkpoint from their stored examples.
+        """
+        every = self.config.checkpoint_every
+        return bool(every) and len(self._history) - self._saved_at >= every
 
     def _save_checkpoint(self, round_index: int, step: int, fingerprint: str | None,
                          examples: Sequence[PreferenceExample]) -> None:
         path = self._ckpt_path
+        self._saved_at = len(self._history)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -204,31 +204,37 @@ def test_online_rounds_share_one_schedule_and_match_pairs_to_their_prompts(tmp_p
     assert n > 0 and overlap / n > 0.8  # the policy answers with its prompt's numbers
 
 
-def _launch(out: Path, label_log: Path, delay: float) -> subprocess.Popen:
+def _launch(out: Path, label_log: Path, delay: float, checkpoint_every: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SELFALIGN_TEST_LABEL_LOG": str(label_log),
            "SELFALIGN_TEST_JUDGE_DELAY": str(delay), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "selfalign", "run", "sail_mix_quickstart", *SMALL, "generate_every=1",
-           "train.checkpoint_every=1", "judge.function=tests.judge_fns:slow_counting_gold", "judge.chunk_size=1",
+           f"train.checkpoint_every={checkpoint_every}", "judge.function=tests.judge_fns:slow_counting_gold",
+           "judge.chunk_size=1",
            f"output_dir={out}", "--no-progress"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_sigkill_between_and_inside_rounds_then_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("checkpoint_every", [1, 0])
+def test_sigkill_between_and_inside_rounds_then_resume_matches_uninterrupted(tmp_path, checkpoint_every):
+    """checkpoint_every=1 resumes from the round's checkpoint; 0 (no checkpoint) replays the
+    iteration's finished rounds from their stored pairs. Either way: the same weights, no label paid twice."""
     ref_log = tmp_path / "ref_labels.log"
-    ref = _launch(tmp_path / "ref", ref_log, 0.0)
+    ref = _launch(tmp_path / "ref", ref_log, 0.0, checkpoint_every)
     assert ref.wait() == 0, ref.stderr.read().decode()[-2000:]
     expected = (tmp_path / "ref" / "metrics.jsonl").read_text()
 
     out, log = tmp_path / "run", tmp_path / "labels.log"
     it0 = out / "iter_000"
-    # 1. Inside round 1's judging: round 0 is trained and checkpointed, round 1 partly paid for.
-    proc = _launch(out, log, 0.3)
+    state = it0 / "train_state" / "update_state.pt"
+    # 1. Inside round 1's judging: round 0 is trained, round 1 partly paid for.
+    proc = _launch(out, log, 0.3, checkpoint_every)
     _kill_when(proc, lambda: (it0 / "round_001" / "judge_journal.jsonl").exists())
     assert not (it0 / "round_001" / "pairs.jsonl").exists()
+    assert state.exists() == bool(checkpoint_every)
     # 2. Later, after round 2 generated.
-    proc = _launch(out, log, 0.0)
+    proc = _launch(out, log, 0.0, checkpoint_every)
     _kill_when(proc, lambda: (it0 / "round_002" / "responses.jsonl").exists())
-    proc = _launch(out, log, 0.0)
+    proc = _launch(out, log, 0.0, checkpoint_every)
     assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
     assert (out / "metrics.jsonl").read_text() == expected
     a, b = weights(out / "iter_000" / "policy"), weights(tmp_path / "ref" / "iter_000" / "policy")

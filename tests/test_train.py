@@ -93,6 +93,22 @@ def test_resume_from_mid_update_checkpoint_gives_identical_losses(tmp_path):
     assert not (tmp_path / "update_state.pt").exists()  # a finished update leaves no stale state
 
 
+@pytest.mark.parametrize("every, saved_after", [(1, [1, 2, 3, 4, 5]), (3, [3]), (0, [])])
+def test_one_step_rounds_checkpoint_every_n_steps_not_every_round(tmp_path, every, saved_after):
+    """Generation every step must not write a checkpoint (3x the weights) every step."""
+    t = trainer(TrainConfig(batch_size=2, micro_batch_size=2, checkpoint_every=every))
+    saves = []
+    save = t._save_checkpoint
+    t._save_checkpoint = lambda *a: (saves.append(len(t._history)), save(*a))
+    t.begin(6, checkpoint_dir=tmp_path)
+    for k in range(6):
+        t.train_round(make_examples(2, seed=k), last=k == 5, progress=False)
+        if k < 5:
+            assert (tmp_path / "update_state.pt").exists() == bool(saves)
+    assert saves == saved_after
+    assert not (tmp_path / "update_state.pt").exists()  # the finished update removed it
+
+
 def test_resume_refuses_a_checkpoint_of_another_update(tmp_path):
     config = TrainConfig(batch_size=2, micro_batch_size=1, checkpoint_every=1)
     trainer(config).update(make_examples(6), checkpoint_dir=tmp_path, stop_after_steps=1, progress=False)
