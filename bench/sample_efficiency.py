@@ -20,7 +20,7 @@ difference from iterative DPO with an exact two-sided permutation test on the se
 labelled pairs (and judge labels) used; the labelled pairs each method needed to reach
 iterative DPO's final mean sampled reward (linear interpolation on its mean curve, "not
 reached" if it never does); and the wall-clock per run. Then SELM's alpha ablation: alpha 0
-(which is iterative DPO exactly) and the paper's grid. Then SAIL against the baseline of its own
+(which is iterative DPO exactly), the paper's grid and two larger values. Then SAIL against the baseline of its own
 paper, DPO on the same preference dataset (SAIL with r = p = g = 0), with and without the
 response term's baseline, and the PR route alone (every row online) with gamma 0 and 0.3.
 
@@ -63,9 +63,10 @@ SAIL_ABLATION = {
 }
 ALPHA = {"selm": 0.001, "xpo": 1e-5}  # SELM: the quickstart's value (beta 0.1); XPO: its paper's default
 ALPHA_GRID = [0.0, 0.005, 0.001, 0.0005, 0.0001]  # 0, then SELM's official grid
+ALPHA_BEYOND = [0.5, 0.05]  # larger than the paper tried: where does the optimism term start to matter?
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
-FULL = dict(iterations=3, prompts=192, eval_prompts=128, eval_samples=4, seeds=5, grid=ALPHA_GRID)
+FULL = dict(iterations=3, prompts=192, eval_prompts=128, eval_samples=4, seeds=5, grid=ALPHA_GRID + ALPHA_BEYOND)
 QUICK = dict(iterations=1, prompts=32, eval_prompts=16, eval_samples=2, seeds=2, grid=[0.0, 0.001])
 
 
@@ -296,7 +297,10 @@ def main(argv: list[str] | None = None) -> None:
         f"![sample efficiency]({name}.png)", "",
     ]
     if ab_table:
-        md += ["## SELM alpha ablation", "", "alpha 0 is iterative DPO exactly; Δ and p are against it.", "", ab_table,
+        beyond = [f"{a:g}" for a in size["grid"] if a > max(ALPHA_GRID)]
+        md += ["## SELM alpha ablation", "",
+               "alpha 0 is iterative DPO exactly; Δ and p are against it. The paper's grid is 0.005 to 0.0001"
+               + (f"; {', '.join(beyond)} lie beyond it." if beyond else "."), "", ab_table,
                "", *verdicts(ab_numbers, "SELM alpha=0"), ""]
     if sail_table:
         md += ["## SAIL against its own baseline", "",
