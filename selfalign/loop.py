@@ -241,7 +241,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
             done = trainer.begin(sum(math.ceil((b - a) / cfg.train.batch_size) for a, b in rounds) * cfg.train.epochs,
                                  checkpoint_dir=it / "train_state")
             for k, (a, b) in enumerate(rounds[done:], start=done):
-                rd = it if len(rounds) == 1 else it / f"round_{k:03d}"
+                rd = round_dir(it, k, len(rounds))
                 # 1-4. Generate from the current policy, label (judge, policy or dataset), pair.
                 examples = stage_round(rd, cfg, method, trainer, rows[a:b], data, judge, tokenizer, accelerator,
                                        seed=cfg.seed * 7919 + t + 100_003 * k, show=show)
@@ -250,7 +250,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
             # 6. The reference of the next iteration follows from ref_path's choice.
             save_policy(trainer, tokenizer, it / "policy", accelerator)
             if accelerator.is_main_process:
-                counts = [json.loads(((it if len(rounds) == 1 else it / f"round_{k:03d}") / "labels.json").read_text())
+                counts = [json.loads((round_dir(it, k, len(rounds)) / "labels.json").read_text())
                           for k in range(len(rounds))]
                 labels = {key: sum(c[key] for c in counts)
                           for key in ("judge", "judged_prompts", "policy", "dataset", "pairs", "ties")}
@@ -311,6 +311,11 @@ def load_dataset(cfg: RunConfig, task: Task, tokenizer) -> Dataset:
         return Dataset(prompts, [ex.prompt_ids for ex in pairs], pairs)
     prompts = load_prompts(task.prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)
     return Dataset(prompts, [prompt_ids(tokenizer, p) for p in prompts])
+
+
+def round_dir(it: Path, k: int, rounds: int) -> Path:
+    """Where generation round k of an iteration keeps its stage files (the iteration itself when it has one)."""
+    return it if rounds == 1 else it / f"round_{k:03d}"
 
 
 def prompt_slices(n: int, cfg: RunConfig) -> list[list[int]]:

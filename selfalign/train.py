@@ -595,8 +595,9 @@ class PreferenceTrainer:
 
         A round that stops early (stop_after_steps, or a kill after a checkpoint_every save)
         resumes mid-round when begin() and train_round() are called again with the same
-        examples. After a round that is not the last, a checkpoint marks it finished, so a
-        resumed online loop goes on with the next round; after the last one it is removed.
+        examples. A round that ends when a checkpoint is due saves one marking it finished, so a
+        resumed online loop goes on with the next round (begin() returns how many rounds the
+        checkpoint had finished; its caller replays the rest); the last round removes it.
         """
         cfg, acc = self.config, self.accelerator
         k = self._rounds_done
