@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from selfalign.config import load_config  # noqa: E402
 from selfalign.loop import RunConfig, run  # noqa: E402
+from selfalign.report import LABELS_AXIS, pyplot  # noqa: E402
 
 METHODS = ["offline_dpo", "iterative_dpo", "selm", "xpo", "sail_dp", "sail_pp", "sail_pr"]
 # SAIL's paper measures it against DPO on the same preference dataset: every row routed offline.
@@ -190,11 +191,7 @@ def verdicts(numbers: dict, baseline: str = "iterative DPO", alpha: float = 0.05
 
 
 def plot(results: dict[str, list[dict]], pi0: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), dpi=110)
     # Methods can coincide (SELM at a small alpha is iterative DPO to three decimals): distinct dashes and
     # markers keep a line drawn on top of another visible.
@@ -203,7 +200,7 @@ def plot(results: dict[str, list[dict]], pi0: dict, path: Path, title: str) -> N
         for ax, key in zip(axes, ("gold/sampled", "win_rate")):
             hs = [r["history"] for r in rs]
             xs = [0.0] + [sum(h[t]["labelled_pairs_total"] for h in hs) / len(hs) for t in range(len(hs[0]))]
-            stats = [mean_ci([pi0[key]] * len(hs))] + [mean_ci([h[t][key] for h in hs]) for t in range(len(hs[0]))]
+            stats = [(pi0[key], 0.0)] + [mean_ci([h[t][key] for h in hs]) for t in range(len(hs[0]))]
             means = [m for m, _ in stats]
             halves = [0.0 if h != h else h for _, h in stats]
             line, = ax.plot(xs, means, linestyle=dash, marker=marker, label=method, linewidth=1.8, markersize=5)
@@ -212,9 +209,7 @@ def plot(results: dict[str, list[dict]], pi0: dict, path: Path, title: str) -> N
     axes[0].set_ylabel("gold reward of sampled answers (held-out)")
     axes[1].set_ylabel("win rate vs pi_0 (greedy, held-out)")
     for ax in axes:
-        ax.set_xlabel("labelled pairs used (judged prompts + dataset pairs)")
-        ax.grid(alpha=0.3)
-        ax.spines[["top", "right"]].set_visible(False)
+        ax.set_xlabel(LABELS_AXIS)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=9, frameon=False)
     fig.suptitle(title + " (mean over seeds, band = 95% CI)")

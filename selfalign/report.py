@@ -38,7 +38,7 @@ def load_run(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return config, rows
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +58,7 @@ def _x_labels(rows: list[dict[str, Any]]) -> list[int]:
 
 
 def plot_reward_vs_labels(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     x = _x_labels(rows)
     for key, label, style in (("gold/greedy", "greedy answer", "o-"), ("gold/sampled", "sampled answers", "s--")):
@@ -76,7 +76,7 @@ def plot_reward_vs_labels(rows: list[dict[str, Any]], path: Path, title: str) ->
 
 
 def plot_win_rate(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     its = [r for r in rows if r["iteration"] != "pi_0" and "win_rate" in r]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     names = [_name(r) for r in its]
@@ -106,7 +106,7 @@ def plot_reward_hist(run: Path, rows: list[dict[str, Any]], path: Path, title: s
         series.append((f"iter {int(p.parent.name.split('_')[1])}", json.loads(p.read_text())["sampled"]))
     if not series:
         return False
-    plt = _plt()
+    plt = pyplot()
     lo = min(min(v) for _, v in series)
     hi = max(max(v) for _, v in series)
     bins = [lo + (hi - lo) * i / 20 for i in range(21)] if hi > lo else 20
@@ -126,7 +126,7 @@ def plot_reward_hist(run: Path, rows: list[dict[str, Any]], path: Path, title: s
 
 
 def plot_kl(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     its = [r for r in rows if r["iteration"] != "pi_0" and "kl_to_pi0" in r]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot([_name(r) for r in its], [r["kl_to_pi0"] for r in its], "o-", color="tab:purple")
@@ -210,7 +210,7 @@ def write_comparison(runs: list[Path], out: Path) -> str:
     pi0 = next((rows[0] for _, _, rows in loaded if rows[0]["iteration"] == "pi_0"), None)
     table = metrics_table(([pi0] if pi0 else []) + finals, first="run (final iteration)",
                           names=(["pi_0"] if pi0 else []) + names)
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for (_, _, rows), name in zip(loaded, names):
         x = _x_labels(rows)
