@@ -31,6 +31,7 @@ from .generation import GenerationConfig
 from .generation.hf import HFGenerator
 from .judges import Judge, Prompt
 from .judges.function import FunctionJudge
+from .logprobs import head_scale
 from .methods import METHODS, Method
 from .pairs import SELECTORS
 from .train import (
@@ -187,7 +188,7 @@ class Dataset:
 
 def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) cfg; returns one metrics dict per iteration."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = Path(cfg.output_dir)
     method = cfg.method_spec
@@ -199,6 +200,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
     task = resolve_task(cfg, progress=show)
     tokenizer = AutoTokenizer.from_pretrained(task.policy)
     pad_id = pad_token_id(tokenizer)
+    head_scale(AutoConfig.from_pretrained(task.policy))  # refuse a logit scaling log-probs cannot reproduce, up front
     data = load_dataset(cfg, task, tokenizer)
     eval_prompts = load_prompts(task.eval_prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: cfg.eval.prompts] \
         if task.eval_prompts and cfg.eval.prompts else []
