@@ -74,6 +74,15 @@ class EvalConfig:
 
 
 @dataclass
+class RunTrainConfig(TrainConfig):
+    """The preference update of each iteration; its loss is the method's unless train.loss names another."""
+
+    loss: Literal["dpo", "ipo", "selm", "xpo", "sail"] | None = field(
+        None, help="Preference loss; null: the method's. dpo or ipo trains any non-SAIL method's pairs and reference "
+                   "with that loss (train.alpha must then be 0); selm, xpo and sail only with their own methods.")
+
+
+@dataclass
 class RunConfig:
     """An online alignment run."""
 
@@ -104,7 +113,7 @@ class RunConfig:
     seed: int = field(0, help="Seed for prompt order, routing, generation and annotator noise.")
     generation: GenerationConfig = field(default_factory=GenerationConfig, help="Sampling of the K responses.")
     judge: JudgeConfig = field(default_factory=JudgeConfig, help="Labelling.")
-    train: TrainConfig = field(default_factory=TrainConfig, help="The preference update of each iteration.")
+    train: RunTrainConfig = field(default_factory=RunTrainConfig, help="The preference update of each iteration.")
     eval: EvalConfig = field(default_factory=EvalConfig, help="Held-out evaluation.")
 
     def __post_init__(self) -> None:
@@ -117,6 +126,7 @@ class RunConfig:
               f"got {len(self.iteration_learning_rates)}")
         check(all(lr > 0 for lr in self.iteration_learning_rates), "iteration_learning_rates", "values must be > 0")
         method = self.method_spec
+        self._check_loss(method)
         check(not (method.offline and self.generate_every), "generate_every",
               f"{self.method} answers every prompt with pi_0 up front; generation rounds need an online method")
         if method.loss == "sail":
@@ -135,9 +145,28 @@ class RunConfig:
             check(bool(self.judge.function or self.judge.reward_model), "judge",
                   "set judge.function='pkg.module:fn' or judge.reward_model=PATH for a model other than 'builtin'")
 
+    def _check_loss(self, method: Method) -> None:
+        """train.loss may swap the method's loss for one that needs nothing the method does not supply."""
+        loss = self.train.loss
+        if loss is None or loss == method.loss:
+            return
+        check(method.loss != "sail", "train.loss",
+              f"{self.method} trains with sail (its routes need it); drop train.loss or choose a non-SAIL method")
+        own = "a sail_* method's routes" if loss == "sail" else f"the y_ref that method={loss} draws"
+        check(loss in ("dpo", "ipo"), "train.loss",
+              f"{loss} cannot train {self.method}: it needs {own}; change the method, or set train.loss=dpo or ipo")
+        check(self.train.alpha == 0, "train.alpha",
+              f"{loss} has no optimism term, so alpha={self.train.alpha:g} would be unused; set train.alpha=0 "
+              f"(or drop train.loss to train {method.loss})")
+
     @property
     def method_spec(self) -> Method:
         return METHODS[self.method]
+
+    @property
+    def loss(self) -> str:
+        """The loss each update trains with: train.loss, or the method's."""
+        return self.train.loss or self.method_spec.loss
 
     @property
     def sail(self) -> SailConfig:
@@ -236,7 +265,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
             policy = AutoModelForCausalLM.from_pretrained(prev, dtype=torch.float32).to(accelerator.device)
             reference = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32)
             lr = cfg.iteration_learning_rates[t] if cfg.iteration_learning_rates else cfg.train.learning_rate
-            train_cfg = dataclasses.replace(cfg.train, loss=method.loss, learning_rate=lr, seed=cfg.train.seed + t,
+            train_cfg = dataclasses.replace(cfg.train, loss=cfg.loss, learning_rate=lr, seed=cfg.train.seed + t,
                                             sail=cfg.sail)
             trainer = PreferenceTrainer(policy, train_cfg, pad_id, reference=reference, accelerator=accelerator)
             rounds = round_bounds(len(rows), cfg)

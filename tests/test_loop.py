@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -128,6 +129,41 @@ def test_bad_config_exits_2(tmp_path, capsys, override, message):
     code = main(["run", "quickstart", *SMALL, override, f"output_dir={tmp_path / 'run'}", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_train_loss_ipo_trains_ipo(tmp_path, capsys):
+    """`selfalign run quickstart train.loss=ipo train.alpha=0` trains SELM's pipeline with IPO.
+
+    Hand-worked: at the first step the policy is pi_0 = pi_ref, so every pair has
+    h = beta * 0 = 0 (the logged rewards are 0) and IPO's loss is (0 - 1/(2 beta))**2 =
+    1/(4 beta**2) = 25 at the quickstart's beta 0.1, where DPO's would be log 2 = 0.693.
+    """
+    out = tmp_path / "run"
+    code = main(["run", "quickstart", *SMALL, "iterations=1", "train.loss=ipo", "train.alpha=0", f"output_dir={out}",
+                 "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    steps = json.loads((out / "iter_000" / "train.json").read_text())["steps"]
+    first = steps[0]
+    # 0 up to batching round-off: reference log-probs come from differently padded batches.
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+    beta = 0.1
+    assert first["loss"] == pytest.approx((0.0 / beta - 1 / (2 * beta)) ** 2, abs=1e-4)  # 25.0
+    assert all(math.isfinite(s["loss"]) for s in steps) and steps[-1]["loss"] < first["loss"]
+    assert "ref_response_ids" not in (out / "iter_000" / "responses.jsonl").read_text()  # IPO needs no y_ref
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.loss=ipo"], "train.alpha: ipo has no optimism term, so alpha=0.001 would be unused"),
+    (["method=iterative_dpo", "train.loss=selm"], "train.loss: selm cannot train iterative_dpo"),
+    (["train.loss=sail"], "train.loss: sail cannot train selm"),
+    (["method=sail_dp", "train.loss=dpo"], "train.loss: sail_dp trains with sail"),
+])
+def test_train_loss_that_the_method_cannot_train_exits_2(tmp_path, capsys, overrides, message):
+    code = main(["run", "quickstart", *SMALL, *overrides, f"output_dir={tmp_path / 'run'}", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
 
 
 def _launch(out: Path, label_log: Path, delay: float) -> subprocess.Popen:
