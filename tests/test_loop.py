@@ -71,13 +71,96 @@ def test_selm_with_alpha_zero_is_exactly_iterative_dpo(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_presets_run(tmp_path):
-    for method in ("offline_dpo", "xpo"):
+    for method in ("offline_dpo", "xpo_policy_pairs"):
         history = run(small(tmp_path / method, f"method={method}", "train.alpha=0.01"), progress=False)
         assert history[-1]["labels_total"] == 144
     assert len(list((tmp_path / "offline_dpo").glob("iter_*"))) == 1  # all prompts labelled up front, one update
-    pairs = [json.loads(line) for line in (tmp_path / "xpo" / "iter_000" / "pairs.jsonl").read_text().splitlines()]
+    # The ablation's y_ref is a separate pi_0 sample, beside pairs drawn from the K policy samples.
+    gens = rows(tmp_path / "xpo_policy_pairs" / "iter_000" / "responses.jsonl")
+    assert all(len(g["response_ids"]) == 3 and g["ref_response_ids"] and "ref_index" not in g for g in gens)
+    pairs = rows(tmp_path / "xpo_policy_pairs" / "iter_000" / "pairs.jsonl")
     assert all(p["ref_sample_ids"] for p in pairs)
+
+
+def _best_worst_by_hand(scores: list[float]) -> tuple[int, int] | None:
+    best = scores.index(max(scores))  # the first among equal bests
+    worst = scores.index(min(scores))
+    return (best, worst) if scores[best] > scores[worst] else None
+
+
+def test_selm_official_ranks_pi_ref_greedy_answer_with_the_dataset_pair(tmp_path, builtin_task):
+    """SELM's official pipeline: candidates {y_ref = pi_ref's greedy answer, dataset chosen, dataset
+    rejected}; best -> chosen, worst -> rejected, so y_ref can sit inside the pair."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selfalign.data import PreferenceDataConfig, load_preferences
+    from selfalign.generation import GenerationConfig
+    from selfalign.generation.hf import HFGenerator
+
+    out = tmp_path / "run"
+    history = run(small(out, "method=selm_official", "iterations=1", "train.alpha=0.01"), progress=False)
+    it = out / "iter_000"
+    gens, judged, pairs = rows(it / "responses.jsonl"), rows(it / "generations.jsonl"), rows(it / "pairs.jsonl")
+    prompts = [r["prompt"] for r in rows(it / "prompts.jsonl")]
+    tokenizer = AutoTokenizer.from_pretrained(builtin_task.policy_dir)
+    dataset = {json.dumps(r["prompt"]): r for r in rows(builtin_task.train_preferences)}
+    examples = {json.dumps(ex.prompt_ids): ex for ex in load_preferences(
+        PreferenceDataConfig(path=str(builtin_task.train_preferences)), tokenizer)}
+    assert len(gens) == len(prompts) == 24 and history[0]["labels"] == 3 * 24  # three responses judged per prompt
+    # y_ref is pi_0's (= pi_ref's at iteration 0) greedy answer.
+    pi0 = AutoModelForCausalLM.from_pretrained(builtin_task.policy_dir)
+    greedy = GenerationConfig(num_samples=1, temperature=0.0, max_new_tokens=10)
+    first_ids = examples[json.dumps(tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, tokenize=True,
+                                                                  return_dict=False))].prompt_ids
+    assert gens[0]["ref_response_ids"] == HFGenerator(pi0, 0, tokenizer.eos_token_id).generate(
+        [first_ids], greedy, progress=False)[0][0]
+    inside = 0
+    by_prompt = {json.dumps(p["prompt_ids"]): p for p in pairs}
+    for prompt, g, j in zip(prompts, gens, judged):
+        ex = examples[json.dumps(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                               return_dict=False))]
+        assert g["ref_index"] == 0
+        assert g["response_ids"] == [g["ref_response_ids"], ex.chosen_ids, ex.rejected_ids]
+        assert j["responses"][1:] == [dataset[json.dumps(prompt)]["chosen"], dataset[json.dumps(prompt)]["rejected"]]
+        expected = _best_worst_by_hand(j["scores"])
+        pair = by_prompt.get(json.dumps(ex.prompt_ids))
+        if expected is None:
+            assert pair is None
+            continue
+        assert pair["chosen_ids"] == g["response_ids"][expected[0]]
+        assert pair["rejected_ids"] == g["response_ids"][expected[1]]
+        assert pair["ref_sample_ids"] == g["ref_response_ids"]  # the optimism term's y_ref
+        inside += 0 in expected
+    assert inside > 0  # y_ref was ranked into some pairs
+
+
+def test_xpo_pairs_a_policy_sample_with_a_pi0_sample_that_carries_the_bonus(tmp_path):
+    """XPO's paper: the pair is (policy sample, pi_ref sample) ordered by the judge, and y_ref, the
+    sample the alpha bonus acts on, is that pi_ref member of the pair, drawn afresh each round."""
+    out = tmp_path / "run"
+    history = run(small(out, "method=xpo", "generation.num_samples=2", "train.alpha=0.01", "generate_every=1"),
+                  progress=False)
+    assert [h["labels"] for h in history] == [2 * 24, 2 * 24]  # two responses judged per prompt
+    refs = []
+    for rd in sorted(out.glob("iter_*/round_*")):
+        gens, judged = rows(rd / "responses.jsonl"), rows(rd / "generations.jsonl")
+        pairs = {json.dumps([p["chosen_ids"], p["rejected_ids"]]): p for p in rows(rd / "pairs.jsonl")}
+        for g, j in zip(gens, judged):
+            assert len(g["response_ids"]) == 2 and g["ref_index"] == 1 and g["response_ids"][1] == g["ref_response_ids"]
+            refs.append(g["ref_response_ids"])
+            s_policy, s_ref = j["scores"]
+            if s_policy == s_ref:
+                continue
+            order = g["response_ids"] if s_policy > s_ref else g["response_ids"][::-1]
+            pair = pairs[json.dumps(order)]
+            assert pair["ref_sample_ids"] == g["ref_response_ids"]  # the bonus is on the pair's pi_0 member
+    # 24 prompts, 8 per optimizer step: three rounds per iteration, each drawing its own y_ref.
+    assert len(list(out.glob("iter_000/round_*"))) == 3 and len(refs) == 2 * 24
 
 
 def test_changed_config_refuses_to_resume(tmp_path, capsys):
