@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +14,8 @@ import torch
 from selfalign.cli import main
 from selfalign.config import load_config
 from selfalign.loop import RunConfig, run
+from tests.conftest import ROOT, kill_when, labels_paid, subprocess_env, weights
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
     "iterations=2", "prompts_per_iteration=24", "generation.num_samples=3", "generation.max_new_tokens=10",
     "generation.batch_size=8", "train.batch_size=8", "train.micro_batch_size=8", "train.learning_rate=2e-4",
@@ -33,12 +30,6 @@ def _task(builtin_task):
 
 def small(tmp_path: Path, *extra: str) -> RunConfig:
     return load_config(RunConfig, None, [*SMALL, f"output_dir={tmp_path}", *extra])
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(path / "model.safetensors")
 
 
 def test_run_directory_layout_and_metrics(tmp_path):
@@ -250,27 +241,13 @@ def test_train_loss_that_the_method_cannot_train_exits_2(tmp_path, capsys, overr
 
 
 def _launch(out: Path, label_log: Path, delay: float) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SELFALIGN_TEST_LABEL_LOG": str(label_log),
-           "SELFALIGN_TEST_JUDGE_DELAY": str(delay), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(SELFALIGN_TEST_LABEL_LOG=str(label_log), SELFALIGN_TEST_JUDGE_DELAY=str(delay))
     cmd = [sys.executable, "-m", "selfalign", "run", "quickstart", *SMALL, "judge.function=tests.judge_fns:slow_counting_gold",
            f"output_dir={out}", "--no-progress"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
-    start = time.time()
-    while not condition():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() - start < timeout
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-def labels_paid(log: Path) -> int:
-    return sum(int(x) for x in log.read_text().split()) if log.exists() else 0
-
-
+@pytest.mark.slow
 def test_sigkill_in_each_stage_then_resume_matches_uninterrupted(tmp_path):
     ref_log = tmp_path / "ref_labels.log"
     ref = _launch(tmp_path / "ref", ref_log, 0.0)
@@ -281,15 +258,15 @@ def test_sigkill_in_each_stage_then_resume_matches_uninterrupted(tmp_path):
     it0 = out / "iter_000"
     # 1. During generation: the slice is written, the responses are not.
     proc = _launch(out, log, 0.5)
-    _kill_when(proc, lambda: (it0 / "prompts.jsonl").exists())
+    kill_when(proc, lambda: (it0 / "prompts.jsonl").exists())
     assert not (it0 / "generations.jsonl").exists()
     # 2. During judging: some chunks are journaled (paid), the rest not.
     proc = _launch(out, log, 0.5)
-    _kill_when(proc, lambda: (it0 / "judge_journal.jsonl").exists() and (it0 / "judge_journal.jsonl").read_text().count("\n") >= 2)
+    kill_when(proc, lambda: (it0 / "judge_journal.jsonl").exists() and (it0 / "judge_journal.jsonl").read_text().count("\n") >= 2)
     assert not (it0 / "generations.jsonl").exists()
     # 3. During training: a mid-update checkpoint exists, the policy does not.
     proc = _launch(out, log, 0.0)
-    _kill_when(proc, lambda: (it0 / "train_state" / "update_state.pt").exists())
+    kill_when(proc, lambda: (it0 / "train_state" / "update_state.pt").exists())
     assert not (it0 / "policy").exists()
     # Resume to the end.
     proc = _launch(out, log, 0.0)
