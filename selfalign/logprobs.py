@@ -204,7 +204,7 @@ def head_scale(config: object) -> float:
         if value is not None and name not in unused:
             raise UnsupportedModelError(
                 f"model: {model_type or type(config).__name__} sets {name}={value}, and selfalign does not know how "
-                f"this model type applies it to its logits (known: {', '.join(sorted(HEAD_SCALES))}); log-probs "
+                f"this model type applies it to its logits (known: granite*, minicpm3, hyperclovax, cohere*, falcon_h1); log-probs "
                 "would be silently wrong, so the model is refused")
     return 1.0
 

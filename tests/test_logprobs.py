@@ -206,3 +206,20 @@ def test_plain_and_known_unused_fields_scale_by_one():
     assert head_scale(tf.LlamaConfig()) == 1.0
     assert head_scale(tf.Gemma2Config(final_logit_softcapping=None)) == 1.0
     assert head_scale(tf.MptConfig(logit_scale=2.0)) == 1.0  # MptForCausalLM never reads it
+
+
+def test_run_with_a_model_of_unknown_logit_scaling_exits_2_before_any_work(tmp_path, capsys):
+    from selfalign.cli import main
+    from selfalign.tasks.tiny import build_model, build_tokenizer, save_tiny
+
+    tokenizer = build_tokenizer(["a", "b", "c"])
+    model = build_model(len(tokenizer), hidden_size=16, num_layers=1)
+    model.config.logit_scale = 2.0  # a llama config with a field only other model types use
+    save_tiny(tmp_path / "model", model, tokenizer)
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a b"}\n')
+    capsys.readouterr()  # save_pretrained's progress bar
+    code = main(["run", "quickstart", f"model={tmp_path / 'model'}", f"prompts={tmp_path / 'prompts.jsonl'}",
+                 "judge.function=tests.judge_fns:length", f"output_dir={tmp_path / 'run'}", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "model: llama sets logit_scale=2.0" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
