@@ -7,7 +7,8 @@ ITERATIONS iterations of PROMPTS fresh prompts each (offline DPO takes all of th
 from pi_0), K = 2 responses per prompt (SAIL's PP and PR routes draw 2, so every method does),
 a simulated annotator (Bradley-Terry noise T = 0.1 over the gold reward), beta 0.1, the same
 learning rate, batch, epochs and evaluation (held-out prompts, noiseless gold reward). Per
-method only what defines it changes: SELM's alpha and y_ref, XPO's alpha and fixed pi_ref,
+method only what defines it changes: SELM's alpha and y_ref, XPO's alpha, fixed pi_ref and pair
+(a policy sample against a pi_0 sample),
 SAIL's routes and coefficients (official presets). Every method sees the same number of rows
 per iteration, and each row costs one labelled pair (a judged prompt or a dataset pair) except
 SAIL-PP's, which the policy labels itself.
@@ -62,7 +63,9 @@ SAIL_ABLATION = {
     "pr-only gamma=0.3": ("sail_pr", ["train.sail.g=1"]),
     "pr-only gamma=0.3 +baseline": ("sail_pr", ["train.sail.g=1", "train.sail.baseline=true"]),
 }
-ALPHA = {"selm": 0.001, "xpo": 1e-5}  # SELM: the quickstart's value (beta 0.1); XPO: its paper's default
+# SELM: the quickstart's value (beta 0.1); XPO: its paper's default. selm_official and xpo_policy_pairs
+# (selfalign.methods) run only when named in --methods.
+ALPHA = {"selm": 0.001, "selm_official": 0.001, "xpo": 1e-5, "xpo_policy_pairs": 1e-5}
 ALPHA_GRID = [0.0, 0.005, 0.001, 0.0005, 0.0001]  # 0, then SELM's official grid
 ALPHA_BEYOND = [0.5, 0.05]  # larger than the paper tried: where does the optimism term start to matter?
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized: 1 iteration of 32 prompts, 2 seeds")
     parser.add_argument("--seeds", type=int, help="seeds per method (default 5, quick 2)")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=[*METHODS, "selm_official", "xpo_policy_pairs"])
     parser.add_argument("--no-ablation", action="store_true", help="skip SELM's alpha ablation")
     parser.add_argument("--no-sail-ablation", action="store_true",
                         help="skip SAIL against dataset DPO and its response-term ablation")

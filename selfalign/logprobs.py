@@ -7,15 +7,22 @@ decoder runs once, only the hidden states of response positions are kept, and th
 is applied in chunks of tokens by a custom autograd function that recomputes each chunk's
 logits in the backward pass instead of storing them. Prompt positions never reach the LM
 head at all.
+
+Some model classes do more than apply the LM head: Granite divides the logits by
+config.logits_scaling, Cohere multiplies them by config.logit_scale, and so on. The head
+is applied here, not by the model's forward, so `head_scale` repeats what each known class
+does and refuses a config that carries such a field for a class it does not know.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .config import ConfigError
 
 Tensor = torch.Tensor
 
@@ -83,15 +90,18 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int,  # type: ignore[override]
+                scale: float = 1.0) -> Tensor:
         dtype = _compute_dtype(hidden)
         w = weight.to(dtype)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             logits = (hidden[s : s + chunk].to(dtype) @ w.T).float()
+            if scale != 1.0:
+                logits.mul_(scale)
             out[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None]).squeeze(1) - logits.logsumexp(1)
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.chunk, ctx.dtype = chunk, dtype
+        ctx.chunk, ctx.dtype, ctx.scale = chunk, dtype, scale
         return out
 
     @staticmethod
@@ -106,28 +116,36 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
             h = hidden[s : s + ctx.chunk].to(ctx.dtype)
             g = grad_out[s : s + ctx.chunk].float()
             # d logp / d logits = onehot(target) - softmax(logits), scaled by the upstream grad.
-            d_logits = (h @ w.T).float().softmax(1).mul_(-g[:, None])
+            logits = (h @ w.T).float()
+            if ctx.scale != 1.0:
+                logits.mul_(ctx.scale)
+            d_logits = logits.softmax(1).mul_(-g[:, None])
             d_logits[rows[: h.shape[0]], targets[s : s + ctx.chunk]] += g
+            if ctx.scale != 1.0:  # through logits = scale * (h @ w.T)
+                d_logits.mul_(ctx.scale)
             d_logits = d_logits.to(ctx.dtype)
             if need_h:
                 grad_h[s : s + ctx.chunk] = d_logits @ w
             if need_w:
                 grad_w += (d_logits.T @ h).float()
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
 
 
-def token_logprobs(hidden: Tensor, lm_head: nn.Module, targets: Tensor, chunk_size: int = 1024) -> Tensor:
-    """Log-probabilities [N] of `targets` [N] given final hidden states [N, H].
+def token_logprobs(hidden: Tensor, lm_head: nn.Module, targets: Tensor, chunk_size: int = 1024,
+                   scale: float = 1.0) -> Tensor:
+    """Log-probabilities [N] of `targets` [N] under logits = scale * lm_head(hidden), hidden [N, H].
 
     A plain bias-free nn.Linear head takes the memory-lean custom path. Any other head (a
     LoRA-wrapped head, a biased one) is applied chunk by chunk under activation
     checkpointing, which bounds memory the same way at the cost of generality-friendly code.
     """
     if type(lm_head) is nn.Linear and lm_head.bias is None:
-        return _ChunkedTokenLogprob.apply(hidden, lm_head.weight, targets, chunk_size)
+        return _ChunkedTokenLogprob.apply(hidden, lm_head.weight, targets, chunk_size, scale)
 
     def chunk_fn(h: Tensor, t: Tensor) -> Tensor:
         logits = lm_head(h).float()
+        if scale != 1.0:
+            logits = logits * scale
         return logits.gather(1, t[:, None]).squeeze(1) - logits.logsumexp(1)
 
     parts = [
@@ -137,13 +155,58 @@ def token_logprobs(hidden: Tensor, lm_head: nn.Module, targets: Tensor, chunk_si
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _check_supported(model: nn.Module) -> None:
-    config = getattr(model, "config", None)
-    if getattr(config, "final_logit_softcapping", None):
-        raise NotImplementedError(
-            "selfalign's log-prob path does not apply final_logit_softcapping (Gemma 2 style models); "
-            "set config.final_logit_softcapping=None or use a model without it"
-        )
+class UnsupportedModelError(ConfigError):
+    """The model transforms its logits in a way this module does not reproduce."""
+
+
+_GRANITE = ("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared")
+_COHERE = ("cohere", "cohere2", "cohere2_moe", "cohere_compass")
+
+# logits = factor * lm_head(h), by config.model_type, as each *ForCausalLM.forward of
+# transformers 5.x computes them. The same field name means opposite things: Granite divides
+# by logits_scaling, HyperCLOVAX multiplies by it. MiniCPM3 divides the hidden states by
+# logits_scaling before its bias-free head, which is the same as dividing the logits.
+HEAD_SCALES: dict[str, Callable[[object], float]] = {
+    **{t: (lambda c: 1.0 / c.logits_scaling) for t in (*_GRANITE, "minicpm3")},
+    "hyperclovax": lambda c: c.logits_scaling,
+    **{t: (lambda c: c.logit_scale) for t in _COHERE},
+    "falcon_h1": lambda c: c.lm_head_multiplier,
+}
+
+# Config fields that scale or cap logits in some model class. One of them set on a model type
+# missing from HEAD_SCALES means log-probs computed from the bare head could be wrong.
+_SCALING_FIELDS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier", "dim_model_base",
+                   "scale_width", "mup_width_multiplier")
+# Fields a model type carries but its forward never reads (MptForCausalLM ignores logit_scale).
+_UNUSED_FIELDS = {"mpt": ("logit_scale",)}
+
+
+def head_scale(config: object) -> float:
+    """The factor a model with this config applies to its LM head's output; 1.0 for most.
+
+    Raises UnsupportedModelError for a final-logit softcap (Gemma 2 style, not a linear
+    scaling) and for a scaling field on a model type whose use of it is not known here.
+    """
+    if config is None:
+        return 1.0
+    model_type = getattr(config, "model_type", "") or ""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "final_logit_softcapping", None):
+        raise UnsupportedModelError(
+            f"model: {model_type or type(config).__name__} caps its logits with final_logit_softcapping="
+            f"{text.final_logit_softcapping}, which selfalign's log-prob path does not apply; "
+            "set final_logit_softcapping to null in the model's config.json or use a model without it")
+    if model_type in HEAD_SCALES:
+        return float(HEAD_SCALES[model_type](config))
+    unused = _UNUSED_FIELDS.get(model_type, ())
+    for name in _SCALING_FIELDS:
+        value = getattr(text, name, None)
+        if value is not None and name not in unused:
+            raise UnsupportedModelError(
+                f"model: {model_type or type(config).__name__} sets {name}={value}, and selfalign does not know how "
+                f"this model type applies it to its logits (known: granite*, minicpm3, hyperclovax, cohere*, falcon_h1); log-probs "
+                "would be silently wrong, so the model is refused")
+    return 1.0
 
 
 def sequence_logprobs(model: nn.Module, batch: SequenceBatch, chunk_size: int = 1024) -> Tensor:
@@ -151,9 +214,10 @@ def sequence_logprobs(model: nn.Module, batch: SequenceBatch, chunk_size: int = 
 
     Prompt and padding tokens are masked out; works for left and right padding (position
     ids are derived from the attention mask, so a left-padded row sees the same positions
-    as the unpadded sequence). Differentiable when called with gradients enabled.
+    as the unpadded sequence). Logits are scaled as the model's own forward scales them
+    (head_scale). Differentiable when called with gradients enabled.
     """
-    _check_supported(model)
+    scale = head_scale(getattr(model, "config", None))
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = model.get_decoder()(
         input_ids=batch.input_ids,
@@ -164,7 +228,8 @@ def sequence_logprobs(model: nn.Module, batch: SequenceBatch, chunk_size: int = 
     # Token t is predicted from the hidden state at t - 1.
     predict = batch.response_mask[:, 1:]
     rows = predict.nonzero(as_tuple=True)[0]
-    token_lp = token_logprobs(hidden[:, :-1][predict], model.get_output_embeddings(), batch.input_ids[:, 1:][predict], chunk_size)
+    token_lp = token_logprobs(hidden[:, :-1][predict], model.get_output_embeddings(), batch.input_ids[:, 1:][predict],
+                              chunk_size, scale)
     out = torch.zeros(batch.input_ids.shape[0], dtype=torch.float32, device=token_lp.device)
     return out.index_add(0, rows, token_lp)
 

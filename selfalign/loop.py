@@ -31,8 +31,9 @@ from .generation import GenerationConfig
 from .generation.hf import HFGenerator
 from .judges import Judge, Prompt
 from .judges.function import FunctionJudge
+from .logprobs import head_scale
 from .methods import METHODS, Method
-from .pairs import SELECTORS
+from .pairs import SELECTORS, selm_three_way
 from .train import (
     ROUTES,
     PreferenceExample,
@@ -73,11 +74,22 @@ class EvalConfig:
 
 
 @dataclass
+class RunTrainConfig(TrainConfig):
+    """The preference update of each iteration; its loss is the method's unless train.loss names another."""
+
+    loss: Literal["dpo", "ipo", "selm", "xpo", "sail"] | None = field(
+        None, help="Preference loss; null: the method's. dpo or ipo trains any non-SAIL method's pairs and reference "
+                   "with that loss (train.alpha must then be 0); selm, xpo and sail only with their own methods.")
+
+
+@dataclass
 class RunConfig:
     """An online alignment run."""
 
-    method: Literal["offline_dpo", "iterative_dpo", "selm", "xpo", "sail_dp", "sail_pp", "sail_pr", "sail_mix"] = field(
-        "selm", help="Method preset.")
+    method: Literal["offline_dpo", "iterative_dpo", "selm", "selm_official", "xpo", "xpo_policy_pairs", "sail_dp",
+                    "sail_pp", "sail_pr", "sail_mix"] = field(
+        "selm", help="Method preset (selfalign.methods). selm_official ranks pi_ref's greedy answer with a preference "
+                     "file's pair (SELM's code); xpo pairs a policy sample with a pi_0 sample (XPO's paper).")
     model: str = field(BUILTIN, help="pi_0: 'builtin' (the built-in task's SFT model) or a from_pretrained path/name.")
     prompts: str = field("", help="JSONL training prompts ({'prompt': text or messages}); empty with the built-in task.")
     eval_prompts: str = field("", help="JSONL held-out prompts; empty with the built-in task.")
@@ -103,7 +115,7 @@ class RunConfig:
     seed: int = field(0, help="Seed for prompt order, routing, generation and annotator noise.")
     generation: GenerationConfig = field(default_factory=GenerationConfig, help="Sampling of the K responses.")
     judge: JudgeConfig = field(default_factory=JudgeConfig, help="Labelling.")
-    train: TrainConfig = field(default_factory=TrainConfig, help="The preference update of each iteration.")
+    train: RunTrainConfig = field(default_factory=RunTrainConfig, help="The preference update of each iteration.")
     eval: EvalConfig = field(default_factory=EvalConfig, help="Held-out evaluation.")
 
     def __post_init__(self) -> None:
@@ -116,6 +128,7 @@ class RunConfig:
               f"got {len(self.iteration_learning_rates)}")
         check(all(lr > 0 for lr in self.iteration_learning_rates), "iteration_learning_rates", "values must be > 0")
         method = self.method_spec
+        self._check_loss(method)
         check(not (method.offline and self.generate_every), "generate_every",
               f"{self.method} answers every prompt with pi_0 up front; generation rounds need an online method")
         if method.loss == "sail":
@@ -128,15 +141,45 @@ class RunConfig:
             if self.model != BUILTIN and self.needs_dataset:
                 check(bool(self.preferences), "preferences",
                       "SAIL's offline and DP routes need a preference file (prompt, chosen, rejected)")
+        elif self.model != BUILTIN and method.ranks_dataset_pair:
+            check(bool(self.preferences), "preferences",
+                  f"{self.method} ranks y_ref against a preference file's chosen and rejected (prompt, chosen, rejected)")
         elif self.model != BUILTIN:
             check(bool(self.prompts), "prompts", "required when model is not 'builtin' (a JSONL file of prompts)")
+        if method.pairing == "policy_vs_ref":
+            check(self.generation.num_samples == 2, "generation.num_samples",
+                  f"{self.method} pairs one policy sample with one pi_ref sample: 2 responses per prompt; set "
+                  f"generation.num_samples=2 (got {self.generation.num_samples})")
+        if method.ranks_dataset_pair:
+            check(self.pair_selector == "best_worst", "pair_selector",
+                  f"{self.method} pairs the best and worst of y_ref, chosen and rejected, as SELM's code does; "
+                  f"set pair_selector=best_worst (got {self.pair_selector})")
         if self.model != BUILTIN and not (method.loss == "sail" and self.sail.g == 0):
             check(bool(self.judge.function or self.judge.reward_model), "judge",
                   "set judge.function='pkg.module:fn' or judge.reward_model=PATH for a model other than 'builtin'")
 
+    def _check_loss(self, method: Method) -> None:
+        """train.loss may swap the method's loss for one that needs nothing the method does not supply."""
+        loss = self.train.loss
+        if loss is None or loss == method.loss:
+            return
+        check(method.loss != "sail", "train.loss",
+              f"{self.method} trains with sail (its routes need it); drop train.loss or choose a non-SAIL method")
+        own = "a sail_* method's routes" if loss == "sail" else f"the y_ref that method={loss} draws"
+        check(loss in ("dpo", "ipo"), "train.loss",
+              f"{loss} cannot train {self.method}: it needs {own}; change the method, or set train.loss=dpo or ipo")
+        check(self.train.alpha == 0, "train.alpha",
+              f"{loss} has no optimism term, so alpha={self.train.alpha:g} would be unused; set train.alpha=0 "
+              f"(or drop train.loss to train {method.loss})")
+
     @property
     def method_spec(self) -> Method:
         return METHODS[self.method]
+
+    @property
+    def loss(self) -> str:
+        """The loss each update trains with: train.loss, or the method's."""
+        return self.train.loss or self.method_spec.loss
 
     @property
     def sail(self) -> SailConfig:
@@ -148,8 +191,9 @@ class RunConfig:
 
     @property
     def needs_dataset(self) -> bool:
-        """Whether dataset pairs are trained on: SAIL with an offline share or a DP route."""
-        return self.method_spec.loss == "sail" and (self.sail.online_share < 1 or self.sail.r > 0)
+        """Whether the preference file is read: SAIL with an offline share or a DP route, or a method that ranks its pairs."""
+        return self.method_spec.ranks_dataset_pair or (
+            self.method_spec.loss == "sail" and (self.sail.online_share < 1 or self.sail.r > 0))
 
 
 # ---------------------------------------------------------------------------------- files
@@ -187,7 +231,7 @@ class Dataset:
 
 def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) cfg; returns one metrics dict per iteration."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = Path(cfg.output_dir)
     method = cfg.method_spec
@@ -199,6 +243,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
     task = resolve_task(cfg, progress=show)
     tokenizer = AutoTokenizer.from_pretrained(task.policy)
     pad_id = pad_token_id(tokenizer)
+    head_scale(AutoConfig.from_pretrained(task.policy))  # refuse a logit scaling log-probs cannot reproduce, up front
     data = load_dataset(cfg, task, tokenizer)
     eval_prompts = load_prompts(task.eval_prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: cfg.eval.prompts] \
         if task.eval_prompts and cfg.eval.prompts else []
@@ -234,7 +279,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
             policy = AutoModelForCausalLM.from_pretrained(prev, dtype=torch.float32).to(accelerator.device)
             reference = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32)
             lr = cfg.iteration_learning_rates[t] if cfg.iteration_learning_rates else cfg.train.learning_rate
-            train_cfg = dataclasses.replace(cfg.train, loss=method.loss, learning_rate=lr, seed=cfg.train.seed + t,
+            train_cfg = dataclasses.replace(cfg.train, loss=cfg.loss, learning_rate=lr, seed=cfg.train.seed + t,
                                             sail=cfg.sail)
             trainer = PreferenceTrainer(policy, train_cfg, pad_id, reference=reference, accelerator=accelerator)
             rounds = round_bounds(len(rows), cfg)
@@ -416,14 +461,21 @@ def stage_key(rd: Path) -> str:
 
 
 def stage_generate(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTrainer, ids: list[list[int]],
-                   tokenizer, accelerator: Accelerator, seed: int, show: bool) -> list[dict[str, Any]]:
-    """RUN/iter[/round]/responses.jsonl: K responses per prompt from the current policy (+ y_ref from pi_ref)."""
+                   tokenizer, accelerator: Accelerator, seed: int, show: bool,
+                   dataset_pairs: list[tuple[list[int], list[int]]] | None = None) -> list[dict[str, Any]]:
+    """RUN/iter[/round]/responses.jsonl: the candidates the judge ranks for each prompt (+ y_ref from pi_ref).
+
+    The candidates are the method's (Method.candidates): K policy samples, or a policy sample and
+    y_ref (XPO), or y_ref and the dataset pair (SELM's code; dataset_pairs gives each prompt's).
+    """
     path = rd / "responses.jsonl"
     if path.exists():
         return load_jsonl(path)
-    samples = generate_sharded(trainer.policy, ids, cfg.generation, seed, tokenizer, accelerator, show) if ids else []
+    k = method.policy_samples(cfg.generation.num_samples)
+    samples = generate_sharded(trainer.policy, ids, dataclasses.replace(cfg.generation, num_samples=k), seed,
+                               tokenizer, accelerator, show) if ids and k else [[] for _ in ids]
     ref_samples: list[list[int]] | None = None
-    if method.needs_ref_sample and cfg.train.alpha != 0 and ids:
+    if method.needs_ref_sample and (cfg.train.alpha != 0 or method.ranks_ref_sample) and ids:
         # SELM: y_ref from pi_ref (greedy); XPO: a sample from the fixed pi_0.
         greedy = method.ref_sample == "greedy"
         ref_cfg = GenerationConfig(num_samples=1, temperature=0.0 if greedy else cfg.generation.temperature,
@@ -432,10 +484,14 @@ def stage_generate(rd: Path, cfg: RunConfig, method: Method, trainer: Preference
         ref_samples = [r[0] for r in generate_sharded(trainer.reference, ids, ref_cfg, seed + 1, tokenizer, accelerator,
                                                       show)]
     rows = []
-    for i, responses in enumerate(samples):
+    for i, policy in enumerate(samples):
+        ref = ref_samples[i] if ref_samples is not None else None
+        responses, ref_index = method.candidates(policy, ref, dataset_pairs[i] if dataset_pairs else None)
         row = {"response_ids": responses, "responses": [tokenizer.decode(r, skip_special_tokens=True) for r in responses]}
-        if ref_samples is not None:
-            row["ref_response_ids"] = ref_samples[i]
+        if ref is not None:
+            row["ref_response_ids"] = ref
+        if ref_index is not None:
+            row["ref_index"] = ref_index
         rows.append(row)
     if accelerator.is_main_process:
         write_jsonl(path, rows)
@@ -495,8 +551,9 @@ def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTra
                 show: bool) -> list[PreferenceExample]:
     """RUN/iter[/round]/pairs.jsonl and labels.json: one round's training examples and where their labels came from.
 
-    Rows on an online route (every row outside SAIL; SAIL's PP and PR) get K responses from the
-    current policy. The judge labels them, except SAIL-PP's, which the policy labels itself:
+    Rows on an online route (every row outside SAIL; SAIL's PP and PR) get the method's candidates:
+    K responses from the current policy, or (Method.pairing) a policy sample and y_ref, or y_ref
+    and the row's dataset pair. The judge labels them, except SAIL-PP's, which the policy labels itself:
     Bernoulli(sigmoid(h)) over its two samples, at no judge call. SAIL's offline and DP rows
     train on the dataset's pair. Every example carries its own row's prompt ids; nothing is
     zipped across two lists that could be ordered differently.
@@ -505,8 +562,10 @@ def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTra
         return [PreferenceExample(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], r.get("ref_sample_ids"),
                                   r.get("route")) for r in load_jsonl(rd / "pairs.jsonl")]
     online = [j for j, (_, route) in enumerate(rows) if route in (None, "pp", "pr")]
+    dataset_pairs = [(data.pairs[rows[j][0]].chosen_ids, data.pairs[rows[j][0]].rejected_ids) for j in online] \
+        if method.ranks_dataset_pair else None
     gens = dict(zip(online, stage_generate(rd, cfg, method, trainer, [data.ids[rows[j][0]] for j in online],
-                                           tokenizer, accelerator, seed, show)))
+                                           tokenizer, accelerator, seed, show, dataset_pairs)))
     judged = [j for j in online if rows[j][1] != "pp"]
     scores, judge_labels = stage_judge(rd, cfg, judge, [data.prompts[rows[j][0]] for j in judged],
                                        [gens[j]["responses"] for j in judged], accelerator, show)
@@ -526,7 +585,8 @@ def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTra
             examples[j] = PreferenceExample(data.ids[i], y[0], y[1], route=route)
             sources[j] = "policy"
         else:
-            pair = select(scores_of[j], rng)
+            # SELM's code ranks (y_ref, chosen, rejected) best vs worst; XPO's pair is its two candidates.
+            pair = selm_three_way(*scores_of[j]) if method.ranks_dataset_pair else select(scores_of[j], rng)
             if pair is None:
                 ties += 1
                 continue

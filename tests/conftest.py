@@ -1,16 +1,28 @@
-"""Shared fixtures: tiny random-init models and preference examples, all built offline."""
+"""Shared fixtures and helpers: tiny random-init models, preference examples and trainers, all
+built offline; child processes for the multi-process and kill-and-resume tests."""
 
 from __future__ import annotations
 
+import copy
+import os
 import random
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from selfalign.tasks.tiny import build_model
-from selfalign.train import PreferenceExample
+from selfalign.train import PreferenceExample, PreferenceTrainer, TrainConfig
 
 VOCAB = 64
+ROOT = Path(__file__).resolve().parents[1]
+
+# adam_epsilon >> |grad| makes the first AdamW step lr/eps * grad: linear in the gradient,
+# so comparing parameters after one step compares gradients.
+LINEAR_STEP = dict(learning_rate=1e3, adam_epsilon=1e3, warmup_ratio=0.0, max_grad_norm=0.0, lr_scheduler="constant")
 
 
 def make_model(seed: int = 0, arch: str = "qwen2"):  # no tokenizer saved: qwen2 is fine
@@ -26,6 +38,45 @@ def make_examples(n: int, seed: int = 0, with_ref_sample: bool = False) -> list[
     return [
         PreferenceExample(ids(2, 7), ids(1, 6), ids(1, 6), ids(1, 6) if with_ref_sample else None) for _ in range(n)
     ]
+
+
+def make_trainer(config: TrainConfig, seed: int = 0, arch: str = "qwen2") -> PreferenceTrainer:
+    """A trainer on a tiny model; its reference is a frozen copy of pi_0 (the adapter-less policy with LoRA)."""
+    policy = make_model(seed, arch)
+    reference = None if config.lora.enabled else copy.deepcopy(policy)
+    return PreferenceTrainer(policy, config, pad_token_id=0, reference=reference)
+
+
+def params(t: PreferenceTrainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in t.policy.named_parameters()}
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved policy directory."""
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's child process: this checkout importable, one thread each."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+
+
+def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
+    """SIGKILL `proc` as soon as condition() holds (it must still be running then)."""
+    start = time.time()
+    while not condition():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() - start < timeout
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def labels_paid(log: Path) -> int:
+    """Labels the counting judge (tests/judge_fns.py) logged as paid for."""
+    return sum(int(x) for x in log.read_text().split()) if log.exists() else 0
 
 
 @pytest.fixture(autouse=True)

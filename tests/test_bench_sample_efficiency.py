@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # runs the benchmark script as a child process
 
 
 def test_quick_mode_runs_every_method_and_reports(tmp_path, builtin_task):

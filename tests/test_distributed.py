@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, subprocess_env
+
+pytestmark = pytest.mark.slow  # torchrun child processes
 
 
 def launch(processes: int, out: Path, micro_batch_size: int) -> dict:
@@ -19,7 +20,7 @@ def launch(processes: int, out: Path, micro_batch_size: int) -> dict:
     # accelerate's own multi-process launcher runs, and Accelerator picks up its environment (gloo on CPU).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
            "-m", "tests.ddp_worker", str(out), str(micro_batch_size)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(Path(str(out) + ".json").read_text())
@@ -42,7 +43,7 @@ def test_two_process_online_loop_shards_generation_and_completes(tmp_path, built
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "selfalign", "run", "quickstart", "iterations=1", "prompts_per_iteration=16", "eval.prompts=8",
            "generation.max_new_tokens=10", "judge.noise=0", f"output_dir={out}", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("iteration judge labels") == 1  # one table, from the main process

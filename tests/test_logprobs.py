@@ -114,3 +114,112 @@ def test_bf16_autocast_backward_matches_naive_autocast():
     torch.testing.assert_close(fast, slow, atol=0.05, rtol=0.01)
     rel = (g_fast - g_slow).norm() / g_slow.norm()
     assert rel < 0.02, rel
+
+
+def _scaled_family_model(family: str):
+    """A tiny random-init model of a family that scales its logits after the LM head (offline)."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = {
+        "granite": lambda: tf.GraniteConfig(**common, logits_scaling=8.0),
+        "cohere": lambda: tf.CohereConfig(**common, logit_scale=0.25),
+        "cohere2": lambda: tf.Cohere2Config(**common, logit_scale=0.25),
+        "hyperclovax": lambda: tf.HyperCLOVAXConfig(**common, logits_scaling=0.2),
+        "minicpm3": lambda: tf.MiniCPM3Config(**{**common, "num_key_value_heads": 4}, dim_model_base=4, q_lora_rank=16, kv_lora_rank=16,
+                                              qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=8),
+        "falcon_h1": lambda: tf.FalconH1Config(**common, lm_head_multiplier=0.2, mamba_d_ssm=32, mamba_n_heads=4,
+                                               mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4),
+    }[family]()
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # large logits, so that a missing scaling changes the log-probs a lot
+        model.get_output_embeddings().weight.mul_(60.0)
+    return model
+
+
+@pytest.mark.parametrize("family, scale", [("granite", 1 / 8), ("cohere", 0.25), ("cohere2", 0.25),
+                                           ("hyperclovax", 0.2), ("minicpm3", 4 / 32), ("falcon_h1", 0.2)])
+def test_logit_scaling_matches_the_models_own_logits(family, scale):
+    """Granite divides its logits by logits_scaling, Cohere multiplies them by logit_scale, ...:
+    the summed log-probs and their gradients equal those of the model's own forward."""
+    from selfalign.logprobs import head_scale
+
+    model = _scaled_family_model(family)
+    assert head_scale(model.config) == pytest.approx(scale)
+    batch = collate(PROMPTS, RESPONSES, pad_token_id=0)
+    fast = sequence_logprobs(model, batch, chunk_size=3)
+    slow = naive_logprobs(model, PROMPTS, RESPONSES)
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-5)
+    # Without the scaling the answer is far off: the test can tell the two apart.
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=torch.tensor([PROMPTS[1] + RESPONSES[1]])).last_hidden_state[0]
+        n = len(PROMPTS[1])
+        unscaled = token_logprobs(hidden[n - 1 : -1], model.get_output_embeddings(), torch.tensor(RESPONSES[1])).sum()
+    assert (unscaled - slow[1]).abs() > 1.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_fast = torch.autograd.grad(fast.sum(), params, allow_unused=True)
+    g_slow = torch.autograd.grad(slow.sum(), params, allow_unused=True)
+    for a, b in zip(g_fast, g_slow):
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_scaled_head_through_the_checkpointed_path_matches_the_custom_path():
+    hidden = torch.randn(7, 8, requires_grad=True)
+    head = torch.nn.Linear(8, VOCAB, bias=False)
+    targets = torch.randint(0, VOCAB, (7,))
+    wrapped = torch.nn.Sequential(head)  # not a bare nn.Linear: the generic path
+    a = token_logprobs(hidden, head, targets, chunk_size=3, scale=0.125)
+    b = token_logprobs(hidden, wrapped, targets, chunk_size=3, scale=0.125)
+    naive = (head(hidden) * 0.125).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(a, naive, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b, naive, atol=1e-5, rtol=0)
+    ga, = torch.autograd.grad(a.sum(), hidden)
+    gn, = torch.autograd.grad(naive.sum(), hidden)
+    torch.testing.assert_close(ga, gn, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tf: tf.Gemma2Config(final_logit_softcapping=30.0), "final_logit_softcapping=30.0"),
+    # A field known to scale logits elsewhere, on a model type that is not known to use it.
+    (lambda tf: tf.LlamaConfig(logit_scale=2.0), "llama sets logit_scale=2.0"),
+    (lambda tf: tf.Qwen2Config(logits_scaling=8.0), "qwen2 sets logits_scaling=8.0"),
+])
+def test_unknown_logit_scaling_is_refused_with_a_config_error(make, message):
+    import transformers as tf
+
+    from selfalign.config import ConfigError
+    from selfalign.logprobs import head_scale
+
+    with pytest.raises(ConfigError, match=message) as err:
+        head_scale(make(tf))
+    assert "\n" not in str(err.value)
+
+
+def test_plain_and_known_unused_fields_scale_by_one():
+    import transformers as tf
+
+    from selfalign.logprobs import head_scale
+
+    assert head_scale(tf.LlamaConfig()) == 1.0
+    assert head_scale(tf.Gemma2Config(final_logit_softcapping=None)) == 1.0
+    assert head_scale(tf.MptConfig(logit_scale=2.0)) == 1.0  # MptForCausalLM never reads it
+
+
+def test_run_with_a_model_of_unknown_logit_scaling_exits_2_before_any_work(tmp_path, capsys):
+    from selfalign.cli import main
+    from selfalign.tasks.tiny import build_model, build_tokenizer, save_tiny
+
+    tokenizer = build_tokenizer(["a", "b", "c"])
+    model = build_model(len(tokenizer), hidden_size=16, num_layers=1)
+    model.config.logit_scale = 2.0  # a llama config with a field only other model types use
+    save_tiny(tmp_path / "model", model, tokenizer)
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a b"}\n')
+    capsys.readouterr()  # save_pretrained's progress bar
+    code = main(["run", "quickstart", f"model={tmp_path / 'model'}", f"prompts={tmp_path / 'prompts.jsonl'}",
+                 "judge.function=tests.judge_fns:length", f"output_dir={tmp_path / 'run'}", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "model: llama sets logit_scale=2.0" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
+import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +14,8 @@ import torch
 from selfalign.cli import main
 from selfalign.config import load_config
 from selfalign.loop import RunConfig, run
+from tests.conftest import ROOT, kill_when, labels_paid, subprocess_env, weights
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
     "iterations=2", "prompts_per_iteration=24", "generation.num_samples=3", "generation.max_new_tokens=10",
     "generation.batch_size=8", "train.batch_size=8", "train.micro_batch_size=8", "train.learning_rate=2e-4",
@@ -32,12 +30,6 @@ def _task(builtin_task):
 
 def small(tmp_path: Path, *extra: str) -> RunConfig:
     return load_config(RunConfig, None, [*SMALL, f"output_dir={tmp_path}", *extra])
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(path / "model.safetensors")
 
 
 def test_run_directory_layout_and_metrics(tmp_path):
@@ -70,13 +62,96 @@ def test_selm_with_alpha_zero_is_exactly_iterative_dpo(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_presets_run(tmp_path):
-    for method in ("offline_dpo", "xpo"):
+    for method in ("offline_dpo", "xpo_policy_pairs"):
         history = run(small(tmp_path / method, f"method={method}", "train.alpha=0.01"), progress=False)
         assert history[-1]["labels_total"] == 144
     assert len(list((tmp_path / "offline_dpo").glob("iter_*"))) == 1  # all prompts labelled up front, one update
-    pairs = [json.loads(line) for line in (tmp_path / "xpo" / "iter_000" / "pairs.jsonl").read_text().splitlines()]
+    # The ablation's y_ref is a separate pi_0 sample, beside pairs drawn from the K policy samples.
+    gens = rows(tmp_path / "xpo_policy_pairs" / "iter_000" / "responses.jsonl")
+    assert all(len(g["response_ids"]) == 3 and g["ref_response_ids"] and "ref_index" not in g for g in gens)
+    pairs = rows(tmp_path / "xpo_policy_pairs" / "iter_000" / "pairs.jsonl")
     assert all(p["ref_sample_ids"] for p in pairs)
+
+
+def _best_worst_by_hand(scores: list[float]) -> tuple[int, int] | None:
+    best = scores.index(max(scores))  # the first among equal bests
+    worst = scores.index(min(scores))
+    return (best, worst) if scores[best] > scores[worst] else None
+
+
+def test_selm_official_ranks_pi_ref_greedy_answer_with_the_dataset_pair(tmp_path, builtin_task):
+    """SELM's official pipeline: candidates {y_ref = pi_ref's greedy answer, dataset chosen, dataset
+    rejected}; best -> chosen, worst -> rejected, so y_ref can sit inside the pair."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selfalign.data import PreferenceDataConfig, load_preferences
+    from selfalign.generation import GenerationConfig
+    from selfalign.generation.hf import HFGenerator
+
+    out = tmp_path / "run"
+    history = run(small(out, "method=selm_official", "iterations=1", "train.alpha=0.01"), progress=False)
+    it = out / "iter_000"
+    gens, judged, pairs = rows(it / "responses.jsonl"), rows(it / "generations.jsonl"), rows(it / "pairs.jsonl")
+    prompts = [r["prompt"] for r in rows(it / "prompts.jsonl")]
+    tokenizer = AutoTokenizer.from_pretrained(builtin_task.policy_dir)
+    dataset = {json.dumps(r["prompt"]): r for r in rows(builtin_task.train_preferences)}
+    examples = {json.dumps(ex.prompt_ids): ex for ex in load_preferences(
+        PreferenceDataConfig(path=str(builtin_task.train_preferences)), tokenizer)}
+    assert len(gens) == len(prompts) == 24 and history[0]["labels"] == 3 * 24  # three responses judged per prompt
+    # y_ref is pi_0's (= pi_ref's at iteration 0) greedy answer.
+    pi0 = AutoModelForCausalLM.from_pretrained(builtin_task.policy_dir)
+    greedy = GenerationConfig(num_samples=1, temperature=0.0, max_new_tokens=10)
+    first_ids = examples[json.dumps(tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, tokenize=True,
+                                                                  return_dict=False))].prompt_ids
+    assert gens[0]["ref_response_ids"] == HFGenerator(pi0, 0, tokenizer.eos_token_id).generate(
+        [first_ids], greedy, progress=False)[0][0]
+    inside = 0
+    by_prompt = {json.dumps(p["prompt_ids"]): p for p in pairs}
+    for prompt, g, j in zip(prompts, gens, judged):
+        ex = examples[json.dumps(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                               return_dict=False))]
+        assert g["ref_index"] == 0
+        assert g["response_ids"] == [g["ref_response_ids"], ex.chosen_ids, ex.rejected_ids]
+        assert j["responses"][1:] == [dataset[json.dumps(prompt)]["chosen"], dataset[json.dumps(prompt)]["rejected"]]
+        expected = _best_worst_by_hand(j["scores"])
+        pair = by_prompt.get(json.dumps(ex.prompt_ids))
+        if expected is None:
+            assert pair is None
+            continue
+        assert pair["chosen_ids"] == g["response_ids"][expected[0]]
+        assert pair["rejected_ids"] == g["response_ids"][expected[1]]
+        assert pair["ref_sample_ids"] == g["ref_response_ids"]  # the optimism term's y_ref
+        inside += 0 in expected
+    assert inside > 0  # y_ref was ranked into some pairs
+
+
+def test_xpo_pairs_a_policy_sample_with_a_pi0_sample_that_carries_the_bonus(tmp_path):
+    """XPO's paper: the pair is (policy sample, pi_ref sample) ordered by the judge, and y_ref, the
+    sample the alpha bonus acts on, is that pi_ref member of the pair, drawn afresh each round."""
+    out = tmp_path / "run"
+    history = run(small(out, "method=xpo", "generation.num_samples=2", "train.alpha=0.01", "generate_every=1"),
+                  progress=False)
+    assert [h["labels"] for h in history] == [2 * 24, 2 * 24]  # two responses judged per prompt
+    refs = []
+    for rd in sorted(out.glob("iter_*/round_*")):
+        gens, judged = rows(rd / "responses.jsonl"), rows(rd / "generations.jsonl")
+        pairs = {json.dumps([p["chosen_ids"], p["rejected_ids"]]): p for p in rows(rd / "pairs.jsonl")}
+        for g, j in zip(gens, judged):
+            assert len(g["response_ids"]) == 2 and g["ref_index"] == 1 and g["response_ids"][1] == g["ref_response_ids"]
+            refs.append(g["ref_response_ids"])
+            s_policy, s_ref = j["scores"]
+            if s_policy == s_ref:
+                continue
+            order = g["response_ids"] if s_policy > s_ref else g["response_ids"][::-1]
+            pair = pairs[json.dumps(order)]
+            assert pair["ref_sample_ids"] == g["ref_response_ids"]  # the bonus is on the pair's pi_0 member
+    # 24 prompts, 8 per optimizer step: three rounds per iteration, each drawing its own y_ref.
+    assert len(list(out.glob("iter_000/round_*"))) == 3 and len(refs) == 2 * 24
 
 
 def test_changed_config_refuses_to_resume(tmp_path, capsys):
@@ -130,28 +205,49 @@ def test_bad_config_exits_2(tmp_path, capsys, override, message):
     assert code == 2 and message in err and len(err.splitlines()) == 1
 
 
+def test_train_loss_ipo_trains_ipo(tmp_path, capsys):
+    """`selfalign run quickstart train.loss=ipo train.alpha=0` trains SELM's pipeline with IPO.
+
+    Hand-worked: at the first step the policy is pi_0 = pi_ref, so every pair has
+    h = beta * 0 = 0 (the logged rewards are 0) and IPO's loss is (0 - 1/(2 beta))**2 =
+    1/(4 beta**2) = 25 at the quickstart's beta 0.1, where DPO's would be log 2 = 0.693.
+    """
+    out = tmp_path / "run"
+    code = main(["run", "quickstart", *SMALL, "iterations=1", "train.loss=ipo", "train.alpha=0", f"output_dir={out}",
+                 "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    steps = json.loads((out / "iter_000" / "train.json").read_text())["steps"]
+    first = steps[0]
+    # 0 up to batching round-off: reference log-probs come from differently padded batches.
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+    beta = 0.1
+    assert first["loss"] == pytest.approx((0.0 / beta - 1 / (2 * beta)) ** 2, abs=1e-4)  # 25.0
+    assert all(math.isfinite(s["loss"]) for s in steps) and steps[-1]["loss"] < first["loss"]
+    assert "ref_response_ids" not in (out / "iter_000" / "responses.jsonl").read_text()  # IPO needs no y_ref
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.loss=ipo"], "train.alpha: ipo has no optimism term, so alpha=0.001 would be unused"),
+    (["method=iterative_dpo", "train.loss=selm"], "train.loss: selm cannot train iterative_dpo"),
+    (["train.loss=sail"], "train.loss: sail cannot train selm"),
+    (["method=sail_dp", "train.loss=dpo"], "train.loss: sail_dp trains with sail"),
+])
+def test_train_loss_that_the_method_cannot_train_exits_2(tmp_path, capsys, overrides, message):
+    code = main(["run", "quickstart", *SMALL, *overrides, f"output_dir={tmp_path / 'run'}", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 def _launch(out: Path, label_log: Path, delay: float) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SELFALIGN_TEST_LABEL_LOG": str(label_log),
-           "SELFALIGN_TEST_JUDGE_DELAY": str(delay), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(SELFALIGN_TEST_LABEL_LOG=str(label_log), SELFALIGN_TEST_JUDGE_DELAY=str(delay))
     cmd = [sys.executable, "-m", "selfalign", "run", "quickstart", *SMALL, "judge.function=tests.judge_fns:slow_counting_gold",
            f"output_dir={out}", "--no-progress"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
-    start = time.time()
-    while not condition():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() - start < timeout
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-def labels_paid(log: Path) -> int:
-    return sum(int(x) for x in log.read_text().split()) if log.exists() else 0
-
-
+@pytest.mark.slow
 def test_sigkill_in_each_stage_then_resume_matches_uninterrupted(tmp_path):
     ref_log = tmp_path / "ref_labels.log"
     ref = _launch(tmp_path / "ref", ref_log, 0.0)
@@ -162,15 +258,15 @@ def test_sigkill_in_each_stage_then_resume_matches_uninterrupted(tmp_path):
     it0 = out / "iter_000"
     # 1. During generation: the slice is written, the responses are not.
     proc = _launch(out, log, 0.5)
-    _kill_when(proc, lambda: (it0 / "prompts.jsonl").exists())
+    kill_when(proc, lambda: (it0 / "prompts.jsonl").exists())
     assert not (it0 / "generations.jsonl").exists()
     # 2. During judging: some chunks are journaled (paid), the rest not.
     proc = _launch(out, log, 0.5)
-    _kill_when(proc, lambda: (it0 / "judge_journal.jsonl").exists() and (it0 / "judge_journal.jsonl").read_text().count("\n") >= 2)
+    kill_when(proc, lambda: (it0 / "judge_journal.jsonl").exists() and (it0 / "judge_journal.jsonl").read_text().count("\n") >= 2)
     assert not (it0 / "generations.jsonl").exists()
     # 3. During training: a mid-update checkpoint exists, the policy does not.
     proc = _launch(out, log, 0.0)
-    _kill_when(proc, lambda: (it0 / "train_state" / "update_state.pt").exists())
+    kill_when(proc, lambda: (it0 / "train_state" / "update_state.pt").exists())
     assert not (it0 / "policy").exists()
     # Resume to the end.
     proc = _launch(out, log, 0.0)

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from selfalign.logprobs import collate, sequence_logprobs
 from selfalign.train import PreferenceTrainer, TrainConfig
-from tests.conftest import make_examples, make_model
-
-# adam_epsilon >> |grad| makes the first AdamW step lr/eps * grad: linear in the gradient,
-# so comparing parameters after one step compares gradients.
-LINEAR_STEP = dict(learning_rate=1e3, adam_epsilon=1e3, warmup_ratio=0.0, max_grad_norm=0.0, lr_scheduler="constant")
-
-
-def trainer(config: TrainConfig, seed: int = 0, arch: str = "qwen2") -> PreferenceTrainer:
-    policy = make_model(seed, arch)
-    reference = None if config.lora.enabled else copy.deepcopy(policy)
-    return PreferenceTrainer(policy, config, pad_token_id=0, reference=reference)
-
-
-def params(t: PreferenceTrainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in t.policy.named_parameters()}
+from tests.conftest import LINEAR_STEP, make_examples, make_model, params
+from tests.conftest import make_trainer as trainer
 
 
 def test_accumulation_8x1_equals_1x8():
@@ -171,12 +160,117 @@ def test_no_reference_without_lora_is_an_error():
         PreferenceTrainer(make_model(), TrainConfig(), pad_token_id=0)
 
 
-def test_ipo_and_xpo_train():
+def hand_gradient(model, reference, examples, per_example_loss) -> tuple[float, dict[str, torch.Tensor]]:
+    """Mean per-example loss and its gradient w.r.t. model's parameters, from the formula a test writes out.
+
+    per_example_loss(u, logp_ref_sample) gets u = (logp(y_w) - ref_logp(y_w)) - (logp(y_l) - ref_logp(y_l))
+    [B] (ref: `reference`, constant) and the policy's log-prob of y_ref [B] (None without y_ref).
+    """
+    def logps(m, responses):
+        return sequence_logprobs(m, collate([e.prompt_ids for e in examples], responses, 0))
+
+    chosen, rejected = [e.chosen_ids for e in examples], [e.rejected_ids for e in examples]
+    with torch.no_grad():
+        ref_c, ref_r = logps(reference, chosen), logps(reference, rejected)
+    u = (logps(model, chosen) - ref_c) - (logps(model, rejected) - ref_r)
+    y_ref = logps(model, [e.ref_sample_ids for e in examples]) if examples[0].ref_sample_ids is not None else None
+    loss = per_example_loss(u, y_ref).mean()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    return loss.item(), {n: torch.zeros_like(p) if g is None else g
+                         for (n, p), g in zip(model.named_parameters(), grads) if n in names}
+
+
+def adam_first_step(grads: dict[str, torch.Tensor], lr: float, eps: float) -> dict[str, torch.Tensor]:
+    """AdamW's first step without weight decay: m_hat = g and v_hat = g**2, so delta = -lr * g / (|g| + eps)."""
+    return {n: -lr * g / (g.abs() + eps) for n, g in grads.items()}
+
+
+def assert_step(t: PreferenceTrainer, before: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    after = params(t)
+    for name, delta in expected.items():
+        torch.testing.assert_close(after[name] - before[name], delta, atol=1e-5, rtol=1e-4, msg=name)
+    assert max(d.abs().max().item() for d in expected.values()) > 1e-3  # the step is measurable
+
+
+def test_ipo_step_by_hand():
+    """IPO: loss = (u - 1/(2 beta))**2 per example, u the difference of log-ratios (h = beta * u).
+
+    At the first step the policy is pi_0 = pi_ref, so u = 0 for every pair: loss = (1/(2 beta))**2
+    = 1.0 at beta = 0.5 (DPO's would be log 2 = 0.693), and d loss / d u = 2 * (0 - 1/(2 beta))
+    = -1/beta = -2 per example (DPO's: -beta/2 = -0.25). The parameter step is AdamW's first step
+    on that gradient (LINEAR_STEP: delta = -lr * g / (|g| + eps)).
+    """
+    beta = 0.5
+    examples = make_examples(4)
+    t = trainer(TrainConfig(loss="ipo", beta=beta, batch_size=4, micro_batch_size=2, **LINEAR_STEP))
+    before = params(t)
+    steps = t.update(copy.deepcopy(examples), progress=False).steps
+    assert steps[0]["loss"] == pytest.approx(1.0, abs=1e-5)
+    loss, grads = hand_gradient(make_model(0), make_model(0), examples, lambda u, _: (u - 1 / (2 * beta)) ** 2)
+    assert loss == pytest.approx(1.0, abs=1e-6)
+    assert_step(t, before, adam_first_step(grads, LINEAR_STEP["learning_rate"], LINEAR_STEP["adam_epsilon"]))
+
+
+def test_xpo_step_by_hand():
+    """XPO: loss = -log sigmoid(beta * u) + alpha * logp(y_ref) per example.
+
+    At the first step u = 0, so loss = log 2 + alpha * mean(logp_pi0(y_ref)): with alpha = 0.5 and
+    y_ref of 1-6 tokens under a near-uniform 64-token model (about -4.2 nats a token) that is
+    clearly below log 2. d loss / d u = -beta/2 per example, plus alpha on grad logp(y_ref).
+    """
+    beta, alpha = 0.1, 0.5
     examples = make_examples(4, with_ref_sample=True)
-    for loss in ("ipo", "xpo"):
-        r = trainer(TrainConfig(loss=loss, alpha=1e-3, batch_size=4)).update(copy.deepcopy(examples), progress=False)
-        assert set(r.steps[0]) >= {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                                   "rewards/accuracies", "logps/chosen", "logps/rejected"}
+    t = trainer(TrainConfig(loss="xpo", beta=beta, alpha=alpha, batch_size=4, micro_batch_size=2, **LINEAR_STEP))
+    before = params(t)
+    steps = t.update(copy.deepcopy(examples), progress=False).steps
+    with torch.no_grad():
+        y_ref = sequence_logprobs(make_model(0), collate([e.prompt_ids for e in examples],
+                                                         [e.ref_sample_ids for e in examples], 0))
+    expected_loss = math.log(2) + alpha * y_ref.mean().item()
+    assert expected_loss < 0
+    assert steps[0]["loss"] == pytest.approx(expected_loss, abs=1e-5)
+    loss, grads = hand_gradient(make_model(0), make_model(0), examples,
+                                lambda u, lp_ref: -F.logsigmoid(beta * u) + alpha * lp_ref)
+    assert loss == pytest.approx(expected_loss, abs=1e-5)
+    assert_step(t, before, adam_first_step(grads, LINEAR_STEP["learning_rate"], LINEAR_STEP["adam_epsilon"]))
+
+
+def test_rmsprop_steps_by_hand():
+    """RMSprop (SAIL's optimizer), no momentum, smoothing a = train.adam_beta2:
+
+        v_1 = (1 - a) g_1**2,  theta_1 = theta_0 - lr * g_1 / (sqrt(v_1) + eps)
+        v_2 = a v_1 + (1 - a) g_2**2,  theta_2 = theta_1 - lr * g_2 / (sqrt(v_2) + eps)
+
+    With a = 0.99 the first step moves a parameter whose |g| >> eps by lr / sqrt(0.01) = 10 lr,
+    whatever the gradient's size. g_1 and g_2 are DPO's, computed here from the formula
+    -log sigmoid(beta * u) at theta_0 and theta_1 (the reference stays pi_0).
+    """
+    beta, lr, a, eps = 0.1, 1e-3, 0.99, 1e-4
+    examples = make_examples(4)
+    common = dict(optimizer="rmsprop", beta=beta, learning_rate=lr, adam_beta2=a, adam_epsilon=eps, warmup_ratio=0.0,
+                  lr_scheduler="constant", max_grad_norm=0.0, batch_size=4, micro_batch_size=2)
+    one, two = trainer(TrainConfig(epochs=1, **common)), trainer(TrainConfig(epochs=2, **common))
+    theta0 = params(one)
+    one.update(copy.deepcopy(examples), progress=False)
+    two.update(copy.deepcopy(examples), progress=False)
+
+    dpo = lambda u, _: -F.logsigmoid(beta * u)  # noqa: E731
+    model, reference = make_model(0), make_model(0)
+    _, g1 = hand_gradient(model, reference, examples, dpo)
+    v1 = {n: (1 - a) * g**2 for n, g in g1.items()}
+    step1 = {n: -lr * g1[n] / (v1[n].sqrt() + eps) for n in g1}
+    assert_step(one, theta0, step1)
+    largest = max(g1, key=lambda n: g1[n].abs().max().item())
+    assert step1[largest].abs().max().item() == pytest.approx(10 * lr, rel=0.05)  # lr / sqrt(1 - a)
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.add_(step1[n])
+    _, g2 = hand_gradient(model, reference, examples, dpo)
+    v2 = {n: a * v1[n] + (1 - a) * g**2 for n, g in g2.items()}
+    theta2 = {n: step1[n] - lr * g2[n] / (v2[n].sqrt() + eps) for n in g2}
+    assert_step(two, theta0, theta2)
 
 
 def test_updates_do_not_keep_old_optimizers_alive():
