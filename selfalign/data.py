@@ -48,14 +48,14 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise DataError(f"{path}: a Parquet file; selfalign reads JSONL here (convert it, e.g. "
                         "datasets.load_dataset('parquet', data_files=...).to_json(path, lines=True))")
     with path.open(encoding="utf-8") as f:
-        lines, lineno = enumerate(f, start=1), 0
+        lines = enumerate(f, start=1)
         while True:
             try:
                 lineno, line = next(lines)
             except StopIteration:
                 return
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path} near line {lineno + 1}: not UTF-8 text (is it a binary file?); "
+            except UnicodeDecodeError as e:  # decoded in blocks: the line is not known
+                raise DataError(f"{path}: not UTF-8 text (is it a binary file?); "
                                 "a JSONL file of one JSON object per line is expected") from e
             if not line.strip():
                 continue

@@ -55,9 +55,10 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def sweep(tmp_path: Path, argv_for, points: list[int] | None = None, before_rename: bool = False,
+def sweep(tmp_path: Path, argv_for, every: int = 1, first: int = 1, before_rename: bool = False,
           finished_code: int = 0) -> tuple[int, int]:
-    """Kill after write N for each N (all of them by default), resume, compare with the uninterrupted run.
+    """Kill after write N for N = first, first + every, ... and the last write; resume; compare with the
+    uninterrupted run. $SELFALIGN_FULL_FAULT_SWEEP=1 takes every N.
 
     Every run uses the same directory (config.yaml records it), removed in between. A kill after
     the last write leaves a finished run, which the re-run meets with `finished_code`. Returns
@@ -67,7 +68,10 @@ def sweep(tmp_path: Path, argv_for, points: list[int] | None = None, before_rena
     expected, writes = snapshot(out), int(count.read_text())
     assert writes > 5 and "config.yaml" in expected and not any(k.endswith(".tmp") or k == "run.lock" for k in expected)
     killed = 0
-    for n in points or range(1, writes + 1):
+    if os.environ.get("SELFALIGN_FULL_FAULT_SWEEP"):
+        every, first = 1, 1
+    points = sorted({*range(first, writes + 1, every), writes})
+    for n in points:
         shutil.rmtree(out)
         env = {"SELFALIGN_KILL_AFTER_WRITE": str(n), **({"SELFALIGN_KILL_BEFORE_RENAME": "1"} if before_rename else {})}
         code = forked(argv_for(out), env)
@@ -95,15 +99,16 @@ def loop_argv(out: Path) -> list[str]:
 @pytest.mark.slow
 def test_kill_after_every_write_of_the_online_loop_resumes_to_identical_files(tmp_path, task):
     # Two iterations of two generation rounds each, a checkpoint after every optimizer step.
-    writes, killed = sweep(tmp_path, loop_argv)
-    assert killed == writes
+    # Every third write in CI (about 2 minutes; all 47 took 6.5 minutes on 2 shared cores and passed).
+    writes, killed = sweep(tmp_path, loop_argv, every=3)
+    assert killed >= writes // 3
     assert (tmp_path / "run" / "iter_001" / "round_001" / "pairs.jsonl").exists()
 
 
 @pytest.mark.slow
 def test_kill_with_a_temporary_half_renamed_resumes_to_identical_files(tmp_path, task):
-    # Every third write (the sweep above covers every write after its rename).
-    sweep(tmp_path, loop_argv, points=list(range(1, 40, 3)), before_rename=True)
+    # Writes not in the sweep above (which kills after the rename).
+    sweep(tmp_path, loop_argv, every=6, first=2, before_rename=True)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +118,7 @@ def sorting(tmp_path_factory):
     return build_task(tmp_path_factory.mktemp("sorting"), n_rows=40)
 
 
+@pytest.mark.slow
 def test_kill_after_every_write_of_selfalign_train_resumes_to_identical_files(tmp_path, sorting):
     model_dir, data_path = sorting
     recipe = tmp_path / "recipe.yaml"
@@ -125,3 +131,45 @@ def test_kill_after_every_write_of_selfalign_train_resumes_to_identical_files(tm
     # A finished `selfalign train` run is not trained again: the re-run after the last write exits 2.
     writes, killed = sweep(tmp_path, argv, finished_code=2)
     assert killed == writes and json.loads((tmp_path / "run" / "summary.json").read_text())["train_pairs"] == 32
+
+
+def paid(log: Path) -> int:
+    return sum(int(x) for x in log.read_text().split()) if log.exists() else 0
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2])
+def test_a_kill_inside_a_judge_chunk_re_pays_at_most_that_chunk(tmp_path, task, chunk_size):
+    """Killed after the judge returned (was paid for) chunk 2 and before it was journaled: the resumed run
+    pays reference + one chunk (chunk_size prompts x K = 2 responses) and nothing more."""
+    argv = ["run", "quickstart", *TINY, f"judge.chunk_size={chunk_size}", "judge.function=tests.judge_fns:paid_then_killed"]
+    ref_log, log = tmp_path / "ref.log", tmp_path / "run.log"
+    assert forked([*argv, f"output_dir={tmp_path / 'ref'}"], {"SELFALIGN_TEST_LABEL_LOG": str(ref_log)}) == 0
+    env = {"SELFALIGN_TEST_LABEL_LOG": str(log), "SELFALIGN_TEST_KILL_AFTER_JUDGE_CALL": "2"}
+    assert forked([*argv, f"output_dir={tmp_path / 'run'}"], env) == -signal.SIGKILL
+    assert paid(log) == 2 * 2 * chunk_size  # two chunks paid, one journaled
+    assert forked([*argv, f"output_dir={tmp_path / 'run'}"], {"SELFALIGN_TEST_LABEL_LOG": str(log)}) == 0
+    assert paid(ref_log) == 2 * 8 * 2  # 2 iterations x 8 prompts x K = 2
+    assert paid(log) == paid(ref_log) + chunk_size * 2
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()
+
+
+def test_nan_loss_stops_with_one_line_keeping_checkpoint_and_labels(tmp_path, task, capsys, monkeypatch):
+    import torch
+
+    out = tmp_path / "run"
+    monkeypatch.setenv("SELFALIGN_NAN_AT_STEP", "3")  # round 0 trains steps 1-2 (2 epochs), round 1 steps 3-4
+    code = main(["run", "quickstart", *TINY, f"output_dir={out}", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "iter_000: optimizer step 3 of the update (round 1) has a non-finite loss nan" in err
+    ckpt = out / "iter_000" / "train_state" / "update_state.pt"
+    assert f"the last good checkpoint is {ckpt} (step 2)" in err and f"kept in {out}" in err
+    state = torch.load(ckpt, weights_only=False)
+    assert state["round"] == 1 and len(state["history"]) == 2
+    assert all(torch.isfinite(v).all() for v in state["trainable"].values())
+    for rd in ("round_000", "round_001"):  # both rounds' labels are on disk, journaled
+        assert (out / "iter_000" / rd / "generations.jsonl").exists()
+    assert not (out / "iter_000" / "policy").exists() and not (out / "run.lock").exists()
+    # The divergence was a one-off here: the same command resumes from the checkpoint and finishes.
+    monkeypatch.delenv("SELFALIGN_NAN_AT_STEP")
+    assert main(["run", "quickstart", *TINY, f"output_dir={out}", "--no-progress"]) == 0
