@@ -173,3 +173,37 @@ def test_nan_loss_stops_with_one_line_keeping_checkpoint_and_labels(tmp_path, ta
     # The divergence was a one-off here: the same command resumes from the checkpoint and finishes.
     monkeypatch.delenv("SELFALIGN_NAN_AT_STEP")
     assert main(["run", "quickstart", *TINY, f"output_dir={out}", "--no-progress"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, expected", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_with_one_line_and_the_same_command_resumes(tmp_path, task, capsys, sig, expected):
+    """A live run owns its directory (a second run is refused); SIGTERM / Ctrl-C end it with one line and
+    128 + signal, its temporaries and lock removed; the same command resumes to the uninterrupted result."""
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    argv = ["run", "quickstart", *TINY, "judge.function=tests.judge_fns:slow_counting_gold"]
+    assert forked([*argv, f"output_dir={tmp_path / 'ref'}"]) == 0
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(root), "SELFALIGN_TEST_JUDGE_DELAY": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "selfalign", *argv, f"output_dir={out}", "--no-progress"], cwd=root,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = time.time()
+    while not (out / "iter_000" / "round_000" / "judge_journal.jsonl").exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() - start < 300
+        time.sleep(0.05)
+    assert main([*argv, f"output_dir={out}", "--no-progress"]) == 2
+    assert "is in use by another selfalign process" in capsys.readouterr().err
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == expected
+    err = proc.stderr.read()
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        f"selfalign: stopped by {signal.Signals(sig).name}; "), err[-2000:]
+    assert not (out / "run.lock").exists() and not list(out.rglob("*.tmp"))
+    assert (out / "iter_000" / "round_000" / "judge_journal.jsonl").exists()  # paid labels kept
+    assert main([*argv, f"output_dir={out}", "--no-progress"]) == 0
+    assert (out / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()
