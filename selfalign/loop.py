@@ -60,7 +60,8 @@ class JudgeConfig:
                                    "the built-in task's), or fn(prompt, a, b) -> P(a better than b) (kind=pairwise).")
     reward_model: str = field("", help="Sequence-classification reward model directory or hub name (kind=reward_model).")
     noise: float = field(0.0, help="Bradley-Terry temperature of a simulated annotator over the scores; 0 = noiseless.")
-    chunk_size: int = field(64, help="Prompts judged per journal entry (the unit that survives an interruption).")
+    chunk_size: int = field(64, help="Prompts per judge call, journaled as soon as the call returns: a kill re-pays "
+                                     "at most one call's labels (chunk_size x K); 1 for a paid judge.")
 
     def __post_init__(self) -> None:
         check(self.noise >= 0, "judge.noise", f"must be >= 0, got {self.noise}")
