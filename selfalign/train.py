@@ -12,11 +12,13 @@ padding is computed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import random
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,7 +346,12 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 def _atomic_torch_save(obj: object, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch reports a full disk as a failed zip write
+            if shutil.disk_usage(tmp.parent).free < 1 << 20:
+                raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from e
+            raise
         f.flush()
         os.fsync(f.fileno())
     faults.before_rename()

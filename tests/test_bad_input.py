@@ -247,3 +247,24 @@ def test_a_run_directory_owned_by_a_live_process_is_refused(files, out, builtin_
     with RunLock(out):
         assert json.loads((out / "run.lock").read_text())["pid"] != owner.pid
     assert not (out / "run.lock").exists()
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs (needs root and mount rights; skipped elsewhere)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_keeps_what_was_written(files, full_disk, capsys):
+    out = full_disk / "run"
+    recipe = train_recipe(files, out, train={"batch_size": 8, "micro_batch_size": 8, "checkpoint_every": 1})
+    shutil.move(recipe, full_disk.parent / "recipe.yaml")
+    code = main(["train", str(full_disk.parent / "recipe.yaml"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "No space left on device" in err and "free some space" in err
+    assert (out / "config.yaml").exists() and not list(out.rglob("*.tmp")) and not (out / "run.lock").exists()
