@@ -8,7 +8,8 @@ reach reliably.
                                    atomic replace, a journal line fsynced, a policy directory
                                    renamed into place). Counted per process.
     SELFALIGN_KILL_BEFORE_RENAME=1 with the above: die after write N's temporary is complete but
-                                   before it is renamed over the real file (leaves a *.tmp).
+                                   before it is renamed over the real file (leaves a *.tmp); a
+                                   journal line has no temporary and dies after the write.
     SELFALIGN_NAN_AT_STEP=S        make the loss of optimizer step S (1-based, counted over the
                                    whole update) NaN, as a diverging run would.
 """
@@ -42,12 +43,14 @@ def before_rename() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def after_write() -> None:
-    """Call right after a durable write; kills the process when it is write number $SELFALIGN_KILL_AFTER_WRITE."""
+def after_write(renamed: bool = True) -> None:
+    """Call right after a durable write; kills the process when it is write number $SELFALIGN_KILL_AFTER_WRITE.
+
+    renamed=False marks a write with no temporary (a journal line): it dies here in either mode."""
     global _count
     _writes()
     _count += 1
-    if _count == _target() and not os.environ.get("SELFALIGN_KILL_BEFORE_RENAME"):
+    if _count == _target() and not (renamed and os.environ.get("SELFALIGN_KILL_BEFORE_RENAME")):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

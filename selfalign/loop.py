@@ -505,7 +505,7 @@ def stage_judge(rd: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], r
                 f.write(json.dumps(entry) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-                faults.after_write()
+                faults.after_write(renamed=False)
                 done.update(zip(todo, scores))
                 bar.update(len(todo))
         bar.close()
