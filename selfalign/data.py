@@ -78,7 +78,7 @@ def write_atomic(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     faults.before_rename()
     os.replace(tmp, path)
-    faults.after_write()
+    faults.after_write(path)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -10,6 +10,7 @@ reach reliably.
     SELFALIGN_KILL_BEFORE_RENAME=1 with the above: die after write N's temporary is complete but
                                    before it is renamed over the real file (leaves a *.tmp); a
                                    journal line has no temporary and dies after the write.
+    SELFALIGN_WRITE_LOG=FILE       append "N<TAB>path" for every durable write (tests pick kill points).
     SELFALIGN_NAN_AT_STEP=S        make the loss of optimizer step S (1-based, counted over the
                                    whole update) NaN, as a diverging run would.
 """
@@ -43,13 +44,18 @@ def before_rename() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def after_write(renamed: bool = True) -> None:
-    """Call right after a durable write; kills the process when it is write number $SELFALIGN_KILL_AFTER_WRITE.
+def after_write(path: str | os.PathLike, renamed: bool = True) -> None:
+    """Call right after a durable write of `path`; kills the process when it is write number
+    $SELFALIGN_KILL_AFTER_WRITE, and appends "N<TAB>path" to $SELFALIGN_WRITE_LOG if set.
 
     renamed=False marks a write with no temporary (a journal line): it dies here in either mode."""
     global _count
     _writes()
     _count += 1
+    log = os.environ.get("SELFALIGN_WRITE_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{_count}\t{os.fspath(path)}\n")
     if _count == _target() and not (renamed and os.environ.get("SELFALIGN_KILL_BEFORE_RENAME")):
         os.kill(os.getpid(), signal.SIGKILL)
 

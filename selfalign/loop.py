@@ -505,7 +505,7 @@ def stage_judge(rd: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], r
                 f.write(json.dumps(entry) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-                faults.after_write(renamed=False)
+                faults.after_write(journal, renamed=False)
                 done.update(zip(todo, scores))
                 bar.update(len(todo))
         bar.close()
@@ -614,7 +614,7 @@ def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: 
         if path.exists():  # a run from before stage files were ordered left a policy without its stage files
             shutil.rmtree(path)
         os.replace(tmp, path)
-        faults.after_write()
+        faults.after_write(path)
     accelerator.wait_for_everyone()
 
 

@@ -356,7 +356,7 @@ def _atomic_torch_save(obj: object, path: Path) -> None:
         os.fsync(f.fileno())
     faults.before_rename()
     os.replace(tmp, path)
-    faults.after_write()
+    faults.after_write(path)
 
 
 class NonFiniteError(RuntimeError):
