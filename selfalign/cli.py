@@ -9,26 +9,33 @@
     selfalign compare RUN1 RUN2 ... [--output DIR]          runs side by side: one table, one plot
     selfalign config                                        list every config key with its default and meaning
 
-Bad input (config, data) ends with a one-line error and exit status 2.
+Bad input (config, data, paths) ends with a one-line error and exit status 2 (`--debug` shows the
+traceback instead); Ctrl-C / SIGTERM end with one line and exit status 130 / 143, and re-running
+the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .checks import check_pretrained, loading
 from .config import ConfigError, check_same_config, describe, dump_yaml, field, load_config
 from .data import DataError, PreferenceDataConfig, load_preferences, pad_token_id, write_atomic, write_jsonl
 from .judges import JudgeError
 from .report import ReportError
-from .train import PreferenceExample, PreferenceTrainer, TrainConfig
+from .rundir import RunLock
+from .train import NonFiniteError, PreferenceExample, PreferenceTrainer, TrainConfig
 
 
 @dataclass
@@ -86,25 +93,36 @@ def heldout_accuracy(trainer: PreferenceTrainer, examples: list[PreferenceExampl
 
 def run_train(cfg: TrainRunConfig, progress: bool = True) -> dict[str, float]:
     """Train cfg.model on cfg.data; write the run directory; return the final held-out metrics."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .loop import save_policy
-
     if not cfg.model:
         raise ConfigError("model: required (a local model directory or hub name)")
     if not cfg.data.path:
         raise ConfigError("data.path: required (a JSONL file of prompt/chosen/rejected rows)")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    check_pretrained("model", cfg.model)
+    if cfg.reference:
+        check_pretrained("reference", cfg.reference)
+    with RunLock(Path(cfg.output_dir)):
+        return _train(cfg, progress)
+
+
+def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .loop import save_policy
+
+    with loading("model", cfg.model):
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     examples = load_preferences(cfg.data, tokenizer)
     out = _prepare_run_dir(cfg)
     random.Random(cfg.train.seed).shuffle(examples)
     n_eval = int(len(examples) * cfg.data.eval_fraction)
     heldout, train_set = examples[:n_eval], examples[n_eval:]
 
-    policy = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    with loading("model", cfg.model):
+        policy = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
     reference = None
     if not cfg.train.lora.enabled:
-        reference = AutoModelForCausalLM.from_pretrained(cfg.reference or cfg.model, dtype=torch.float32)
+        with loading("reference" if cfg.reference else "model", cfg.reference or cfg.model):
+            reference = AutoModelForCausalLM.from_pretrained(cfg.reference or cfg.model, dtype=torch.float32)
     pad = pad_token_id(tokenizer)
     trainer = PreferenceTrainer(policy, cfg.train, pad_token_id=pad, reference=reference)
 
@@ -112,9 +130,9 @@ def run_train(cfg: TrainRunConfig, progress: bool = True) -> dict[str, float]:
     result = trainer.update(train_set, checkpoint_dir=out / "checkpoint", progress=progress)
     after = heldout_accuracy(trainer, heldout) if heldout else {}
     write_jsonl(out / "metrics.jsonl", [{"step": i + 1, **s} for i, s in enumerate(result.steps)])
-    save_policy(trainer, tokenizer, out / "policy", trainer.accelerator)
     summary = {"train_pairs": len(train_set), "heldout_pairs": len(heldout), **after}
     write_atomic(out / "summary.json", json.dumps({"before": before, "after": after, **summary}, indent=2))
+    save_policy(trainer, tokenizer, out / "policy", trainer.accelerator)  # last: its arrival marks the run done
     _print_table(result.steps, before, after)
     print(f"policy saved to {out / 'policy'}")
     return after
@@ -249,12 +267,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     prompts_file = args.prompts or task.eval_prompts
     if not prompts_file:
         raise UsageError("no held-out prompts: pass --prompts FILE.jsonl (or set eval_prompts in the run's config)")
-    tokenizer = AutoTokenizer.from_pretrained(policy)
+    with loading("policy", policy):
+        tokenizer = AutoTokenizer.from_pretrained(policy)
     prompts = load_prompts(prompts_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: args.limit or None]
     if args.reward_model:
         from .judges.reward_model import RewardModelJudge
 
-        gold = RewardModelJudge(args.reward_model)
+        check_pretrained("--reward-model", args.reward_model)
+        with loading("--reward-model", args.reward_model):
+            gold = RewardModelJudge(args.reward_model)
         scorer = f"reward model {args.reward_model}"
     else:
         spec = args.reward or task.gold_fn
@@ -297,8 +318,35 @@ def cmd_config(args: argparse.Namespace) -> None:
         print(f"{key:<34} {default:<14} {help_text}")
 
 
+USER_ERRORS = (ConfigError, DataError, JudgeError, ReportError, UsageError, NonFiniteError)
+# OS errors a user fixes (a full disk, a read-only or unwritable place, a file where a directory goes).
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+               errno.ENAMETOOLONG}
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) received: raised in the main thread so every `with` block unwinds."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def _describe_os_error(e: OSError) -> str:
+    where = f": {e.filename}" if e.filename else ""
+    hint = {errno.ENOSPC: "free some space or choose another output_dir=...",
+            errno.EDQUOT: "free some space or choose another output_dir=..."}.get(
+        e.errno, "check the path and its permissions, or choose another output_dir=...")
+    return f"{e.strerror or e}{where} ({hint})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfalign", description="Online preference alignment: SELM, SAIL, DPO.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build the tiny sorting task offline and train on it (CPU, ~1 minute)")
     demo.add_argument("--output-dir", default="runs/demo", help="where the task and the run go (default runs/demo)")
@@ -337,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     cmp_.set_defaults(func=cmd_compare)
     for p in (demo, train, quick, runp, ev):
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error instead of one line")
     conf = sub.add_parser("config", help="list every config key, its default and meaning")
     conf.add_argument("which", nargs="?", choices=["run", "train"], default="run",
                       help="the online loop's keys (run, quickstart; default) or offline training's (train)")
@@ -347,11 +398,28 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main_thread else None
     try:
         args.func(args)
-    except (ConfigError, DataError, JudgeError, ReportError, UsageError) as e:
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
         print(f"selfalign: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if args.debug or e.errno not in USER_ERRNOS:
+            raise
+        print(f"selfalign: error: {_describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"selfalign: stopped by {signal.Signals(signum).name}; the unfinished stage's partial files were "
+              "removed and every paid label is kept: run the same command again to resume", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

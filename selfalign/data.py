@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import faults
 from .config import field
 from .train import PreferenceExample
 
@@ -40,9 +41,22 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, row) for each non-blank line; DataError names the broken line."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found" if not path.exists() else f"{path}: not a file (a JSONL file is expected)")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head == b"PAR1":
+        raise DataError(f"{path}: a Parquet file; selfalign reads JSONL here (convert it, e.g. "
+                        "datasets.load_dataset('parquet', data_files=...).to_json(path, lines=True))")
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+        lines = enumerate(f, start=1)
+        while True:
+            try:
+                lineno, line = next(lines)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as e:  # decoded in blocks: the line is not known
+                raise DataError(f"{path}: not UTF-8 text (is it a binary file?); "
+                                "a JSONL file of one JSON object per line is expected") from e
             if not line.strip():
                 continue
             try:
@@ -62,7 +76,9 @@ def write_atomic(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    faults.before_rename()
     os.replace(tmp, path)
+    faults.after_write(path)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -96,8 +112,19 @@ def text_or_messages(
 def prompt_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
     """Token ids of a prompt: chat template with generation prompt for messages, plain encoding for text."""
     if isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("the prompt is a list of chat messages but the tokenizer has no chat template "
+                            "(give prompts as plain text, or use a model whose tokenizer has a chat_template)")
         return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def located(where: str, fn, *args: Any) -> Any:
+    """fn(*args), with a location-free DataError from it prefixed by `where` (file and line)."""
+    try:
+        return fn(*args)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from e
 
 
 def response_ids(tokenizer, response: str | list[dict[str, str]]) -> list[int]:
@@ -115,7 +142,7 @@ def load_preferences(config: PreferenceDataConfig, tokenizer) -> list[Preference
     examples = []
     for lineno, row in read_jsonl(config.path):
         where = f"{config.path} line {lineno}"
-        prompt = prompt_ids(tokenizer, text_or_messages(row, config.prompt_field, where))
+        prompt = located(where, prompt_ids, tokenizer, text_or_messages(row, config.prompt_field, where))
         if len(prompt) > config.max_prompt_tokens:
             raise DataError(
                 f"{where}: prompt has {len(prompt)} tokens, over max_prompt_tokens={config.max_prompt_tokens} "

@@ -25,6 +25,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from . import faults
+from .checks import check_pretrained, loading
 from .config import ConfigError, check, check_same_config, dump_yaml, field
 from .data import DataError, pad_token_id, read_jsonl, text_or_messages, write_atomic, write_jsonl
 from .generation import GenerationConfig
@@ -34,8 +36,10 @@ from .judges.function import FunctionJudge
 from .logprobs import head_scale
 from .methods import METHODS, Method
 from .pairs import SELECTORS, selm_three_way
+from .rundir import RunLock
 from .train import (
     ROUTES,
+    NonFiniteError,
     PreferenceExample,
     PreferenceTrainer,
     SailConfig,
@@ -57,7 +61,8 @@ class JudgeConfig:
                                    "the built-in task's), or fn(prompt, a, b) -> P(a better than b) (kind=pairwise).")
     reward_model: str = field("", help="Sequence-classification reward model directory or hub name (kind=reward_model).")
     noise: float = field(0.0, help="Bradley-Terry temperature of a simulated annotator over the scores; 0 = noiseless.")
-    chunk_size: int = field(64, help="Prompts judged per journal entry (the unit that survives an interruption).")
+    chunk_size: int = field(64, help="Prompts per judge call, journaled as soon as the call returns: a kill re-pays "
+                                     "at most one call's labels (chunk_size x K); 1 for a paid judge.")
 
     def __post_init__(self) -> None:
         check(self.noise >= 0, "judge.noise", f"must be >= 0, got {self.noise}")
@@ -203,13 +208,13 @@ def load_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def load_prompts(path: str, field_name: str, tokenizer, max_tokens: int) -> list[Prompt]:
     """Prompts from JSONL; DataError names the file, line and field of anything unusable."""
-    from .data import prompt_ids
+    from .data import located, prompt_ids
 
     prompts = []
     for lineno, row in read_jsonl(path):
         where = f"{path} line {lineno}"
         value = text_or_messages(row, field_name, where, hint="set prompt_field=... if the column differs")
-        n = len(prompt_ids(tokenizer, value))
+        n = len(located(where, prompt_ids, tokenizer, value))
         if n > max_tokens:
             raise DataError(f"{where}: prompt has {n} tokens, over max_prompt_tokens={max_tokens} "
                             "(shorten it or raise max_prompt_tokens)")
@@ -230,7 +235,21 @@ class Dataset:
 
 
 def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
-    """Run (or resume) cfg; returns one metrics dict per iteration."""
+    """Run (or resume) cfg; returns one metrics dict per iteration.
+
+    The run directory is locked for the duration (RunLock: a second run on it stops with an
+    error) and a killed run's leftover temporaries are removed before anything is written.
+    """
+    out = Path(cfg.output_dir)
+    with RunLock(out, enabled=int(os.environ.get("RANK", "0")) == 0):
+        try:
+            return _run(cfg, progress)
+        except NonFiniteError as e:
+            unfinished = next((p.name for p in sorted(out.glob("iter_*")) if not (p / "metrics.json").exists()), "?")
+            raise NonFiniteError(f"{unfinished}: {e}; every judge label paid so far is kept in {out}") from e
+
+
+def _run(cfg: RunConfig, progress: bool) -> list[dict[str, Any]]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = Path(cfg.output_dir)
@@ -241,7 +260,9 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
 
     # Build: pi_0, prompts (and dataset pairs), judge, gold reward.
     task = resolve_task(cfg, progress=show)
-    tokenizer = AutoTokenizer.from_pretrained(task.policy)
+    check_pretrained("model", task.policy)
+    with loading("model", task.policy):
+        tokenizer = AutoTokenizer.from_pretrained(task.policy)
     pad_id = pad_token_id(tokenizer)
     head_scale(AutoConfig.from_pretrained(task.policy))  # refuse a logit scaling log-probs cannot reproduce, up front
     data = load_dataset(cfg, task, tokenizer)
@@ -275,7 +296,8 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
             write_jsonl(it / "prompts.jsonl", [{"prompt": data.prompts[i], **({"route": r} if r else {})}
                                                for i, r in rows])
 
-        if not (it / "policy").exists():
+        # Done only when all three are there: the policy is renamed into place last.
+        if not all((it / name).exists() for name in ("policy", "labels.json", "train.json")):
             policy = AutoModelForCausalLM.from_pretrained(prev, dtype=torch.float32).to(accelerator.device)
             reference = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32)
             lr = cfg.iteration_learning_rates[t] if cfg.iteration_learning_rates else cfg.train.learning_rate
@@ -292,8 +314,6 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
                                        seed=cfg.seed * 7919 + t + 100_003 * k, show=show)
                 # 5. Train on them; the optimizer and schedule carry over from round to round.
                 result = trainer.train_round(examples, last=k == len(rounds) - 1, progress=show)
-            # 6. The reference of the next iteration follows from ref_path's choice.
-            save_policy(trainer, tokenizer, it / "policy", accelerator)
             if accelerator.is_main_process:
                 counts = [json.loads((round_dir(it, k, len(rounds)) / "labels.json").read_text())
                           for k in range(len(rounds))]
@@ -303,12 +323,15 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
                 write_atomic(it / "labels.json", json.dumps(labels, indent=1))
                 write_atomic(it / "train.json", json.dumps({"steps": result.steps, "summary": result.summary,
                                                            "rounds": len(rounds)}, indent=1))
+            # 6. The reference of the next iteration follows from ref_path's choice. Saved last: the
+            # policy directory's arrival marks the training stage done.
+            save_policy(trainer, tokenizer, it / "policy", accelerator)
             del trainer, reference, policy
         # 7. Evaluate and record.
         if accelerator.is_main_process:
             metrics = stage_eval(it, cfg, t, pi0_path, eval_prompts, tokenizer, gold, accelerator, show)
-            write_atomic(it / "metrics.json", json.dumps(metrics, indent=1))
             write_jsonl(out / "metrics.jsonl", [*history, metrics])
+            write_atomic(it / "metrics.json", json.dumps(metrics, indent=1))  # last: the iteration is done
         accelerator.wait_for_everyone()
         history.append(json.loads((it / "metrics.json").read_text()))
     return history
@@ -419,7 +442,9 @@ def build_judge(cfg: RunConfig, reward_fn: str) -> Judge:
 
         if not cfg.judge.reward_model:
             raise ConfigError("judge.reward_model: required with judge.kind=reward_model (a model directory)")
-        judge: Judge = RewardModelJudge(cfg.judge.reward_model)
+        check_pretrained("judge.reward_model", cfg.judge.reward_model)
+        with loading("judge.reward_model", cfg.judge.reward_model):
+            judge: Judge = RewardModelJudge(cfg.judge.reward_model)
     elif cfg.judge.kind == "pairwise":
         from .judges.pairwise import PairwiseJudge
 
@@ -536,6 +561,7 @@ def stage_judge(rd: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], r
                 f.write(json.dumps(entry) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+                faults.after_write(journal, renamed=False)
                 done.update(zip(todo, scores))
                 bar.update(len(todo))
         bar.close()
@@ -644,7 +670,11 @@ def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: 
         model = trainer.policy.merge_and_unload() if trainer.config.lora.enabled else trainer.policy
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        faults.before_rename()
+        if path.exists():  # a run from before stage files were ordered left a policy without its stage files
+            shutil.rmtree(path)
         os.replace(tmp, path)
+        faults.after_write(path)
     accelerator.wait_for_everyone()
 
 

@@ -12,11 +12,13 @@ padding is computed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import random
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import losses
+from . import faults, losses
 from .config import check, to_dict
 from .config import field as cfield
 from .logprobs import LogprobModel, collate, sequence_logprobs
@@ -343,8 +345,22 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 
 def _atomic_torch_save(obj: object, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch reports a full disk as a failed zip write
+            if shutil.disk_usage(tmp.parent).free < 1 << 20:
+                raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from e
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+    faults.before_rename()
     os.replace(tmp, path)
+    faults.after_write(path)
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm of an optimizer step is NaN or infinite; the step was not applied."""
 
 
 class PreferenceTrainer:
@@ -678,6 +694,18 @@ class PreferenceTrainer:
             )
         self.accelerator.wait_for_everyone()
 
+    def _non_finite_message(self, loss: float, grad_norm: float) -> str:
+        """Which step diverged and what is kept: the line a user reads when training blows up."""
+        step = len(self._history) + 1
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        if self._ckpt_path is not None and self._ckpt_path.exists():
+            kept = f"the last good checkpoint is {self._ckpt_path} (step {self._saved_at})"
+        else:
+            kept = "no mid-update checkpoint was saved (train.checkpoint_every=0 or none due yet)"
+        return (f"optimizer step {step} of the update (round {self._rounds_done}) has a non-finite {what}; "
+                f"stopped before applying it and {kept}; lower train.learning_rate, keep train.max_grad_norm > 0 "
+                "or check the data")
+
     def _step(self, indices: list[int], examples: Sequence[PreferenceExample], key: str) -> dict[str, float]:
         cfg, acc = self.config, self.accelerator
         optimizer, scheduler = self._optimizer, self._scheduler
@@ -691,12 +719,15 @@ class PreferenceTrainer:
         scale = acc.num_processes / len(order)
         micro = [mine[s : s + cfg.micro_batch_size] for s in range(0, len(mine), cfg.micro_batch_size)]
         sums = torch.zeros(12, dtype=torch.float64, device=acc.device)
+        poison = faults.nan_at_step(len(self._history) + 1)
         for j, chunk_ids in enumerate(micro):
             chunk = [examples[i] for i in chunk_ids]
             sync = acc.no_sync(self.model) if j < len(micro) - 1 else contextlib.nullcontext()
             with sync:
                 lp = self._micro_logps(chunk, [draws[i] for i in chunk_ids])
                 out = self.objective.compute(lp, cfg)
+                if poison:
+                    out.loss = out.loss * float("nan")
                 acc.backward(out.loss.sum() * scale)
             extras = out.extras or {}
             zero = torch.zeros((), device=acc.device)
@@ -709,10 +740,13 @@ class PreferenceTrainer:
             ]).double()
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         lr = scheduler.get_last_lr()[0]
+        sums = acc.reduce(sums, reduction="sum") if acc.num_processes > 1 else sums
+        if not (math.isfinite(float(grad_norm)) and math.isfinite(sums[0].item())):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(self._non_finite_message(sums[0].item() / max(sums[6].item(), 1.0), float(grad_norm)))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        sums = acc.reduce(sums, reduction="sum") if acc.num_processes > 1 else sums
         n = sums[6].item()
         metrics = {
             "loss": sums[0].item() / n,

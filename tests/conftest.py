@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: the tests never reach the hub
+
 import random
 import signal
 import subprocess

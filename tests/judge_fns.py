@@ -44,3 +44,25 @@ def gold_pairwise(prompt, a, b):
 
     ra, rb = gold_reward([prompt, prompt], [a, b])
     return 1.0 if ra > rb else 0.0 if ra < rb else 0.5
+
+
+_calls = 0
+
+
+def paid_then_killed(prompts, responses):
+    """The built-in gold reward, paid for (logged to $SELFALIGN_TEST_LABEL_LOG) on every call; call number
+    $SELFALIGN_TEST_KILL_AFTER_JUDGE_CALL then SIGKILLs the process before the loop can journal it: the
+    worst moment for a paid judge."""
+    import os
+    import signal
+
+    from selfalign.tasks.builtin import gold_reward
+
+    global _calls
+    _calls += 1
+    scores = gold_reward(prompts, responses)
+    with open(os.environ["SELFALIGN_TEST_LABEL_LOG"], "a") as f:
+        f.write(f"{len(scores)}\n")
+    if str(_calls) == os.environ.get("SELFALIGN_TEST_KILL_AFTER_JUDGE_CALL"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return scores

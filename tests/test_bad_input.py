@@ -1,0 +1,270 @@
+"""Bad input, as a new user gives it: one actionable line, exit status 2, no traceback, the run directory untouched.
+
+Every case runs the command line in-process against an output directory that already holds a
+file of the user's (and, for the resume cases, a run); the directory's files are hashed before
+and after and must be identical: no config.yaml, lock, temporary or stage file is left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selfalign.cli import TrainRunConfig, main
+from selfalign.config import ConfigError, dump_yaml, load_config
+from selfalign.loop import RunConfig
+from selfalign.rundir import _start_time
+
+TINY = ["iterations=1", "prompts_per_iteration=8", "generation.num_samples=2", "generation.max_new_tokens=6",
+        "train.batch_size=4", "train.micro_batch_size=4", "eval.prompts=4", "eval.samples=1"]
+GOOD_PROMPT = '{"prompt": "sort : 3 1 2"}\n'
+GOOD_PAIR = '{"prompt": "sort : 2 1", "chosen": "1 2", "rejected": "2 1"}\n'
+
+
+def digest(root: Path) -> dict[str, str] | None:
+    if not root.exists():
+        return None
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sorting(tmp_path_factory):
+    from selfalign.tasks.sorting import build_task
+
+    return build_task(tmp_path_factory.mktemp("sorting"), n_rows=24)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, sorting):
+    """Bad (and good) inputs on disk, named by what is wrong with them."""
+    d = tmp_path_factory.mktemp("inputs")
+    model_dir, pairs = sorting
+    f = {"dir": d, "model": model_dir, "pairs": pairs}
+
+    def put(name: str, content: str | bytes) -> Path:
+        path = d / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        f[name.split(".")[0]] = path
+        return path
+
+    put("prompts.jsonl", GOOD_PROMPT * 4)
+    put("broken_json.jsonl", GOOD_PROMPT + '{"prompt": "sort : 3\n')
+    put("list_row.jsonl", GOOD_PROMPT + '["sort : 1 2"]\n')
+    put("empty.jsonl", "\n\n")
+    put("parquet.parquet", b"PAR1\x15\x04\x15\x10\x15\x14L\x15\x02\x15\x00\x12\x00\x00\x08\x1c\x00PAR1")
+    put("binary.jsonl", GOOD_PROMPT.encode() + b"\xff\xfe\x00\x81garbage\n")
+    put("messages.jsonl", '{"prompt": [{"role": "user", "content": "sort : 2 1"}]}\n')
+    put("messages_pairs.jsonl", '{"prompt": [{"role": "user", "content": "sort : 2 1"}], "chosen": "1 2", '
+                                '"rejected": "2 1"}\n' * 4)
+    put("no_rejected.jsonl", GOOD_PAIR + '{"prompt": "sort : 1 2", "chosen": "1 2"}\n')
+    put("bad_yaml.yaml", "method: selm\ntrain:\n  beta: [0.1\n")
+    put("list_yaml.yaml", "- method: selm\n")
+    put("a_file", "not a directory\n")
+    (d / "a_folder.jsonl").mkdir()
+    f["a_folder"] = d / "a_folder.jsonl"
+    (d / "no_config").mkdir()
+    f["no_config"] = d / "no_config"
+    no_weights = d / "no_weights"
+    no_weights.mkdir()
+    shutil.copy(model_dir / "config.json", no_weights / "config.json")
+    f["no_weights"] = no_weights
+    # The sorting model with its tokenizer's chat template removed.
+    plain = d / "no_template"
+    shutil.copytree(model_dir, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    f["no_template"] = plain
+    return f
+
+
+def train_recipe(files, out: Path, **extra) -> Path:
+    recipe = {"model": str(files["model"]), "output_dir": str(out), "data": {"path": str(files["pairs"])},
+              "train": {"batch_size": 8, "micro_batch_size": 8}, **extra}
+    path = out.parent / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+# (case id, argv builder(files, out), message the one line must contain)
+RUN = ["run", "quickstart", *TINY]
+CASES = [
+    # Config and YAML.
+    ("unknown key", lambda f, o: [*RUN, "iteration=3"], "did you mean 'iterations'"),
+    ("wrong type", lambda f, o: [*RUN, "iterations=two"], "iterations: expected an integer, got 'two'"),
+    ("beta out of range", lambda f, o: [*RUN, "train.beta=-1"], "train.beta: must be > 0"),
+    ("unknown method", lambda f, o: [*RUN, "method=ppo"], "method: expected one of"),
+    ("one sample", lambda f, o: [*RUN, "generation.num_samples=1"], "generation.num_samples: must be >= 2"),
+    ("too few prompts", lambda f, o: [*RUN, "prompts_per_iteration=100000"], "prompts, but only"),
+    ("learning rates per iteration", lambda f, o: [*RUN, "iteration_learning_rates=[0.1,0.2]"],
+     "needs one value per iteration"),
+    ("chunk size 0", lambda f, o: [*RUN, "judge.chunk_size=0"], "judge.chunk_size: must be >= 1"),
+    ("negative noise", lambda f, o: [*RUN, "judge.noise=-1"], "judge.noise: must be >= 0"),
+    ("warmup ratio", lambda f, o: [*RUN, "train.warmup_ratio=1.5"], "train.warmup_ratio: must be in [0, 1)"),
+    ("sail probability", lambda f, o: [*RUN, "method=sail_dp", "train.sail.r=2"], "is a probability, must be <= 1"),
+    ("override without =", lambda f, o: [*RUN, "train.batch_size"], "is not of the form key.sub=value"),
+    ("YAML syntax", lambda f, o: ["run", str(f["bad_yaml"])], "bad_yaml.yaml line 4: not valid YAML"),
+    ("YAML list", lambda f, o: ["run", str(f["list_yaml"])], "the top level must be a mapping"),
+    ("missing recipe file", lambda f, o: ["run", str(f["dir"] / "nope.yaml")], "nope.yaml does not exist"),
+    ("unknown bundled recipe", lambda f, o: ["run", "quikstart"], "no bundled recipe of that name"),
+    # Data files.
+    ("missing prompt file", lambda f, o: [*RUN, f"prompts={f['dir'] / 'nope.jsonl'}"], "nope.jsonl: file not found"),
+    ("prompt file is a folder", lambda f, o: [*RUN, f"prompts={f['a_folder']}"], "not a file (a JSONL file"),
+    ("broken JSON line", lambda f, o: [*RUN, f"prompts={f['broken_json']}"], "broken_json.jsonl line 2: not valid JSON"),
+    ("row not an object", lambda f, o: [*RUN, f"prompts={f['list_row']}"], "line 2: expected a JSON object, got list"),
+    ("empty prompt file", lambda f, o: [*RUN, f"prompts={f['empty']}"], "empty.jsonl: no prompts"),
+    ("Parquet prompt file", lambda f, o: [*RUN, f"prompts={f['parquet']}"], "parquet.parquet: a Parquet file"),
+    ("binary prompt file", lambda f, o: [*RUN, f"prompts={f['binary']}"], "binary.jsonl: not UTF-8 text"),
+    ("wrong prompt column", lambda f, o: [*RUN, f"prompts={f['prompts']}", "prompt_field=text"],
+     "line 1: missing field 'text'"),
+    ("messages without a chat template",
+     lambda f, o: [*RUN, f"model={f['no_template']}", f"prompts={f['messages']}", "judge.function=tests.judge_fns:length"],
+     "messages.jsonl line 1: the prompt is a list of chat messages but the tokenizer has no chat template"),
+    # Model, reward-model and judge paths.
+    ("misspelt model path", lambda f, o: [*RUN, f"model={f['dir'] / 'modle'}", f"prompts={f['prompts']}",
+                                          "judge.function=tests.judge_fns:length"], "model: no directory"),
+    ("model folder without config.json", lambda f, o: [*RUN, f"model={f['no_config']}", f"prompts={f['prompts']}",
+                                                       "judge.function=tests.judge_fns:length"], "has no config.json"),
+    ("model without weights", lambda f, o: [*RUN, f"model={f['no_weights']}", f"prompts={f['prompts']}",
+                                            "judge.function=tests.judge_fns:length"], "has a config.json but no weights"),
+    ("model is a file", lambda f, o: [*RUN, f"model={f['a_file']}", f"prompts={f['prompts']}",
+                                      "judge.function=tests.judge_fns:length"], "is a file, not a model directory"),
+    ("uncached hub model", lambda f, o: [*RUN, "model=nobody-here/no-such-model", f"prompts={f['prompts']}",
+                                         "judge.function=tests.judge_fns:length"],
+     "model: cannot load 'nobody-here/no-such-model'"),
+    ("model without prompts", lambda f, o: [*RUN, f"model={f['model']}", "judge.function=tests.judge_fns:length"],
+     "prompts: required when model is not 'builtin'"),
+    ("model without a judge", lambda f, o: [*RUN, f"model={f['model']}", f"prompts={f['prompts']}"],
+     "judge: set judge.function="),
+    ("wrong reward-model path", lambda f, o: [*RUN, "judge.kind=reward_model", f"judge.reward_model={f['dir'] / 'rm'}"],
+     "judge.reward_model: no directory"),
+    ("reward model without a path", lambda f, o: [*RUN, "judge.kind=reward_model"], "judge.reward_model: required"),
+    ("judge function spec", lambda f, o: [*RUN, "judge.function=length"], "is not of the form 'pkg.module:function'"),
+    ("judge module missing", lambda f, o: [*RUN, "judge.function=no_such_module:fn"], "cannot import module"),
+    ("judge function missing", lambda f, o: [*RUN, "judge.function=tests.judge_fns:nope"], "has no function 'nope'"),
+    # Output directory.
+    ("output dir under a file", lambda f, o: [*RUN, f"output_dir={f['a_file'] / 'run'}"], "output_dir: cannot create"),
+    # selfalign train.
+    ("train: Parquet data", lambda f, o: ["train", str(train_recipe(f, o)), f"data.path={f['parquet']}"],
+     "a Parquet file"),
+    ("train: missing field", lambda f, o: ["train", str(train_recipe(f, o)), f"data.path={f['no_rejected']}"],
+     "no_rejected.jsonl line 2: missing field 'rejected'"),
+    ("train: misspelt model", lambda f, o: ["train", str(train_recipe(f, o)), f"model={f['dir'] / 'modle'}"],
+     "model: no directory"),
+    ("train: misspelt reference", lambda f, o: ["train", str(train_recipe(f, o)), f"reference={f['dir'] / 'ref'}"],
+     "reference: no directory"),
+    ("train: messages without a chat template",
+     lambda f, o: ["train", str(train_recipe(f, o)), f"model={f['no_template']}", f"data.path={f['messages_pairs']}"],
+     "messages_pairs.jsonl line 1: the prompt is a list of chat messages but the tokenizer has no chat template"),
+    ("train: eval fraction", lambda f, o: ["train", str(train_recipe(f, o)), "data.eval_fraction=1.5"],
+     "data.eval_fraction: must be in [0, 1)"),
+    ("train: no data", lambda f, o: ["train", str(train_recipe(f, o)), "data.path="], "data.path: required"),
+    # selfalign eval.
+    ("eval: not a policy or run", lambda f, o: ["eval", str(f["dir"])], "neither a policy directory"),
+    ("eval: wrong reward-model path", lambda f, o: ["eval", str(f["model"]), f"--prompts={f['prompts']}",
+                                                    f"--reward-model={f['dir'] / 'rm'}"], "--reward-model: no directory"),
+]
+
+
+@pytest.fixture
+def out(tmp_path):
+    """An output directory that already holds a file of the user's."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes\n")
+    return out
+
+
+def check_refused(argv: list[str], out: Path, capsys, message: str) -> str:
+    before = digest(out)
+    code = main([*argv, "--no-progress"] if argv[0] in ("run", "train", "eval") else argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("selfalign: error: ") and "Traceback" not in err, err
+    assert message in err, err
+    assert digest(out) == before
+    return err
+
+
+@pytest.mark.parametrize("build, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_leaves_the_run_directory(files, out, builtin_task, capsys, build, message):
+    argv = build(files, out)
+    if argv[0] == "run" and not any(a.startswith("output_dir=") for a in argv):
+        argv = [*argv, f"output_dir={out}"]
+    check_refused(argv, out, capsys, message)
+
+
+def test_the_battery_has_at_least_30_cases():
+    assert len(CASES) >= 30
+
+
+def test_debug_shows_the_traceback(out, builtin_task):
+    with pytest.raises(ConfigError, match="did you mean 'iterations'"):
+        main(["run", "quickstart", *TINY, "iteration=3", f"output_dir={out}", "--debug"])
+
+
+def test_resume_with_a_changed_config_is_refused(files, out, builtin_task, capsys):
+    argv = ["run", "quickstart", *TINY, f"output_dir={out}"]
+    cfg = load_config(RunConfig, Path(__file__).parents[1] / "selfalign" / "recipes" / "quickstart.yaml", argv[2:])
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    check_refused([*argv, "train.beta=0.5"], out, capsys, "train.beta: 0.1 -> 0.5")
+
+
+def test_train_resume_with_a_changed_config_and_a_finished_run_are_refused(files, out, capsys):
+    recipe = train_recipe(files, out)
+    (out / "config.yaml").write_text(dump_yaml(load_config(TrainRunConfig, recipe)))
+    check_refused(["train", str(recipe), "train.beta=0.5"], out, capsys, "train.beta: 0.1 -> 0.5")
+    (out / "policy").mkdir()
+    check_refused(["train", str(recipe)], out, capsys, "policy already exists: this run finished")
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_a_run_directory_owned_by_a_live_process_is_refused(files, out, builtin_task, capsys, command):
+    """A lock naming a live process of this machine refuses a second run; once it is gone, the lock is stale."""
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = {"pid": owner.pid, "host": socket.gethostname(), "started": _start_time(owner.pid)}
+        (out / "run.lock").write_text(json.dumps(lock) + "\n")
+        argv = ["run", "quickstart", *TINY, f"output_dir={out}"] if command == "run" else \
+            ["train", str(train_recipe(files, out))]
+        check_refused(argv, out, capsys, f"is in use by another selfalign process (pid {owner.pid}")
+    finally:
+        owner.kill()
+        owner.wait()
+    # The owner is gone: its lock is stale and the next run takes it over (and removes it when done).
+    from selfalign.rundir import RunLock
+
+    with RunLock(out):
+        assert json.loads((out / "run.lock").read_text())["pid"] != owner.pid
+    assert not (out / "run.lock").exists()
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs (needs root and mount rights; skipped elsewhere)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_keeps_what_was_written(files, full_disk, capsys):
+    out = full_disk / "run"
+    recipe = train_recipe(files, out, train={"batch_size": 8, "micro_batch_size": 8, "checkpoint_every": 1})
+    shutil.move(recipe, full_disk.parent / "recipe.yaml")
+    code = main(["train", str(full_disk.parent / "recipe.yaml"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "No space left on device" in err and "free some space" in err
+    assert (out / "config.yaml").exists() and not list(out.rglob("*.tmp")) and not (out / "run.lock").exists()
