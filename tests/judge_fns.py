@@ -44,3 +44,14 @@ def gold_pairwise(prompt, a, b):
 
     ra, rb = gold_reward([prompt, prompt], [a, b])
     return 1.0 if ra > rb else 0.0 if ra < rb else 0.5
+
+
+def ties_on_half(prompts, responses):
+    """The built-in gold reward, but a constant 0.5 (every response tied) on about half the prompts."""
+    import json
+    import zlib
+
+    from selfalign.tasks.builtin import gold_reward
+
+    scores = gold_reward(prompts, responses)
+    return [0.5 if zlib.crc32(json.dumps(p).encode()) % 2 else s for p, s in zip(prompts, scores)]
