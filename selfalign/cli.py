@@ -205,7 +205,9 @@ def iteration_table(out: Path, history: list[dict]) -> str:
              if any(r.get(f"labels/{s}") for r in rows)]
     cols = [("labels_total", "judge labels", "{:>12d}"), *extra, ("gold/greedy", "gold(greedy)", "{:>13.3f}"),
             ("gold/sampled", "gold(sampled)", "{:>14.3f}"), ("gold/high_reward_fraction", "perfect", "{:>8.3f}"),
-            ("win_rate", "win vs pi_0", "{:>12.3f}"), ("tie_rate", "ties", "{:>6.3f}"), ("kl_to_pi0", "KL(pi|pi_0)", "{:>12.3f}")]
+            ("win_rate", "win vs pi_0", "{:>12.3f}"), ("tie_rate", "ties", "{:>6.3f}"), ("kl_to_pi0", "KL(pi|pi_0)", "{:>12.3f}"),
+            # Share of the iteration's sampled responses cut off at max_new_tokens (generation.truncated).
+            ("truncated_share", "truncated", "{:>10.3f}")]
     lines = [f"{'iteration':>9} " + " ".join(f"{title:>{len(fmt.format(0))}}" for _, title, fmt in cols)]
     for r in rows:
         cells = [fmt.format(r[key]) if key in r else " " * len(fmt.format(0)) for key, _, fmt in cols]
@@ -242,28 +244,79 @@ def _eval_pairs(path: str, tokenizer) -> list[tuple[list[int], list[int], list[i
             for e in load_preferences(PreferenceDataConfig(path=path, eval_fraction=0.0), tokenizer)]
 
 
+def _eval_target(target: Path, overrides: list[str]):
+    """(run config, policy directory, run config file or None, base model recorded for it or None).
+
+    A run directory evaluates its last policy; a policy directory inside a run (RUN/iter_NNN/policy of
+    an online run, RUN/policy of `selfalign train`) takes the run's settings and records pi_0 as
+    the model that run started from. A policy found nowhere in a run records no base.
+    """
+    import yaml
+
+    from .loop import RunConfig
+
+    if (target / "config.yaml").is_file():
+        run_dir = target
+        policies = sorted(target.glob("iter_*/policy")) or ([target / "policy"] if (target / "policy").is_dir() else [])
+        if not policies:
+            raise UsageError(f"{target}: no iteration has finished yet (no iter_*/policy); run it first")
+        policy = policies[-1]
+    elif (target / "config.json").is_file():
+        policy = target
+        run_dir = next((d for d in (target.parent, target.parent.parent) if (d / "config.yaml").is_file()), None)
+    else:
+        raise UsageError(f"{target}: neither a policy directory (config.json) nor a run directory (config.yaml)")
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir is not None else None
+    if isinstance(saved, dict) and "method" in saved:  # an online run: its settings, its pi_0
+        return load_config(RunConfig, run_dir / "config.yaml", overrides), policy, run_dir / "config.yaml", None
+    base = None
+    if isinstance(saved, dict) and saved.get("model"):  # `selfalign train`: the reference it trained against
+        base = Path(saved.get("reference") or saved["model"])
+    return load_config(RunConfig, None, overrides), policy, None, base
+
+
+def _check_tokenizer(policy: Path, other: Path, flag: str) -> None:
+    """Refuse (one line) a baseline or reference whose tokenizer differs from the policy's: it would read the
+    policy's token ids as other tokens (or index past its vocabulary) after minutes of generation."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if Path(other) == Path(policy):
+        return
+    try:
+        mine, theirs = AutoTokenizer.from_pretrained(policy).get_vocab(), AutoTokenizer.from_pretrained(other).get_vocab()
+    except (OSError, ValueError):  # no tokenizer saved with the model: compare the vocabulary sizes only
+        mine = theirs = None
+    sizes = AutoConfig.from_pretrained(policy).vocab_size, AutoConfig.from_pretrained(other).vocab_size
+    if (mine is not None and mine != theirs) or sizes[1] < sizes[0]:
+        raise UsageError(f"{flag} {other}: its vocabulary ({sizes[1]} ids) is not the policy's ({sizes[0]} ids); "
+                         f"pass {flag} DIR with a model sharing the policy's tokenizer (the model it was trained from)")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a policy directory, or a run's final policy with the run's own settings."""
     from transformers import AutoTokenizer
 
     from .evaluate import evaluate_policy
     from .judges.function import FunctionJudge
-    from .loop import RunConfig, load_prompts, resolve_task
+    from .loop import load_prompts, resolve_task
 
     target = Path(args.target)
-    if (target / "config.yaml").is_file():  # a run directory: its last policy, its settings
-        cfg = load_config(RunConfig, target / "config.yaml", args.overrides)
-        policies = sorted(target.glob("iter_*/policy"))
-        if not policies:
-            raise UsageError(f"{target}: no iteration has finished yet (no iter_*/policy); run it first")
-        policy = policies[-1]
-    elif (target / "config.json").is_file():
-        cfg, policy = load_config(RunConfig, None, args.overrides), target
-    else:
-        raise UsageError(f"{target}: neither a policy directory (config.json) nor a run directory (config.yaml)")
-    task = resolve_task(cfg, progress=not args.no_progress)
-    pi0 = Path(args.reference or task.policy)
-    baseline = Path(args.baseline) if args.baseline else pi0
+    cfg, policy, run_config, base = _eval_target(target, args.overrides)
+    task = resolve_task(cfg, progress=not args.no_progress) if run_config is not None else None
+    recorded = task.policy if task is not None else base
+    # pi_0 is the model the policy was trained from; nothing else (least of all the built-in toy model) is a
+    # sensible default opponent for a policy of unknown origin.
+    pi0 = args.reference or recorded or args.baseline
+    baseline = args.baseline or recorded or args.reference
+    if pi0 is None:
+        raise UsageError(f"{target}: no run records the model this policy was trained from; pass --baseline DIR "
+                         "(that model: the opponent of the win rate, and the KL reference unless --reference is given)")
+    pi0, baseline = Path(pi0), Path(baseline)
+    _check_tokenizer(policy, baseline, "--baseline")
+    _check_tokenizer(policy, pi0, "--reference")
+    if task is None and not (args.prompts and (args.reward or args.reward_model)):
+        # A policy outside a run: the built-in task supplies prompts and reward only where none are given.
+        task = resolve_task(cfg, progress=not args.no_progress)
     prompts_file = args.prompts or task.eval_prompts
     if not prompts_file:
         raise UsageError("no held-out prompts: pass --prompts FILE.jsonl (or set eval_prompts in the run's config)")
@@ -283,8 +336,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise UsageError("no reward to evaluate with: pass --reward pkg.module:fn or --reward-model DIR")
         gold, scorer = FunctionJudge(spec), spec
     pairs = _eval_pairs(args.pairs, tokenizer) if args.pairs else None
+    responses = Path(args.output).with_suffix(".responses.jsonl") if args.output else None
     metrics = evaluate_policy(policy, pi0, prompts, tokenizer, gold, cfg, progress=not args.no_progress,
-                              baseline_path=baseline, pairs=pairs, high_reward=args.high_reward)
+                              baseline_path=baseline, pairs=pairs, high_reward=args.high_reward,
+                              responses_path=responses)
     record = {"policy": str(policy), "baseline": str(baseline), "reference": str(pi0), "prompts": prompts_file,
               "num_prompts": len(prompts), "reward": scorer, **metrics}
     if args.output:
@@ -292,6 +347,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     width = max(len(k) for k in record)
     for key, value in record.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    if responses is not None:
+        print(f"responses saved to {responses}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -369,12 +426,14 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--prompts", help="JSONL held-out prompts (default: the run's or the built-in task's)")
     ev.add_argument("--reward", help="'pkg.module:fn' reward (default: the run's gold reward)")
     ev.add_argument("--reward-model", help="score with this sequence-classification reward model instead")
-    ev.add_argument("--baseline", help="policy to win against (default: pi_0)")
-    ev.add_argument("--reference", help="pi_ref of the KL and implicit reward (default: pi_0)")
+    ev.add_argument("--baseline", help="policy to win against (default: pi_0, the model the policy was trained "
+                                       "from as its run records it; required for a policy outside a run)")
+    ev.add_argument("--reference", help="pi_ref of the KL and implicit reward (default: pi_0, else the baseline)")
     ev.add_argument("--pairs", help="JSONL pairs for the implicit-reward gap (a run's pairs.jsonl or prompt/chosen/rejected)")
     ev.add_argument("--limit", type=int, default=0, help="evaluate on the first N prompts only")
     ev.add_argument("--high-reward", type=float, default=0.999, help="threshold of the high-reward region")
-    ev.add_argument("--output", help="also write the metrics as JSON here")
+    ev.add_argument("--output", help="also write the metrics as JSON here (and the responses next to it, "
+                                     "OUTPUT.responses.jsonl)")
     ev.set_defaults(func=cmd_eval)
     rep = sub.add_parser("report", help="write RUN/report.md and RUN/plots/*.png")
     rep.add_argument("run", help="run directory")
@@ -392,7 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     conf.add_argument("which", nargs="?", choices=["run", "train"], default="run",
                       help="the online loop's keys (run, quickstart; default) or offline training's (train)")
     conf.set_defaults(func=cmd_config)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `eval RUN --limit 8 eval.samples=4`: argparse leaves overrides that follow an option unparsed.
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # transformers' own bars (loading and writing weights: sub-second on the tasks here) only interleave
     # with selfalign's bars for generation, judging and training; --no-progress silences those too.
     from transformers.utils import logging as hf_logging

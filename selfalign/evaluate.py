@@ -6,12 +6,17 @@ Metrics (per policy directory):
     gold/high_reward_fraction      fraction of sampled responses with reward >= high_reward
     win_rate, tie_rate             greedy response vs the baseline policy's greedy response on the
                                    same prompt (pi_0 by default), judged by the same reward; ties apart
-    kl_to_pi0                      KL(pi || pi_ref) estimated from samples of pi: mean of
-                                   log pi(y|x) - log pi_ref(y|x) (pi_ref = pi_0 by default)
+    kl_to_pi0                      KL(pi || pi_ref) estimated from samples y ~ pi with Schulman's k3:
+                                   mean of exp(r) - 1 - r, r = log pi_ref(y|x) - log pi(y|x)
+                                   (pi_ref = pi_0 by default). Unbiased like the plain mean of -r
+                                   (k1), but never negative per sample: k1 on a few samples can
+                                   come out below 0, which a KL cannot be.
+    eval/truncated_share           share of sampled responses that hit max_new_tokens without an end token
     implicit/gap, implicit/accuracy  (given pairs) SELM's analysis: mean implicit reward
                                    beta * log(pi/pi_ref) of chosen minus that of rejected responses,
                                    and the share of pairs where it is positive
-The per-response rewards come back too (`rewards`), for histograms.
+The per-response rewards come back too (`rewards`), for histograms; with `responses_path` the
+held-out texts, their rewards and truncation flags are saved there, one JSON line per prompt.
 """
 
 from __future__ import annotations
@@ -21,28 +26,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import release_memory
+from tqdm.auto import tqdm
 
-from .data import pad_token_id, prompt_ids, write_atomic
+from .data import pad_token_id, prompt_ids, write_atomic, write_jsonl
 from .generation import GenerationConfig
 from .generation.hf import HFGenerator
 from .judges import Prompt
 from .logprobs import collate, sequence_logprobs
+from .truncation import end_token_ids, is_truncated
 
 HIGH_REWARD = 0.999
 
 
 def _generate(model, ids, tokenizer, num_samples: int, temperature: float, max_new_tokens: int, seed: int,
               progress: bool = False):
-    gen = HFGenerator(model, pad_token_id(tokenizer), tokenizer.eos_token_id)
+    gen = HFGenerator(model, pad_token_id(tokenizer), end_token_ids(tokenizer))
     cfg = GenerationConfig(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
                            batch_size=64)
     return gen.generate(ids, cfg, seed=seed, progress=progress)
 
 
 @torch.no_grad()
-def _logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad: int) -> torch.Tensor:
+def _logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad: int, progress: bool = False,
+              desc: str = "log-probs") -> torch.Tensor:
     out = []
-    for s in range(0, len(prompts), 64):
+    for s in tqdm(range(0, len(prompts), 64), desc=desc, disable=not progress, leave=False):
         batch = collate(prompts[s : s + 64], responses[s : s + 64], pad)
         out.append(sequence_logprobs(model, batch.to(next(model.parameters()).device)).cpu())
     return torch.cat(out) if out else torch.zeros(0)
@@ -55,9 +64,22 @@ def _load(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
 
 
+def kl_k3(logp_policy: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """Per-sample k3 estimate of KL(pi || pi_ref) from y ~ pi: exp(r) - 1 - r with r = logp_ref - logp_policy.
+
+    Its mean is unbiased for the KL, like that of k1 = -r, and every term is >= 0 (e^r >= 1 + r),
+    so the estimate is never negative. Computed in float64: r is a whole sequence's log ratio.
+    """
+    r = logp_ref.double() - logp_policy.double()
+    return torch.expm1(r) - r
+
+
 def baseline_greedy(baseline_path: Path, prompts: list[Prompt], tokenizer, max_new_tokens: int,
-                    cache: Path | None) -> list[str]:
-    """The baseline policy's greedy responses on the eval prompts (cached in the run directory)."""
+                    cache: Path | None, model=None, progress: bool = False) -> list[str]:
+    """The baseline policy's greedy responses on the eval prompts (cached in the run directory).
+
+    `model` is the baseline already loaded (pi_0 when it is the baseline), else it is loaded here.
+    """
     path = cache / "baseline_greedy.json" if cache is not None else None
     if path is not None and path.exists():
         saved = json.loads(path.read_text())
@@ -65,20 +87,22 @@ def baseline_greedy(baseline_path: Path, prompts: list[Prompt], tokenizer, max_n
             return saved["texts"]
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     texts = [tokenizer.decode(r[0], skip_special_tokens=True)
-             for r in _generate(_load(baseline_path), ids, tokenizer, 1, 0.0, max_new_tokens, seed=0)]
+             for r in _generate(model if model is not None else _load(baseline_path), ids, tokenizer, 1, 0.0,
+                                max_new_tokens, seed=0, progress=progress)]
     if path is not None:
         write_atomic(path, json.dumps({"policy": str(baseline_path), "texts": texts}))
     return texts
 
 
 def implicit_reward_gap(policy, reference, pairs: list[tuple[list[int], list[int], list[int]]], beta: float,
-                        pad: int) -> dict[str, float]:
+                        pad: int, progress: bool = False) -> dict[str, float]:
     """Mean of beta*log(pi/pi_ref)(chosen) - beta*log(pi/pi_ref)(rejected) over (prompt, chosen, rejected) ids."""
     if not pairs:
         return {}
     prompts = [p for p, _, _ in pairs] * 2
     responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
-    ratio = _logprobs(policy, prompts, responses, pad) - _logprobs(reference, prompts, responses, pad)
+    ratio = (_logprobs(policy, prompts, responses, pad, progress, "implicit reward: policy")
+             - _logprobs(reference, prompts, responses, pad, progress, "implicit reward: reference"))
     n = len(pairs)
     gap = beta * (ratio[:n] - ratio[n:])
     return {"implicit/gap": gap.mean().item(), "implicit/accuracy": (gap > 0).float().mean().item()}
@@ -87,35 +111,58 @@ def implicit_reward_gap(policy, reference, pairs: list[tuple[list[int], list[int
 def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], tokenizer, gold, cfg,
                     cache: Path | None = None, progress: bool = False, baseline_path: Path | None = None,
                     pairs: list[tuple[list[int], list[int], list[int]]] | None = None,
-                    high_reward: float = HIGH_REWARD, keep_rewards: bool = False) -> dict[str, Any]:
+                    high_reward: float = HIGH_REWARD, keep_rewards: bool = False,
+                    responses_path: Path | None = None) -> dict[str, Any]:
     """Metrics of the policy at policy_path (see the module docstring); `gold` is a Judge.
 
     pi0_path is the reference of the KL and of the implicit reward; baseline_path (default
     pi0_path) is the opponent of the win rate. cfg supplies generation.max_new_tokens,
-    generation.temperature, eval.samples, seed and train.beta.
+    generation.temperature, eval.samples, seed and train.beta. At most two models are held at
+    once: a baseline other than pi_0 answers (and is released) before pi_0 and the policy load.
+    responses_path, if given, receives one JSON line per prompt: the greedy, baseline and
+    sampled texts with their rewards and truncation flags.
     """
-    policy, pi0 = _load(policy_path), _load(pi0_path)
+    stages = tqdm(total=6, desc="eval", disable=not progress, leave=False)
+
+    def stage(name: str) -> None:
+        stages.set_postfix_str(name)
+        stages.update(1)
+
+    baseline_path = baseline_path or pi0_path
+    pi0 = _load(pi0_path) if Path(baseline_path) == Path(pi0_path) else None
+    base = baseline_greedy(baseline_path, prompts, tokenizer, cfg.generation.max_new_tokens, cache, model=pi0,
+                           progress=progress)
+    stage("baseline answered")
+    pi0 = pi0 if pi0 is not None else _load(pi0_path)
+    policy = _load(policy_path)
     pad = pad_token_id(tokenizer)
     max_new = cfg.generation.max_new_tokens
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     greedy_ids = [r[0] for r in _generate(policy, ids, tokenizer, 1, 0.0, max_new, seed=0, progress=progress)]
+    stage("greedy answered")
     k = cfg.eval.samples
     sampled_ids = _generate(policy, ids, tokenizer, k, cfg.generation.temperature or 1.0, max_new, seed=cfg.seed + 1,
                             progress=progress)
+    stage("sampled")
     decode = lambda r: tokenizer.decode(r, skip_special_tokens=True)  # noqa: E731
     greedy = [decode(r) for r in greedy_ids]
     sampled = [[decode(r) for r in rs] for rs in sampled_ids]
-    base = baseline_greedy(baseline_path or pi0_path, prompts, tokenizer, max_new, cache)
 
     g_greedy = [row[0] for row in gold.score(prompts, [[r] for r in greedy])]
     g_base = [row[0] for row in gold.score(prompts, [[r] for r in base])]
-    g_sampled = [v for row in gold.score(prompts, sampled) for v in row]
+    g_sampled_rows = gold.score(prompts, sampled)
+    g_sampled = [v for row in g_sampled_rows for v in row]
+    stage("scored")
     wins = sum(a > b for a, b in zip(g_greedy, g_base))
     ties = sum(a == b for a, b in zip(g_greedy, g_base))
 
     flat_p = [ids[i] for i in range(len(ids)) for _ in range(k)]
     flat_r = [r for rs in sampled_ids for r in rs]
-    kl = (_logprobs(policy, flat_p, flat_r, pad) - _logprobs(pi0, flat_p, flat_r, pad)).mean().item()
+    kl = kl_k3(_logprobs(policy, flat_p, flat_r, pad, progress, "KL: policy log-probs"),
+               _logprobs(pi0, flat_p, flat_r, pad, progress, "KL: pi_0 log-probs"))
+    stage("KL")
+    end_ids = set(end_token_ids(tokenizer))
+    trunc = [[is_truncated(r, max_new, end_ids) for r in rs] for rs in sampled_ids]
     n = len(prompts)
     metrics: dict[str, Any] = {
         "gold/greedy": sum(g_greedy) / n,
@@ -123,9 +170,21 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
         "gold/high_reward_fraction": sum(v >= high_reward for v in g_sampled) / len(g_sampled),
         "win_rate": wins / n,
         "tie_rate": ties / n,
-        "kl_to_pi0": kl,
+        "kl_to_pi0": kl.mean().item(),
+        "eval/truncated_share": sum(map(sum, trunc)) / len(flat_r),
     }
-    metrics.update(implicit_reward_gap(policy, pi0, pairs or [], cfg.train.beta, pad))
+    metrics.update(implicit_reward_gap(policy, pi0, pairs or [], cfg.train.beta, pad, progress))
+    stage("implicit reward")
+    stages.close()
+    if responses_path is not None:
+        write_jsonl(responses_path, [
+            {"prompt": prompts[i], "greedy": greedy[i], "greedy_reward": g_greedy[i],
+             "greedy_truncated": is_truncated(greedy_ids[i], max_new, end_ids),
+             "baseline": base[i], "baseline_reward": g_base[i],
+             "sampled": sampled[i], "sampled_rewards": g_sampled_rows[i], "sampled_truncated": trunc[i],
+             "sampled_kl": kl[i * k : (i + 1) * k].tolist()}
+            for i in range(n)])
     if keep_rewards:
         metrics["rewards"] = {"greedy": g_greedy, "sampled": g_sampled}
+    policy, pi0 = release_memory(policy, pi0)  # both go (gc, device cache) before the loop trains the next policy
     return metrics

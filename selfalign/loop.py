@@ -35,7 +35,7 @@ from .judges import Judge, Prompt
 from .judges.function import FunctionJudge
 from .logprobs import head_scale
 from .methods import METHODS, Method
-from .pairs import SELECTORS, selm_three_way
+from .pairs import SELECTORS, Pair, selm_three_way
 from .rundir import RunLock
 from .train import (
     ROUTES,
@@ -44,10 +44,24 @@ from .train import (
     PreferenceTrainer,
     SailConfig,
     TrainConfig,
+    resolve_alpha,
     resolve_mixed_precision,
 )
+from .truncation import end_token_ids, finished, is_truncated, penalized_scores
 
 BUILTIN = "builtin"
+
+
+@dataclass
+class SamplingConfig(GenerationConfig):
+    """How the K responses are sampled, and what becomes of a truncated one (see selfalign.truncation)."""
+
+    truncated: Literal["keep", "penalize", "drop"] = field(
+        "keep", help="A response that hit max_new_tokens without an end token: keep it (judged like any other), "
+                     "penalize its score before pairing, or drop it (never in a pair). Counted in metrics either way.")
+    truncated_score: float | None = field(
+        None, help="The score a truncated response gets with truncated=penalize; null: 1 below the lowest score the "
+                   "judge gave in the round (it then loses to every finished answer).")
 
 
 @dataclass
@@ -118,7 +132,7 @@ class RunConfig:
         default_factory=list, help="Peak learning rate of each iteration (SELM's papers decay it); empty: train.learning_rate."
     )
     seed: int = field(0, help="Seed for prompt order, routing, generation and annotator noise.")
-    generation: GenerationConfig = field(default_factory=GenerationConfig, help="Sampling of the K responses.")
+    generation: SamplingConfig = field(default_factory=SamplingConfig, help="Sampling of the K responses.")
     judge: JudgeConfig = field(default_factory=JudgeConfig, help="Labelling.")
     train: RunTrainConfig = field(default_factory=RunTrainConfig, help="The preference update of each iteration.")
     eval: EvalConfig = field(default_factory=EvalConfig, help="Held-out evaluation.")
@@ -173,7 +187,7 @@ class RunConfig:
         own = "a sail_* method's routes" if loss == "sail" else f"the y_ref that method={loss} draws"
         check(loss in ("dpo", "ipo"), "train.loss",
               f"{loss} cannot train {self.method}: it needs {own}; change the method, or set train.loss=dpo or ipo")
-        check(self.train.alpha == 0, "train.alpha",
+        check(not self.train.alpha, "train.alpha",
               f"{loss} has no optimism term, so alpha={self.train.alpha:g} would be unused; set train.alpha=0 "
               f"(or drop train.loss to train {method.loss})")
 
@@ -193,6 +207,11 @@ class RunConfig:
         values = {k: v if v is not None else preset.get(k, 0.0)
                   for k, v in dataclasses.asdict(self.train.sail).items() if k in ("r", "p", "g", "rho", "pi", "gamma")}
         return dataclasses.replace(self.train.sail, **values)
+
+    @property
+    def alpha(self) -> float:
+        """train.alpha, or the paper value of the loss trained when unset (SELM 0.001, XPO 1e-5; 0 otherwise)."""
+        return resolve_alpha(self.loss, self.train.alpha)
 
     @property
     def needs_dataset(self) -> bool:
@@ -277,7 +296,8 @@ def _run(cfg: RunConfig, progress: bool) -> list[dict[str, Any]]:
     if eval_prompts and gold is not None and accelerator.is_main_process and not (out / "pi0_metrics.json").exists():
         from .evaluate import evaluate_policy
 
-        result = evaluate_policy(pi0_path, pi0_path, eval_prompts, tokenizer, gold, cfg, cache=out, keep_rewards=True)
+        result = evaluate_policy(pi0_path, pi0_path, eval_prompts, tokenizer, gold, cfg, cache=out, keep_rewards=True,
+                                 progress=show, responses_path=out / "pi0_eval_responses.jsonl")
         write_atomic(out / "pi0_eval_rewards.json", json.dumps(result.pop("rewards")))
         write_atomic(out / "pi0_metrics.json", json.dumps(
             {"iteration": "pi_0", "labels_total": 0, "labelled_pairs_total": 0, **result}, indent=1))
@@ -301,8 +321,8 @@ def _run(cfg: RunConfig, progress: bool) -> list[dict[str, Any]]:
             policy = AutoModelForCausalLM.from_pretrained(prev, dtype=torch.float32).to(accelerator.device)
             reference = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32)
             lr = cfg.iteration_learning_rates[t] if cfg.iteration_learning_rates else cfg.train.learning_rate
-            train_cfg = dataclasses.replace(cfg.train, loss=cfg.loss, learning_rate=lr, seed=cfg.train.seed + t,
-                                            sail=cfg.sail)
+            train_cfg = dataclasses.replace(cfg.train, loss=cfg.loss, alpha=cfg.alpha, learning_rate=lr,
+                                            seed=cfg.train.seed + t, sail=cfg.sail)
             trainer = PreferenceTrainer(policy, train_cfg, pad_id, reference=reference, accelerator=accelerator)
             rounds = round_bounds(len(rows), cfg)
             done = trainer.begin(sum(math.ceil((b - a) / cfg.train.batch_size) for a, b in rounds) * cfg.train.epochs,
@@ -312,13 +332,16 @@ def _run(cfg: RunConfig, progress: bool) -> list[dict[str, Any]]:
                 # 1-4. Generate from the current policy, label (judge, policy or dataset), pair.
                 examples = stage_round(rd, cfg, method, trainer, rows[a:b], data, judge, tokenizer, accelerator,
                                        seed=cfg.seed * 7919 + t + 100_003 * k, show=show)
-                # 5. Train on them; the optimizer and schedule carry over from round to round.
-                result = trainer.train_round(examples, last=k == len(rounds) - 1, progress=show)
+                # 5. Train on them; the optimizer and schedule carry over from round to round. The schedule
+                # is sized from the examples left after ties (later rounds: at this round's share).
+                later = sum(len(trainer.plan(round((d - c) * len(examples) / (b - a)))) for c, d in rounds[k + 1:])
+                result = trainer.train_round(examples, last=k == len(rounds) - 1, progress=show, later_steps=later)
             if accelerator.is_main_process:
                 counts = [json.loads((round_dir(it, k, len(rounds)) / "labels.json").read_text())
                           for k in range(len(rounds))]
-                labels = {key: sum(c[key] for c in counts)
-                          for key in ("judge", "judged_prompts", "policy", "dataset", "pairs", "ties")}
+                labels = {key: sum(c.get(key, 0) for c in counts)
+                          for key in ("judge", "judged_prompts", "policy", "dataset", "pairs", "ties", "responses",
+                                      "truncated", "truncation_dropped")}
                 labels["routes"] = {r: sum(c["routes"].get(r, 0) for c in counts) for r in counts[0]["routes"]}
                 write_atomic(it / "labels.json", json.dumps(labels, indent=1))
                 write_atomic(it / "train.json", json.dumps({"steps": result.steps, "summary": result.summary,
@@ -327,6 +350,9 @@ def _run(cfg: RunConfig, progress: bool) -> list[dict[str, Any]]:
             # policy directory's arrival marks the training stage done.
             save_policy(trainer, tokenizer, it / "policy", accelerator)
             del trainer, reference, policy
+            # The run-wide accelerator keeps every prepared model: without this each iteration's policy
+            # stays alive to the end of the run.
+            accelerator.free_memory()
         # 7. Evaluate and record.
         if accelerator.is_main_process:
             metrics = stage_eval(it, cfg, t, pi0_path, eval_prompts, tokenizer, gold, accelerator, show)
@@ -468,7 +494,7 @@ def check_run_dir(out: Path, cfg: RunConfig, accelerator: Accelerator) -> None:
 def generate_sharded(model, ids: list[list[int]], gen_cfg: GenerationConfig, seed: int, tokenizer,
                      accelerator: Accelerator, show: bool) -> list[list[list[int]]]:
     """Each process generates for prompts i = rank, rank + P, ...; the results are gathered in order."""
-    generator = HFGenerator(model, pad_token_id(tokenizer), tokenizer.eos_token_id)
+    generator = HFGenerator(model, pad_token_id(tokenizer), end_token_ids(tokenizer))
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(ids), world))
     # The seed depends on the process so that shards do not repeat each other's samples.
@@ -494,13 +520,17 @@ def stage_generate(rd: Path, cfg: RunConfig, method: Method, trainer: Preference
     y_ref (XPO), or y_ref and the dataset pair (SELM's code; dataset_pairs gives each prompt's).
     """
     path = rd / "responses.jsonl"
+    end_ids, limit = set(end_token_ids(tokenizer)), cfg.generation.max_new_tokens
     if path.exists():
-        return load_jsonl(path)
+        rows = load_jsonl(path)
+        for row in rows:  # a file written before truncation was recorded
+            row.setdefault("truncated", [is_truncated(r, limit, end_ids) for r in row["response_ids"]])
+        return rows
     k = method.policy_samples(cfg.generation.num_samples)
     samples = generate_sharded(trainer.policy, ids, dataclasses.replace(cfg.generation, num_samples=k), seed,
                                tokenizer, accelerator, show) if ids and k else [[] for _ in ids]
     ref_samples: list[list[int]] | None = None
-    if method.needs_ref_sample and (cfg.train.alpha != 0 or method.ranks_ref_sample) and ids:
+    if method.needs_ref_sample and (cfg.alpha != 0 or method.ranks_ref_sample) and ids:
         # SELM: y_ref from pi_ref (greedy); XPO: a sample from the fixed pi_0.
         greedy = method.ref_sample == "greedy"
         ref_cfg = GenerationConfig(num_samples=1, temperature=0.0 if greedy else cfg.generation.temperature,
@@ -512,7 +542,8 @@ def stage_generate(rd: Path, cfg: RunConfig, method: Method, trainer: Preference
     for i, policy in enumerate(samples):
         ref = ref_samples[i] if ref_samples is not None else None
         responses, ref_index = method.candidates(policy, ref, dataset_pairs[i] if dataset_pairs else None)
-        row = {"response_ids": responses, "responses": [tokenizer.decode(r, skip_special_tokens=True) for r in responses]}
+        row = {"response_ids": responses, "responses": [tokenizer.decode(r, skip_special_tokens=True) for r in responses],
+               "truncated": [is_truncated(r, limit, end_ids) for r in responses]}
         if ref is not None:
             row["ref_response_ids"] = ref
         if ref_index is not None:
@@ -525,8 +556,9 @@ def stage_generate(rd: Path, cfg: RunConfig, method: Method, trainer: Preference
 
 
 def stage_judge(rd: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], responses: list[list[str]],
-                accelerator: Accelerator, show: bool) -> tuple[list[list[float]], int]:
-    """RUN/iter[/round]/generations.jsonl: prompt, responses[], scores[]; returns (scores, labels paid).
+                accelerator: Accelerator, show: bool,
+                truncated: list[list[bool]] | None = None) -> tuple[list[list[float]], int]:
+    """RUN/iter[/round]/generations.jsonl: prompt, responses[], scores[], truncated[]; returns (scores, labels paid).
 
     Every label paid for is journaled chunk by chunk before it is used, so a resumed run
     never asks the judge again for one it already has.
@@ -565,7 +597,8 @@ def stage_judge(rd: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], r
                 done.update(zip(todo, scores))
                 bar.update(len(todo))
         bar.close()
-        write_jsonl(path, [{"prompt": prompts[i], "responses": responses[i], "scores": done[i]}
+        write_jsonl(path, [{"prompt": prompts[i], "responses": responses[i], "scores": done[i],
+                            **({"truncated": truncated[i]} if truncated is not None else {})}
                            for i in range(len(prompts))])
     accelerator.wait_for_everyone()
     labels = sum(json.loads(line)["labels"] for line in journal.read_text().splitlines() if line.strip())
@@ -594,28 +627,41 @@ def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTra
                                            tokenizer, accelerator, seed, show, dataset_pairs)))
     judged = [j for j in online if rows[j][1] != "pp"]
     scores, judge_labels = stage_judge(rd, cfg, judge, [data.prompts[rows[j][0]] for j in judged],
-                                       [gens[j]["responses"] for j in judged], accelerator, show)
+                                       [gens[j]["responses"] for j in judged], accelerator, show,
+                                       truncated=[gens[j]["truncated"] for j in judged])
+    mode = cfg.generation.truncated
+    if mode == "penalize":  # generations.jsonl keeps the judge's own scores; the pairs see the penalty
+        scores = penalized_scores(scores, [gens[j]["truncated"] for j in judged], cfg.generation.truncated_score)
     scores_of = dict(zip(judged, scores))
     select = SELECTORS[cfg.pair_selector]
     rng = random.Random(f"{cfg.seed}:{stage_key(rd)}")
     examples: dict[int, PreferenceExample] = {}
     sources: dict[int, str] = {}
-    ties = 0
+    ties = dropped = 0
     for j, (i, route) in enumerate(rows):
         if route in ("offline", "dp"):
             pair = data.pairs[i]
             examples[j] = PreferenceExample(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, route=route)
             sources[j] = "dataset"
         elif route == "pp":
+            if mode == "drop" and any(gens[j]["truncated"]):
+                dropped += 1
+                continue
             y = gens[j]["response_ids"]
             examples[j] = PreferenceExample(data.ids[i], y[0], y[1], route=route)
             sources[j] = "policy"
         else:
+            keep = finished(gens[j]["truncated"]) if mode == "drop" else list(range(len(scores_of[j])))
+            if len(keep) < 2:
+                dropped += 1
+                continue
+            kept = [scores_of[j][c] for c in keep]
             # SELM's code ranks (y_ref, chosen, rejected) best vs worst; XPO's pair is its two candidates.
-            pair = selm_three_way(*scores_of[j]) if method.ranks_dataset_pair else select(scores_of[j], rng)
+            pair = selm_three_way(*kept) if method.ranks_dataset_pair and len(kept) == 3 else select(kept, rng)
             if pair is None:
                 ties += 1
                 continue
+            pair = Pair(keep[pair.chosen], keep[pair.rejected])
             y = gens[j]["response_ids"]
             examples[j] = PreferenceExample(data.ids[i], y[pair.chosen], y[pair.rejected],
                                             gens[j].get("ref_response_ids"), route=route)
@@ -623,7 +669,8 @@ def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTra
     policy_prob = label_by_policy(trainer, examples, [j for j, (_, r) in enumerate(rows) if r == "pp"], seed)
     ordered = [examples[j] for j in sorted(examples)]
     if not ordered:
-        raise RuntimeError(f"{rd}: every prompt's responses tied under the judge; no pair to train on")
+        raise RuntimeError(f"{rd}: every prompt's responses tied under the judge or were dropped as truncated "
+                           "(generation.truncated=drop); no pair to train on")
     routes = [r for _, r in rows]
     counts = {
         "judge": judge_labels,
@@ -632,6 +679,10 @@ def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTra
         "policy": routes.count("pp") + routes.count("dp") * cfg.train.epochs,
         "dataset": routes.count("offline") + routes.count("dp"),
         "pairs": len(ordered), "ties": ties,
+        # Policy samples that hit max_new_tokens without an end token, and rows that lost their pair to
+        # generation.truncated=drop.
+        "responses": sum(len(g["truncated"]) for g in gens.values()),
+        "truncated": sum(sum(g["truncated"]) for g in gens.values()), "truncation_dropped": dropped,
         "routes": {r: routes.count(r) for r in ROUTES} if method.loss == "sail" else {},
     }
     if accelerator.is_main_process:
@@ -696,6 +747,9 @@ def stage_eval(it: Path, cfg: RunConfig, t: int, pi0_path: Path, eval_prompts: l
                "labels_total_by_source": {k: before.get(k, 0) + v for k, v in by_source.items()},
                "labelled_pairs": labelled, "labelled_pairs_total": previous.get("labelled_pairs_total", 0) + labelled,
                "pairs": labels["pairs"], "ties": labels["ties"],
+               "truncated": labels.get("truncated", 0),
+               "truncated_share": labels.get("truncated", 0) / labels["responses"] if labels.get("responses") else 0.0,
+               "truncation_dropped": labels.get("truncation_dropped", 0),
                **({"routes": labels["routes"]} if labels["routes"] else {}),
                **{f"train/{k}": v for k, v in train["summary"].items() if k in ("loss", "rewards/accuracies",
                                                                                  "rewards/margins")}}
@@ -706,7 +760,8 @@ def stage_eval(it: Path, cfg: RunConfig, t: int, pi0_path: Path, eval_prompts: l
                  for r in load_jsonl(rd / "pairs.jsonl")]
         pairs = random.Random(f"{cfg.seed}:implicit").sample(pairs, min(256, len(pairs)))
         result = evaluate_policy(it / "policy", pi0_path, eval_prompts, tokenizer, gold, cfg, cache=it.parent,
-                                 progress=show, pairs=pairs, keep_rewards=True)
+                                 progress=show, pairs=pairs, keep_rewards=True,
+                                 responses_path=it / "eval_responses.jsonl")
         write_atomic(it / "eval_rewards.json", json.dumps(result.pop("rewards")))
         metrics.update(result)
     return metrics

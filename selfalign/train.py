@@ -20,7 +20,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -118,7 +118,9 @@ class TrainConfig:
 
     loss: Literal["dpo", "ipo", "selm", "xpo", "sail"] = cfield("dpo", help="Preference loss (see selfalign.losses).")
     beta: float = cfield(0.1, help="KL strength beta in h = beta * (log-ratio difference).")
-    alpha: float = cfield(0.0, help="Optimism coefficient for selm (alpha*beta*...) and xpo (alpha*...).")
+    alpha: float | None = cfield(
+        None, help="Optimism coefficient for selm (alpha*beta*...) and xpo (alpha*...); null: the paper's value for the "
+                   "loss (selm 0.001, paired there with beta 0.01; xpo 1e-5), 0 for other losses. 0 trains DPO exactly.")
     label_smoothing: float = cfield(0.0, help="Probability a label is flipped (conservative DPO); 0 is plain DPO.")
     optimizer: Literal["adamw", "rmsprop"] = cfield("adamw", help="AdamW, or RMSprop (SAIL's official choice).")
     learning_rate: float = cfield(1e-6, help="Peak learning rate.")
@@ -147,7 +149,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self.beta > 0, "train.beta", f"must be > 0, got {self.beta}")
-        check(self.alpha >= 0, "train.alpha", f"must be >= 0, got {self.alpha}")
+        check(self.alpha is None or self.alpha >= 0, "train.alpha", f"must be >= 0, got {self.alpha}")
         check(0.0 <= self.label_smoothing < 0.5, "train.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         check(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
         check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
@@ -155,6 +157,16 @@ class TrainConfig:
         for key in ("batch_size", "micro_batch_size", "epochs", "ref_batch_size", "logprob_chunk_size"):
             check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+
+
+# The papers' optimism coefficients (ALGORITHMS.md): SELM's Zephyr/Phi-3 setting and XPO's; an unset
+# train.alpha takes these, so method=selm or xpo never trains plain DPO by omission.
+PAPER_ALPHA: dict[str, float] = {"selm": 1e-3, "xpo": 1e-5}
+
+
+def resolve_alpha(loss: str, alpha: float | None) -> float:
+    """train.alpha as set, or the paper's value for `loss` when unset (null); 0 for losses without the term."""
+    return alpha if alpha is not None else PAPER_ALPHA.get(loss, 0.0)
 
 
 @dataclass
@@ -379,6 +391,8 @@ class PreferenceTrainer:
         reference: nn.Module | None = None,
         accelerator: Accelerator | None = None,
     ) -> None:
+        if config.alpha is None:
+            config = replace(config, alpha=resolve_alpha(config.loss, None))
         self.config = config
         self.objective = OBJECTIVES[config.loss]
         self.pad_token_id = pad_token_id
@@ -606,8 +620,14 @@ class PreferenceTrainer:
         last: bool = True,
         stop_after_steps: int | None = None,
         progress: bool = True,
+        later_steps: int | None = None,
     ) -> UpdateResult:
         """Train on one round of examples (config.epochs passes) after begin(); returns all steps so far.
+
+        The learning-rate schedule is sized to the steps actually planned: the steps run before
+        this round, this round's own, and `later_steps` expected after it (0 on the last round;
+        None keeps begin()'s total on a round that is not the last). begin() can only guess from
+        the prompt count; judge ties and dropped samples leave fewer examples than prompts.
 
         A round that stops early (stop_after_steps, or a kill after a checkpoint_every save)
         resumes mid-round when begin() and train_round() are called again with the same
@@ -627,6 +647,9 @@ class PreferenceTrainer:
         fingerprint = self._fingerprint(examples)
         result = UpdateResult(steps=self._history)
         start = 0
+        resumed = self._resume["step"] if self._resume is not None else 0
+        if later_steps is not None or last:
+            self._resize_schedule(len(self._history) - resumed + len(steps) + (later_steps or 0))
         if self._resume is not None:
             if self._resume["fingerprint"] != fingerprint:
                 raise ValueError(
@@ -660,6 +683,15 @@ class PreferenceTrainer:
             elif last and acc.is_main_process and self._ckpt_path.exists():
                 self._ckpt_path.unlink()  # the update finished; its caller saves the policy
         return result
+
+    def _resize_schedule(self, total_steps: int) -> None:
+        """Re-size the warmup and decay to total_steps, keeping the step count (and the current step's lr)."""
+        cfg, scheduler = self.config, self._scheduler
+        fn = lr_lambda(cfg.lr_scheduler, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+        scheduler.lr_lambdas = [fn] * len(self._optimizer.param_groups)
+        for group, base in zip(self._optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * fn(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self._optimizer.param_groups]
 
     def _checkpoint_due(self) -> bool:
         """checkpoint_every optimizer steps (counted over rounds) have passed since the last save.

@@ -66,3 +66,14 @@ def paid_then_killed(prompts, responses):
     if str(_calls) == os.environ.get("SELFALIGN_TEST_KILL_AFTER_JUDGE_CALL"):
         os.kill(os.getpid(), signal.SIGKILL)
     return scores
+
+
+def ties_on_half(prompts, responses):
+    """The built-in gold reward, but a constant 0.5 (every response tied) on about half the prompts."""
+    import json
+    import zlib
+
+    from selfalign.tasks.builtin import gold_reward
+
+    scores = gold_reward(prompts, responses)
+    return [0.5 if zlib.crc32(json.dumps(p).encode()) % 2 else s for p, s in zip(prompts, scores)]

@@ -1,0 +1,161 @@
+"""The online loop's bookkeeping on the built-in task (issue 16): memory across iterations, the
+learning-rate schedule's length, the SELM/XPO alpha presets, truncated samples."""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from selfalign import evaluate, loop
+from selfalign.cli import iteration_table
+from selfalign.config import load_config
+from selfalign.loop import RunConfig, run
+from selfalign.pairs import Pair, best_worst
+from selfalign.train import PreferenceTrainer, lr_lambda
+from selfalign.truncation import finished, is_truncated, penalized_scores
+
+TINY = [
+    "prompts_per_iteration=16", "generation.num_samples=3", "generation.max_new_tokens=10",
+    "generation.batch_size=16", "train.batch_size=4", "train.micro_batch_size=4", "train.learning_rate=2e-4",
+    "eval.prompts=4", "eval.samples=2", "judge.chunk_size=16",
+]
+
+
+@pytest.fixture(autouse=True)
+def _task(builtin_task):
+    return builtin_task
+
+
+def tiny(out: Path, *extra: str) -> RunConfig:
+    return load_config(RunConfig, None, [*TINY, f"output_dir={out}", *extra])
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def live_models() -> int:
+    """Causal LMs still reachable (after a collection), whoever holds them; their inner base models
+    (also PreTrainedModels) are not counted twice."""
+    from transformers import GenerationMixin
+
+    gc.collect()
+    return sum(isinstance(o, GenerationMixin) for o in gc.get_objects())
+
+
+def test_memory_stays_flat_across_iterations(tmp_path, monkeypatch):
+    """Each iteration trains with exactly its policy and reference alive and evaluates with at most
+    two models: the run-wide accelerator used to keep every iteration's policy (t + 1 at iteration t)."""
+    at_begin, at_eval, at_load = [], [], []
+    begin, stage_eval, load = PreferenceTrainer.begin, loop.stage_eval, evaluate._load
+
+    def counting_begin(self, *args, **kwargs):
+        at_begin.append(live_models())
+        return begin(self, *args, **kwargs)
+
+    def counting_eval(*args, **kwargs):
+        at_eval.append(live_models())
+        return stage_eval(*args, **kwargs)
+
+    def counting_load(path):
+        at_load.append(live_models())
+        return load(path)
+
+    monkeypatch.setattr(PreferenceTrainer, "begin", counting_begin)
+    monkeypatch.setattr(loop, "stage_eval", counting_eval)
+    monkeypatch.setattr(evaluate, "_load", counting_load)
+    run(tiny(tmp_path / "run", "iterations=3", "method=iterative_dpo", "prompts_per_iteration=8"), progress=False)
+    assert at_begin == [2, 2, 2]  # the policy and its reference, nothing left from earlier iterations
+    assert at_eval == [0, 0, 0]
+    assert len(at_load) == 2 * 4 and max(at_load) <= 1  # pi_0 and 3 policies, each with pi_0: never a third
+
+
+def test_schedule_is_sized_from_the_pairs_left_after_ties(tmp_path):
+    """About half the prompts tie under the judge: the cosine still runs its whole course over the steps
+    actually trained (it was sized from the prompt count, so it ended half-way, undecayed)."""
+    out = tmp_path / "run"
+    cfg = tiny(out, "iterations=1", "judge.function=tests.judge_fns:ties_on_half", "train.warmup_ratio=0.25",
+               "eval.prompts=0", "train.batch_size=2", "train.micro_batch_size=2")
+    run(cfg, progress=False)
+    labels = json.loads((out / "iter_000" / "labels.json").read_text())
+    steps = json.loads((out / "iter_000" / "train.json").read_text())["steps"]
+    assert labels["ties"] >= 4 and 3 <= len(steps) == -(-labels["pairs"] // 2) < 16 // 2
+    fn = lr_lambda("cosine", -(-len(steps) // 4), len(steps))
+    assert [s["learning_rate"] for s in steps] == pytest.approx([2e-4 * fn(i) for i in range(len(steps))], rel=1e-12)
+    # SELM without train.alpha trains with the paper's alpha, so every pair carries y_ref.
+    assert cfg.method == "selm" and cfg.alpha == 1e-3
+    assert all(p["ref_sample_ids"] for p in rows(out / "iter_000" / "pairs.jsonl"))
+
+
+def test_schedule_over_generation_rounds_ends_decayed(tmp_path):
+    """With a round every 2 steps the later rounds' sizes are estimated; the last round fixes the total,
+    so the final step's rate is the cosine's last value over the steps that ran."""
+    out = tmp_path / "run"
+    run(tiny(out, "iterations=1", "generate_every=2", "judge.function=tests.judge_fns:ties_on_half",
+             "eval.prompts=0", "method=iterative_dpo"), progress=False)
+    steps = json.loads((out / "iter_000" / "train.json").read_text())["steps"]
+    total = len(steps)
+    assert total < 16 // 4
+    fn = lr_lambda("cosine", -(-total // 10), total)
+    assert steps[-1]["learning_rate"] == pytest.approx(2e-4 * fn(total - 1), rel=1e-12)
+
+
+@pytest.mark.parametrize("method, alpha", [("selm", 1e-3), ("xpo", 1e-5), ("iterative_dpo", 0.0)])
+def test_alpha_presets(method, alpha):
+    assert load_config(RunConfig, None, [f"method={method}"]).alpha == alpha
+    assert load_config(RunConfig, None, [f"method={method}", "train.alpha=0"]).alpha == 0.0
+
+
+@pytest.mark.parametrize("mode", ["keep", "penalize", "drop"])
+def test_truncated_samples_are_recorded_and_handled(tmp_path, mode):
+    """The built-in task's answers (a sorted list, then EOS) take 5-7 tokens: max_new_tokens=6 cuts some short."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "run"
+    history = run(tiny(out, "iterations=1", "method=iterative_dpo", "generation.max_new_tokens=6",
+                       f"generation.truncated={mode}"), progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(loop.resolve_task(tiny(out), progress=False).policy)
+    eos = tokenizer.eos_token_id
+    it = out / "iter_000"
+    responses = rows(it / "responses.jsonl")
+    flags = [f for r in responses for f in r["truncated"]]
+    for r in responses:
+        assert r["truncated"] == [len(y) == 6 and y[-1] != eos for y in r["response_ids"]]
+    assert 0 < sum(flags) < len(flags)
+    assert [g["truncated"] for g in rows(it / "generations.jsonl")] == [r["truncated"] for r in responses]
+    m = history[-1]
+    assert m["truncated"] == sum(flags) and m["truncated_share"] == pytest.approx(sum(flags) / len(flags))
+    table = iteration_table(out, history).splitlines()
+    assert table[0].split()[-1] == "truncated" and table[-1].split()[-1] == f"{m['truncated_share']:.3f}"
+    truncated_ids = {tuple(y) for r in responses for y, t in zip(r["response_ids"], r["truncated"]) if t}
+    pairs = rows(it / "pairs.jsonl")
+    chosen_cut = sum(tuple(p["chosen_ids"]) in truncated_ids for p in pairs)
+    rejected_cut = sum(tuple(p["rejected_ids"]) in truncated_ids for p in pairs)
+    if mode == "drop":
+        assert chosen_cut == rejected_cut == 0 and m["truncation_dropped"] > 0
+        assert m["pairs"] + m["ties"] + m["truncation_dropped"] == 16
+    elif mode == "penalize":  # a truncated answer scores below the round's lowest: it loses to every finished one
+        all_cut = sum(all(r["truncated"]) for r in responses)
+        assert chosen_cut == 0 and all_cut > 0 and m["ties"] >= all_cut  # all cut: all penalized alike, no pair
+    else:
+        assert chosen_cut > 0
+    ev = rows(it / "eval_responses.jsonl")
+    assert len(ev) == 4 and all(len(e["sampled"]) == len(e["sampled_rewards"]) == 2 for e in ev)
+    assert m["eval/truncated_share"] == pytest.approx(sum(map(sum, (e["sampled_truncated"] for e in ev))) / 8)
+
+
+def test_truncation_rule_and_penalty():
+    """A response is truncated when it fills max_new_tokens without ending on an end token; penalize ranks
+    it below every finished response (default: 1 below the lowest score) or gives it the set score."""
+    assert is_truncated([5, 6, 7], 3, {2}) and not is_truncated([5, 6, 2], 3, {2}) and not is_truncated([5, 2], 3, {2})
+    scores, cut = [[0.9, 0.2, 0.5], [0.4, 0.3]], [[True, False, False], [True, True]]
+    assert penalized_scores(scores, cut, None) == [[-0.8, 0.2, 0.5], [-0.8, -0.8]]
+    assert penalized_scores(scores, cut, 0.25) == [[0.25, 0.2, 0.5], [0.25, 0.25]]
+    rng = random.Random(0)
+    assert best_worst(penalized_scores(scores, cut, None)[0], rng) == Pair(2, 0)  # was Pair(0, 1): the cut one won
+    assert best_worst(penalized_scores(scores, cut, None)[1], rng) is None
+    assert finished([True, False, False]) == [1, 2]
