@@ -35,7 +35,7 @@ from .train import PreferenceExample, PreferenceTrainer, TrainConfig
 class TrainRunConfig:
     """An offline preference-training run: model, data, and the update's settings."""
 
-    model: str = field("", help="Policy to train: a local directory or hub name, loaded with from_pretrained.")
+    model: str = field("", help="Policy to train: a local directory, hub name or .gguf file (selfalign.models).")
     reference: str = field("", help="Frozen reference model; empty means a copy of `model` (pi_0).")
     output_dir: str = field("runs/train", help="Run directory: config.yaml, metrics.jsonl, policy/.")
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig, help="Preference data.")
@@ -86,25 +86,24 @@ def heldout_accuracy(trainer: PreferenceTrainer, examples: list[PreferenceExampl
 
 def run_train(cfg: TrainRunConfig, progress: bool = True) -> dict[str, float]:
     """Train cfg.model on cfg.data; write the run directory; return the final held-out metrics."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .loop import save_policy
+    from .models import load_causal_lm, load_tokenizer
 
     if not cfg.model:
         raise ConfigError("model: required (a local model directory or hub name)")
     if not cfg.data.path:
         raise ConfigError("data.path: required (a JSONL file of prompt/chosen/rejected rows)")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
     examples = load_preferences(cfg.data, tokenizer)
     out = _prepare_run_dir(cfg)
     random.Random(cfg.train.seed).shuffle(examples)
     n_eval = int(len(examples) * cfg.data.eval_fraction)
     heldout, train_set = examples[:n_eval], examples[n_eval:]
 
-    policy = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    policy = load_causal_lm(cfg.model)
     reference = None
     if not cfg.train.lora.enabled:
-        reference = AutoModelForCausalLM.from_pretrained(cfg.reference or cfg.model, dtype=torch.float32)
+        reference = load_causal_lm(cfg.reference or cfg.model)
     pad = pad_token_id(tokenizer)
     trainer = PreferenceTrainer(policy, cfg.train, pad_token_id=pad, reference=reference)
 
@@ -226,11 +225,10 @@ def _eval_pairs(path: str, tokenizer) -> list[tuple[list[int], list[int], list[i
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a policy directory, or a run's final policy with the run's own settings."""
-    from transformers import AutoTokenizer
-
     from .evaluate import evaluate_policy
     from .judges.function import FunctionJudge
     from .loop import RunConfig, load_prompts, resolve_task
+    from .models import load_tokenizer
 
     target = Path(args.target)
     if (target / "config.yaml").is_file():  # a run directory: its last policy, its settings
@@ -249,7 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     prompts_file = args.prompts or task.eval_prompts
     if not prompts_file:
         raise UsageError("no held-out prompts: pass --prompts FILE.jsonl (or set eval_prompts in the run's config)")
-    tokenizer = AutoTokenizer.from_pretrained(policy)
+    tokenizer = load_tokenizer(policy)
     prompts = load_prompts(prompts_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: args.limit or None]
     if args.reward_model:
         from .judges.reward_model import RewardModelJudge

@@ -43,6 +43,8 @@ from .train import (
 )
 
 BUILTIN = "builtin"
+CONSTRAINTS = "constraints"  # SmolLM2-135M-Instruct on verifiable constraints (selfalign.tasks.smollm2)
+TASKS = (BUILTIN, CONSTRAINTS)
 
 
 @dataclass
@@ -78,7 +80,8 @@ class RunConfig:
 
     method: Literal["offline_dpo", "iterative_dpo", "selm", "xpo", "sail_dp", "sail_pp", "sail_pr", "sail_mix"] = field(
         "selm", help="Method preset.")
-    model: str = field(BUILTIN, help="pi_0: 'builtin' (the built-in task's SFT model) or a from_pretrained path/name.")
+    model: str = field(BUILTIN, help="pi_0: 'builtin' (the built-in task's SFT model), 'constraints' (SmolLM2-135M-Instruct on "
+                                     "the constraints task), or a model directory, hub name or .gguf file.")
     prompts: str = field("", help="JSONL training prompts ({'prompt': text or messages}); empty with the built-in task.")
     eval_prompts: str = field("", help="JSONL held-out prompts; empty with the built-in task.")
     preferences: str = field("", help="JSONL preference dataset (prompt, chosen, rejected) for SAIL's offline and DP "
@@ -128,9 +131,9 @@ class RunConfig:
             if self.model != BUILTIN and self.needs_dataset:
                 check(bool(self.preferences), "preferences",
                       "SAIL's offline and DP routes need a preference file (prompt, chosen, rejected)")
-        elif self.model != BUILTIN:
+        elif self.model not in TASKS:
             check(bool(self.prompts), "prompts", "required when model is not 'builtin' (a JSONL file of prompts)")
-        if self.model != BUILTIN and not (method.loss == "sail" and self.sail.g == 0):
+        if self.model not in TASKS and not (method.loss == "sail" and self.sail.g == 0):
             check(bool(self.judge.function or self.judge.reward_model), "judge",
                   "set judge.function='pkg.module:fn' or judge.reward_model=PATH for a model other than 'builtin'")
 
@@ -187,7 +190,7 @@ class Dataset:
 
 def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) cfg; returns one metrics dict per iteration."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .models import is_gguf, load_causal_lm, load_tokenizer, materialize
 
     out = Path(cfg.output_dir)
     method = cfg.method_spec
@@ -197,7 +200,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
 
     # Build: pi_0, prompts (and dataset pairs), judge, gold reward.
     task = resolve_task(cfg, progress=show)
-    tokenizer = AutoTokenizer.from_pretrained(task.policy)
+    tokenizer = load_tokenizer(task.policy)
     pad_id = pad_token_id(tokenizer)
     data = load_dataset(cfg, task, tokenizer)
     eval_prompts = load_prompts(task.eval_prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: cfg.eval.prompts] \
@@ -207,6 +210,12 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
     gold = FunctionJudge(task.gold_fn) if task.gold_fn else None
     check_run_dir(out, cfg, accelerator)
     pi0_path = task.policy
+    if is_gguf(pi0_path):
+        # Dequantise a GGUF pi_0 once into RUN/pi0: the reference, evaluation and iteration 0 all load it.
+        if accelerator.is_main_process:
+            materialize(pi0_path, out / "pi0", tokenizer)
+        accelerator.wait_for_everyone()
+        pi0_path = out / "pi0"
 
     if eval_prompts and gold is not None and accelerator.is_main_process and not (out / "pi0_metrics.json").exists():
         from .evaluate import evaluate_policy
@@ -231,8 +240,8 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
                                                for i, r in rows])
 
         if not (it / "policy").exists():
-            policy = AutoModelForCausalLM.from_pretrained(prev, dtype=torch.float32).to(accelerator.device)
-            reference = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32)
+            policy = load_causal_lm(prev).to(accelerator.device)
+            reference = load_causal_lm(ref_path)
             lr = cfg.iteration_learning_rates[t] if cfg.iteration_learning_rates else cfg.train.learning_rate
             train_cfg = dataclasses.replace(cfg.train, loss=method.loss, learning_rate=lr, seed=cfg.train.seed + t,
                                             sail=cfg.sail)
@@ -288,6 +297,12 @@ def resolve_task(cfg: RunConfig, progress: bool) -> Task:
     The gold reward is eval.reward, else the built-in task's reward, else the judge's function:
     a judge swapped in for the built-in task never changes what evaluation measures.
     """
+    if cfg.model == CONSTRAINTS:
+        from .tasks.smollm2 import build_task as build_constraints
+
+        real = build_constraints(progress=progress)
+        return Task(real.policy_dir, cfg.prompts or str(real.train_prompts), cfg.eval_prompts or str(real.eval_prompts),
+                    cfg.preferences, cfg.judge.function or real.reward_fn, cfg.eval.reward or real.reward_fn)
     if cfg.model != BUILTIN:
         return Task(Path(cfg.model), cfg.prompts, cfg.eval_prompts, cfg.preferences, cfg.judge.function,
                     cfg.eval.reward or cfg.judge.function)
