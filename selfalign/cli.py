@@ -42,7 +42,7 @@ from .train import NonFiniteError, PreferenceExample, PreferenceTrainer, TrainCo
 class TrainRunConfig:
     """An offline preference-training run: model, data, and the update's settings."""
 
-    model: str = field("", help="Policy to train: a local directory or hub name, loaded with from_pretrained.")
+    model: str = field("", help="Policy to train: a local directory, hub name or .gguf file (selfalign.models).")
     reference: str = field("", help="Frozen reference model; empty means a copy of `model` (pi_0).")
     output_dir: str = field("runs/train", help="Run directory: config.yaml, metrics.jsonl, policy/.")
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig, help="Preference data.")
@@ -105,24 +105,20 @@ def run_train(cfg: TrainRunConfig, progress: bool = True) -> dict[str, float]:
 
 
 def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .loop import save_policy
+    from .models import load_causal_lm, load_tokenizer
 
-    with loading("model", cfg.model):
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
     examples = load_preferences(cfg.data, tokenizer)
     out = _prepare_run_dir(cfg)
     random.Random(cfg.train.seed).shuffle(examples)
     n_eval = int(len(examples) * cfg.data.eval_fraction)
     heldout, train_set = examples[:n_eval], examples[n_eval:]
 
-    with loading("model", cfg.model):
-        policy = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    policy = load_causal_lm(cfg.model)
     reference = None
     if not cfg.train.lora.enabled:
-        with loading("reference" if cfg.reference else "model", cfg.reference or cfg.model):
-            reference = AutoModelForCausalLM.from_pretrained(cfg.reference or cfg.model, dtype=torch.float32)
+        reference = load_causal_lm(cfg.reference or cfg.model)
     pad = pad_token_id(tokenizer)
     trainer = PreferenceTrainer(policy, cfg.train, pad_token_id=pad, reference=reference)
 
@@ -294,11 +290,10 @@ def _check_tokenizer(policy: Path, other: Path, flag: str) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a policy directory, or a run's final policy with the run's own settings."""
-    from transformers import AutoTokenizer
-
     from .evaluate import evaluate_policy
     from .judges.function import FunctionJudge
     from .loop import load_prompts, resolve_task
+    from .models import load_tokenizer
 
     target = Path(args.target)
     cfg, policy, run_config, base = _eval_target(target, args.overrides)
@@ -320,8 +315,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     prompts_file = args.prompts or task.eval_prompts
     if not prompts_file:
         raise UsageError("no held-out prompts: pass --prompts FILE.jsonl (or set eval_prompts in the run's config)")
-    with loading("policy", policy):
-        tokenizer = AutoTokenizer.from_pretrained(policy)
+    tokenizer = load_tokenizer(policy)
     prompts = load_prompts(prompts_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: args.limit or None]
     if args.reward_model:
         from .judges.reward_model import RewardModelJudge

@@ -58,10 +58,10 @@ def _logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad: 
 
 
 def _load(path: Path):
-    from transformers import AutoModelForCausalLM
+    from .models import load_causal_lm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    return load_causal_lm(path).to(device)
 
 
 def kl_k3(logp_policy: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,8 @@ from .train import (
 from .truncation import end_token_ids, finished, is_truncated, penalized_scores
 
 BUILTIN = "builtin"
+CONSTRAINTS = "constraints"  # SmolLM2-135M-Instruct on verifiable constraints (selfalign.tasks.smollm2)
+TASKS = (BUILTIN, CONSTRAINTS)
 
 
 @dataclass
@@ -109,7 +111,8 @@ class RunConfig:
                     "sail_pp", "sail_pr", "sail_mix"] = field(
         "selm", help="Method preset (selfalign.methods). selm_official ranks pi_ref's greedy answer with a preference "
                      "file's pair (SELM's code); xpo pairs a policy sample with a pi_0 sample (XPO's paper).")
-    model: str = field(BUILTIN, help="pi_0: 'builtin' (the built-in task's SFT model) or a from_pretrained path/name.")
+    model: str = field(BUILTIN, help="pi_0: 'builtin' (the built-in task's SFT model), 'constraints' (SmolLM2-135M-Instruct on "
+                                     "the constraints task), or a model directory, hub name or .gguf file.")
     prompts: str = field("", help="JSONL training prompts ({'prompt': text or messages}); empty with the built-in task.")
     eval_prompts: str = field("", help="JSONL held-out prompts; empty with the built-in task.")
     preferences: str = field("", help="JSONL preference dataset (prompt, chosen, rejected) for SAIL's offline and DP "
@@ -160,10 +163,10 @@ class RunConfig:
             if self.model != BUILTIN and self.needs_dataset:
                 check(bool(self.preferences), "preferences",
                       "SAIL's offline and DP routes need a preference file (prompt, chosen, rejected)")
-        elif self.model != BUILTIN and method.ranks_dataset_pair:
+        elif self.model not in TASKS and method.ranks_dataset_pair:
             check(bool(self.preferences), "preferences",
                   f"{self.method} ranks y_ref against a preference file's chosen and rejected (prompt, chosen, rejected)")
-        elif self.model != BUILTIN:
+        elif self.model not in TASKS:
             check(bool(self.prompts), "prompts", "required when model is not 'builtin' (a JSONL file of prompts)")
         if method.pairing == "policy_vs_ref":
             check(self.generation.num_samples == 2, "generation.num_samples",
@@ -173,7 +176,7 @@ class RunConfig:
             check(self.pair_selector == "best_worst", "pair_selector",
                   f"{self.method} pairs the best and worst of y_ref, chosen and rejected, as SELM's code does; "
                   f"set pair_selector=best_worst (got {self.pair_selector})")
-        if self.model != BUILTIN and not (method.loss == "sail" and self.sail.g == 0):
+        if self.model not in TASKS and not (method.loss == "sail" and self.sail.g == 0):
             check(bool(self.judge.function or self.judge.reward_model), "judge",
                   "set judge.function='pkg.module:fn' or judge.reward_model=PATH for a model other than 'builtin'")
 
@@ -269,7 +272,9 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
 
 
 def _run(cfg: RunConfig, progress: bool) -> list[dict[str, Any]]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
+
+    from .models import is_gguf, load_causal_lm, load_tokenizer, materialize
 
     out = Path(cfg.output_dir)
     method = cfg.method_spec
@@ -280,10 +285,10 @@ def _run(cfg: RunConfig, progress: bool) -> list[dict[str, Any]]:
     # Build: pi_0, prompts (and dataset pairs), judge, gold reward.
     task = resolve_task(cfg, progress=show)
     check_pretrained("model", task.policy)
-    with loading("model", task.policy):
-        tokenizer = AutoTokenizer.from_pretrained(task.policy)
+    tokenizer = load_tokenizer(task.policy)
     pad_id = pad_token_id(tokenizer)
-    head_scale(AutoConfig.from_pretrained(task.policy))  # refuse a logit scaling log-probs cannot reproduce, up front
+    if not is_gguf(task.policy):  # refuse a logit scaling log-probs cannot reproduce, up front (GGUF: once converted)
+        head_scale(AutoConfig.from_pretrained(task.policy))
     data = load_dataset(cfg, task, tokenizer)
     eval_prompts = load_prompts(task.eval_prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: cfg.eval.prompts] \
         if task.eval_prompts and cfg.eval.prompts else []
@@ -292,6 +297,13 @@ def _run(cfg: RunConfig, progress: bool) -> list[dict[str, Any]]:
     gold = FunctionJudge(task.gold_fn) if task.gold_fn else None
     check_run_dir(out, cfg, accelerator)
     pi0_path = task.policy
+    if is_gguf(pi0_path):
+        # Dequantise a GGUF pi_0 once into RUN/pi0: the reference, evaluation and iteration 0 all load it.
+        if accelerator.is_main_process:
+            materialize(pi0_path, out / "pi0", tokenizer)
+        accelerator.wait_for_everyone()
+        pi0_path = out / "pi0"
+        head_scale(AutoConfig.from_pretrained(pi0_path))
 
     if eval_prompts and gold is not None and accelerator.is_main_process and not (out / "pi0_metrics.json").exists():
         from .evaluate import evaluate_policy
@@ -318,8 +330,8 @@ def _run(cfg: RunConfig, progress: bool) -> list[dict[str, Any]]:
 
         # Done only when all three are there: the policy is renamed into place last.
         if not all((it / name).exists() for name in ("policy", "labels.json", "train.json")):
-            policy = AutoModelForCausalLM.from_pretrained(prev, dtype=torch.float32).to(accelerator.device)
-            reference = AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32)
+            policy = load_causal_lm(prev).to(accelerator.device)
+            reference = load_causal_lm(ref_path)
             lr = cfg.iteration_learning_rates[t] if cfg.iteration_learning_rates else cfg.train.learning_rate
             train_cfg = dataclasses.replace(cfg.train, loss=cfg.loss, alpha=cfg.alpha, learning_rate=lr,
                                             seed=cfg.train.seed + t, sail=cfg.sail)
@@ -382,6 +394,12 @@ def resolve_task(cfg: RunConfig, progress: bool) -> Task:
     The gold reward is eval.reward, else the built-in task's reward, else the judge's function:
     a judge swapped in for the built-in task never changes what evaluation measures.
     """
+    if cfg.model == CONSTRAINTS:
+        from .tasks.smollm2 import build_task as build_constraints
+
+        real = build_constraints(progress=progress)
+        return Task(real.policy_dir, cfg.prompts or str(real.train_prompts), cfg.eval_prompts or str(real.eval_prompts),
+                    cfg.preferences, cfg.judge.function or real.reward_fn, cfg.eval.reward or real.reward_fn)
     if cfg.model != BUILTIN:
         return Task(Path(cfg.model), cfg.prompts, cfg.eval_prompts, cfg.preferences, cfg.judge.function,
                     cfg.eval.reward or cfg.judge.function)

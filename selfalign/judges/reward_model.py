@@ -31,12 +31,14 @@ class RewardModelJudge:
         self, path: str | Path, batch_size: int = 16, max_length: int = 2048, device: str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        from ..models import load_model, load_tokenizer
+
+        self.tokenizer = load_tokenizer(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        self.model = load_model(path, dtype=dtype, auto_class=AutoModelForSequenceClassification)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -384,13 +384,12 @@ def policy_stats(policy_dir: str | Path, prompts: list, num_samples: int = 8, se
                  max_new_tokens: int = 12) -> dict[str, float]:
     """Mean gold reward of a policy's greedy and sampled (temperature 1.0) responses, and the share of
     exact sorts among each; `prompts` are message lists."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from ..generation import GenerationConfig
     from ..generation.hf import HFGenerator
+    from ..models import load_causal_lm, load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model = load_causal_lm(policy_dir)
+    tokenizer = load_tokenizer(policy_dir)
     ids = [list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
                                               return_dict=False)) for p in prompts]
     gen = HFGenerator(model, tokenizer.pad_token_id, tokenizer.eos_token_id)

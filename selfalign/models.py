@@ -1,0 +1,168 @@
+"""Loading models and tokenizers: a local directory, a hub name, or a GGUF file.
+
+Every place selfalign loads a model (policy, reference, reward model, evaluation baseline)
+goes through `load_model` / `load_tokenizer`, so all of them accept the same sources:
+
+    runs/x/iter_002/policy          a directory with config.json (save_pretrained's layout)
+    HuggingFaceTB/SmolLM2-135M      a hub name (whatever from_pretrained does with it)
+    path/to/model.Q4_1.gguf         a GGUF file: transformers dequantises it (needs `pip install gguf`)
+
+A GGUF-loaded model is rebuilt as a plain model from its config and state dict: transformers
+marks it "quantized with gguf" and its save_pretrained refuses it, while selfalign saves
+every iterate as an ordinary safetensors directory. `materialize` does that once for a run,
+so later loads read safetensors instead of dequantising again.
+
+A source that cannot be loaded (a misspelt path, a directory without config.json, a file
+that is not GGUF, a GGUF transformers cannot read) is a ModelLoadError: one line naming the
+path and what to do, which the CLI prints with exit status 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError
+
+GGUF_SUFFIX = ".gguf"
+
+
+class ModelLoadError(ConfigError):
+    """A model or tokenizer source that cannot be loaded; one line naming the path and the fix."""
+
+
+def is_gguf(source: str | os.PathLike) -> bool:
+    return str(source).lower().endswith(GGUF_SUFFIX)
+
+
+def _looks_local(source: str) -> bool:
+    # A hub name is "name" or "owner/name"; anything else with a path shape is meant as a local path.
+    return (source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source
+            or is_gguf(source))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def check_source(source: str | os.PathLike) -> Path | str:
+    """The source as a Path (local) or str (hub name); ModelLoadError for a local path that cannot be a model."""
+    text = os.path.expanduser(str(source))
+    if not text:
+        raise ModelLoadError("model path is empty: give a model directory, a hub name or a .gguf file")
+    path = Path(text)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob(f"*{GGUF_SUFFIX}"))
+            hint = (f"it holds {', '.join(ggufs)}: give that file's path" if ggufs else
+                    "give a directory written by save_pretrained, a hub name, or a .gguf file")
+            raise ModelLoadError(f"{path}: directory has no config.json, so it is not a model directory ({hint})")
+        return path
+    if path.is_file():
+        if not is_gguf(path):
+            raise ModelLoadError(f"{path}: is a file but not a .gguf model; give a model directory (config.json) "
+                                 "or a .gguf file")
+        return path
+    if _looks_local(text):
+        raise ModelLoadError(f"{path}: no such file or directory (check the spelling; a model is a directory with "
+                             "config.json, a hub name, or a .gguf file)")
+    return text
+
+
+def _gguf_args(path: Path) -> tuple[str, dict[str, Any]]:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(f"{path}: loading a .gguf model needs the gguf package: pip install gguf "
+                             "(or bash scripts/setup.sh real)") from None
+    return str(path.parent), {"gguf_file": path.name}
+
+
+def load_tokenizer(source: str | os.PathLike):
+    """AutoTokenizer.from_pretrained for a directory, hub name or .gguf file."""
+    from transformers import AutoTokenizer
+
+    where = check_source(source)
+    name, kwargs = _gguf_args(where) if isinstance(where, Path) and is_gguf(where) else (str(where), {})
+    try:
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for unreadable sources
+        raise ModelLoadError(f"{source}: cannot load a tokenizer ({_first_line(e)})") from None
+
+
+def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, auto_class: Any = None, **kwargs: Any):
+    """`auto_class.from_pretrained(source, dtype=dtype)` (default AutoModelForCausalLM) for a directory, hub
+    name or .gguf file; a GGUF model comes back as a plain (serializable) model of the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
+    where = check_source(source)
+    if isinstance(where, Path) and is_gguf(where):
+        name, gguf_kwargs = _gguf_args(where)
+        try:
+            loaded = auto_class.from_pretrained(name, dtype=dtype, **gguf_kwargs, **kwargs)
+        except Exception as e:
+            raise ModelLoadError(f"{where}: not a GGUF model transformers can read ({_first_line(e)})") from None
+        return _plain_copy(loaded, auto_class, dtype)
+    try:
+        return auto_class.from_pretrained(str(where), dtype=dtype, **kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"{source}: cannot load a model ({_first_line(e)})") from None
+
+
+def load_causal_lm(source: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs: Any):
+    """A causal LM from a directory, hub name or .gguf file (see load_model)."""
+    return load_model(source, dtype=dtype, **kwargs)
+
+
+def _plain_copy(model, auto_class: Any, dtype: torch.dtype):
+    """The same weights in a model transformers will save: built from the config, without the GGUF quantizer."""
+    config = copy.deepcopy(model.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = auto_class.from_config(config, dtype=dtype)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    # Tied output embeddings are absent from a tied model's state dict on one side or the other.
+    missing = [k for k in missing if k not in _tied_keys(plain)]
+    if missing or unexpected:
+        raise ModelLoadError(f"rebuilding the GGUF model as a plain one failed: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = copy.deepcopy(model.generation_config)
+    plain.eval()
+    return plain
+
+
+def _tied_keys(model) -> set[str]:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return {k for k in model.state_dict() if k.startswith("lm_head.")}
+
+
+def materialize(source: str | os.PathLike, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Save a .gguf model (and its tokenizer) as a safetensors directory at `directory`, once; returns it.
+
+    A directory or hub name is returned unchanged: only GGUF pays to be converted, since
+    every later load of a GGUF file dequantises it again.
+    """
+    where = check_source(source)
+    if not (isinstance(where, Path) and is_gguf(where)):
+        return Path(where) if isinstance(where, Path) else Path(str(where))
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        return directory
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = load_causal_lm(where)
+    model.save_pretrained(tmp)
+    (tokenizer or load_tokenizer(where)).save_pretrained(tmp)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, directory)
+    return directory
