@@ -84,6 +84,11 @@ def _gguf_args(path: Path) -> tuple[str, dict[str, Any]]:
     return str(path.parent), {"gguf_file": path.name}
 
 
+def _hub_hint(where: Path | str) -> str:
+    return "" if isinstance(where, Path) else \
+        "; not a local path, and not in the Hugging Face cache (HF_HOME): download it there first, or give a directory"
+
+
 def load_tokenizer(source: str | os.PathLike):
     """AutoTokenizer.from_pretrained for a directory, hub name or .gguf file."""
     from transformers import AutoTokenizer
@@ -93,7 +98,7 @@ def load_tokenizer(source: str | os.PathLike):
     try:
         return AutoTokenizer.from_pretrained(name, **kwargs)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for unreadable sources
-        raise ModelLoadError(f"{source}: cannot load a tokenizer ({_first_line(e)})") from None
+        raise ModelLoadError(f"{source}: cannot load a tokenizer ({_first_line(e)}){_hub_hint(where)}") from None
 
 
 def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, auto_class: Any = None, **kwargs: Any):
@@ -113,7 +118,7 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, au
     try:
         return auto_class.from_pretrained(str(where), dtype=dtype, **kwargs)
     except Exception as e:
-        raise ModelLoadError(f"{source}: cannot load a model ({_first_line(e)})") from None
+        raise ModelLoadError(f"{source}: cannot load a model ({_first_line(e)}){_hub_hint(where)}") from None
 
 
 def load_causal_lm(source: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs: Any):

@@ -141,7 +141,7 @@ CASES = [
                                       "judge.function=tests.judge_fns:length"], "is a file, not a model directory"),
     ("uncached hub model", lambda f, o: [*RUN, "model=nobody-here/no-such-model", f"prompts={f['prompts']}",
                                          "judge.function=tests.judge_fns:length"],
-     "model: cannot load 'nobody-here/no-such-model'"),
+     "nobody-here/no-such-model: cannot load a tokenizer"),
     ("model without prompts", lambda f, o: [*RUN, f"model={f['model']}", "judge.function=tests.judge_fns:length"],
      "prompts: required when model is not 'builtin'"),
     ("model without a judge", lambda f, o: [*RUN, f"model={f['model']}", f"prompts={f['prompts']}"],
@@ -172,7 +172,7 @@ CASES = [
     # selfalign eval.
     ("eval: not a policy or run", lambda f, o: ["eval", str(f["dir"])], "neither a policy directory"),
     ("eval: wrong reward-model path", lambda f, o: ["eval", str(f["model"]), f"--prompts={f['prompts']}",
-                                                    f"--reward-model={f['dir'] / 'rm'}"], "--reward-model: no directory"),
+                                                    f"--baseline={f['model']}", f"--reward-model={f['dir'] / 'rm'}"], "--reward-model: no directory"),
 ]
 
 
