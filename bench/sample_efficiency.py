@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     main_results = {m: results[m] for m in args.methods}
     table, numbers = summarise(main_results, pi0)
     ablation = {f"selm alpha={ALPHA['selm']:g}" if k == "selm" else k: v for k, v in results.items()
-                if k.startswith("selm")}
+                if k == "selm" or k.startswith("selm alpha=")}
     ablation = dict(sorted(ablation.items(), key=lambda kv: -float(kv[0].split("=")[1])))
     ab_table, ab_numbers = summarise(ablation, pi0, baseline="selm alpha=0") if ablation else ("", {})
     sail_table = sail_numbers = online_table = online_numbers = None
