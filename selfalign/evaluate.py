@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import release_memory
 from tqdm.auto import tqdm
 
 from .data import pad_token_id, prompt_ids, write_atomic, write_jsonl
@@ -186,5 +185,5 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
             for i in range(n)])
     if keep_rewards:
         metrics["rewards"] = {"greedy": g_greedy, "sampled": g_sampled}
-    policy, pi0 = release_memory(policy, pi0)  # both go (gc, device cache) before the loop trains the next policy
+    del policy, pi0  # both go now (reference counting frees them) before the loop trains the next policy
     return metrics
