@@ -16,6 +16,7 @@ The per-response rewards come back too (`rewards`), for histograms.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -23,19 +24,16 @@ from typing import Any
 import torch
 
 from .data import pad_token_id, prompt_ids, write_atomic
-from .generation import GenerationConfig
-from .generation.hf import HFGenerator
+from .generation import Backend, GenerationConfig, Generator, build_backend, load_generation_config
 from .judges import Prompt
 from .logprobs import collate, sequence_logprobs
 
 HIGH_REWARD = 0.999
 
 
-def _generate(model, ids, tokenizer, num_samples: int, temperature: float, max_new_tokens: int, seed: int,
+def _generate(gen: Generator, ids, base: GenerationConfig, num_samples: int, temperature: float, seed: int,
               progress: bool = False):
-    gen = HFGenerator(model, pad_token_id(tokenizer), tokenizer.eos_token_id)
-    cfg = GenerationConfig(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                           batch_size=64)
+    cfg = dataclasses.replace(base, num_samples=num_samples, temperature=temperature, batch_size=64)
     return gen.generate(ids, cfg, seed=seed, progress=progress)
 
 
@@ -56,7 +54,7 @@ def _load(path: Path):
 
 
 def baseline_greedy(baseline_path: Path, prompts: list[Prompt], tokenizer, max_new_tokens: int,
-                    cache: Path | None) -> list[str]:
+                    cache: Path | None, backend: Backend | None = None) -> list[str]:
     """The baseline policy's greedy responses on the eval prompts (cached in the run directory)."""
     path = cache / "baseline_greedy.json" if cache is not None else None
     if path is not None and path.exists():
@@ -64,8 +62,14 @@ def baseline_greedy(baseline_path: Path, prompts: list[Prompt], tokenizer, max_n
         if isinstance(saved, dict) and saved.get("policy") == str(baseline_path) and len(saved["texts"]) == len(prompts):
             return saved["texts"]
     ids = [prompt_ids(tokenizer, p) for p in prompts]
+    own = backend is None
+    if own:
+        backend = build_backend(GenerationConfig(), tokenizer, baseline_path, load_generation_config(baseline_path))
+    gen = backend.generator(_load(baseline_path))
     texts = [tokenizer.decode(r[0], skip_special_tokens=True)
-             for r in _generate(_load(baseline_path), ids, tokenizer, 1, 0.0, max_new_tokens, seed=0)]
+             for r in _generate(gen, ids, GenerationConfig(max_new_tokens=max_new_tokens), 1, 0.0, seed=0)]
+    if own:
+        backend.close()
     if path is not None:
         write_atomic(path, json.dumps({"policy": str(baseline_path), "texts": texts}))
     return texts
@@ -87,25 +91,34 @@ def implicit_reward_gap(policy, reference, pairs: list[tuple[list[int], list[int
 def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], tokenizer, gold, cfg,
                     cache: Path | None = None, progress: bool = False, baseline_path: Path | None = None,
                     pairs: list[tuple[list[int], list[int], list[int]]] | None = None,
-                    high_reward: float = HIGH_REWARD, keep_rewards: bool = False) -> dict[str, Any]:
+                    high_reward: float = HIGH_REWARD, keep_rewards: bool = False,
+                    backend: Backend | None = None) -> dict[str, Any]:
     """Metrics of the policy at policy_path (see the module docstring); `gold` is a Judge.
 
     pi0_path is the reference of the KL and of the implicit reward; baseline_path (default
-    pi0_path) is the opponent of the win rate. cfg supplies generation.max_new_tokens,
-    generation.temperature, eval.samples, seed and train.beta.
+    pi0_path) is the opponent of the win rate. cfg supplies generation (max_new_tokens,
+    temperature, top_p, top_k, backend), eval.samples, seed and train.beta. backend: the run's
+    generation backend; without one, cfg.generation.backend's is started here and closed after.
     """
+    own = backend is None
+    if own:
+        backend = build_backend(cfg.generation, tokenizer, policy_path, load_generation_config(policy_path),
+                                seed=cfg.seed)
     policy, pi0 = _load(policy_path), _load(pi0_path)
     pad = pad_token_id(tokenizer)
     max_new = cfg.generation.max_new_tokens
     ids = [prompt_ids(tokenizer, p) for p in prompts]
-    greedy_ids = [r[0] for r in _generate(policy, ids, tokenizer, 1, 0.0, max_new, seed=0, progress=progress)]
+    gen = backend.generator(policy)
+    greedy_ids = [r[0] for r in _generate(gen, ids, cfg.generation, 1, 0.0, seed=0, progress=progress)]
     k = cfg.eval.samples
-    sampled_ids = _generate(policy, ids, tokenizer, k, cfg.generation.temperature or 1.0, max_new, seed=cfg.seed + 1,
+    sampled_ids = _generate(gen, ids, cfg.generation, k, cfg.generation.temperature or 1.0, seed=cfg.seed + 1,
                             progress=progress)
     decode = lambda r: tokenizer.decode(r, skip_special_tokens=True)  # noqa: E731
     greedy = [decode(r) for r in greedy_ids]
     sampled = [[decode(r) for r in rs] for rs in sampled_ids]
-    base = baseline_greedy(baseline_path or pi0_path, prompts, tokenizer, max_new, cache)
+    base = baseline_greedy(baseline_path or pi0_path, prompts, tokenizer, max_new, cache, backend)
+    if own:
+        backend.close()
 
     g_greedy = [row[0] for row in gold.score(prompts, [[r] for r in greedy])]
     g_base = [row[0] for row in gold.score(prompts, [[r] for r in base])]

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,8 +28,8 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, check, check_same_config, dump_yaml, field
 from .data import DataError, pad_token_id, read_jsonl, text_or_messages, write_atomic, write_jsonl
-from .generation import GenerationConfig
-from .generation.hf import HFGenerator
+from .generation import Backend, GenerationConfig, build_backend, load_generation_config, stop_token_ids
+from .generation.hf import HFBackend
 from .judges import Judge, Prompt
 from .judges.function import FunctionJudge
 from .methods import METHODS, Method
@@ -185,8 +186,12 @@ class Dataset:
     pairs: list[PreferenceExample] | None = None
 
 
-def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
-    """Run (or resume) cfg; returns one metrics dict per iteration."""
+def run(cfg: RunConfig, progress: bool = True, backend: Backend | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) cfg; returns one metrics dict per iteration.
+
+    backend: a generation backend to use (and leave open) instead of the one cfg.generation
+    asks for, which is started here once for the whole run and closed at its end.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(cfg.output_dir)
@@ -207,11 +212,16 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
     gold = FunctionJudge(task.gold_fn) if task.gold_fn else None
     check_run_dir(out, cfg, accelerator)
     pi0_path = task.policy
+    own_backend = backend is None
+    if own_backend:
+        backend = build_backend(cfg.generation, tokenizer, pi0_path, load_generation_config(pi0_path), seed=cfg.seed,
+                                max_model_len=cfg.max_prompt_tokens + cfg.generation.max_new_tokens)
 
     if eval_prompts and gold is not None and accelerator.is_main_process and not (out / "pi0_metrics.json").exists():
         from .evaluate import evaluate_policy
 
-        result = evaluate_policy(pi0_path, pi0_path, eval_prompts, tokenizer, gold, cfg, cache=out, keep_rewards=True)
+        result = evaluate_policy(pi0_path, pi0_path, eval_prompts, tokenizer, gold, cfg, cache=out, keep_rewards=True,
+                                 backend=backend)
         write_atomic(out / "pi0_eval_rewards.json", json.dumps(result.pop("rewards")))
         write_atomic(out / "pi0_metrics.json", json.dumps(
             {"iteration": "pi_0", "labels_total": 0, "labelled_pairs_total": 0, **result}, indent=1))
@@ -240,13 +250,18 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
             rounds = round_bounds(len(rows), cfg)
             done = trainer.begin(sum(math.ceil((b - a) / cfg.train.batch_size) for a, b in rounds) * cfg.train.epochs,
                                  checkpoint_dir=it / "train_state")
+            timings: dict[str, float] = {}
             for k, (a, b) in enumerate(rounds[done:], start=done):
                 rd = round_dir(it, k, len(rounds))
                 # 1-4. Generate from the current policy, label (judge, policy or dataset), pair.
                 examples = stage_round(rd, cfg, method, trainer, rows[a:b], data, judge, tokenizer, accelerator,
-                                       seed=cfg.seed * 7919 + t + 100_003 * k, show=show)
+                                       seed=cfg.seed * 7919 + t + 100_003 * k, show=show, backend=backend,
+                                       timings=timings)
                 # 5. Train on them; the optimizer and schedule carry over from round to round.
-                result = trainer.train_round(examples, last=k == len(rounds) - 1, progress=show)
+                with timed(timings, "reference_logprobs"):
+                    trainer.compute_reference_logps(examples, progress=show)
+                with timed(timings, "update"):
+                    result = trainer.train_round(examples, last=k == len(rounds) - 1, progress=show)
             # 6. The reference of the next iteration follows from ref_path's choice.
             save_policy(trainer, tokenizer, it / "policy", accelerator)
             if accelerator.is_main_process:
@@ -258,14 +273,17 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
                 write_atomic(it / "labels.json", json.dumps(labels, indent=1))
                 write_atomic(it / "train.json", json.dumps({"steps": result.steps, "summary": result.summary,
                                                            "rounds": len(rounds)}, indent=1))
+                write_atomic(it / "timings.json", json.dumps(timings, indent=1))
             del trainer, reference, policy
         # 7. Evaluate and record.
         if accelerator.is_main_process:
-            metrics = stage_eval(it, cfg, t, pi0_path, eval_prompts, tokenizer, gold, accelerator, show)
+            metrics = stage_eval(it, cfg, t, pi0_path, eval_prompts, tokenizer, gold, accelerator, show, backend)
             write_atomic(it / "metrics.json", json.dumps(metrics, indent=1))
             write_jsonl(out / "metrics.jsonl", [*history, metrics])
         accelerator.wait_for_everyone()
         history.append(json.loads((it / "metrics.json").read_text()))
+    if own_backend:
+        backend.close()
     return history
 
 
@@ -395,10 +413,30 @@ def check_run_dir(out: Path, cfg: RunConfig, accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
+class timed:
+    """`with timed(timings, "generation"):` adds the block's wall-clock seconds to timings["generation"]."""
+
+    def __init__(self, timings: dict[str, float] | None, key: str) -> None:
+        self.timings, self.key = timings, key
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.timings is not None:
+            self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.start
+
+
 def generate_sharded(model, ids: list[list[int]], gen_cfg: GenerationConfig, seed: int, tokenizer,
-                     accelerator: Accelerator, show: bool) -> list[list[list[int]]]:
-    """Each process generates for prompts i = rank, rank + P, ...; the results are gathered in order."""
-    generator = HFGenerator(model, pad_token_id(tokenizer), tokenizer.eos_token_id)
+                     accelerator: Accelerator, show: bool, backend: Backend | None = None) -> list[list[list[int]]]:
+    """Each process generates for prompts i = rank, rank + P, ...; the results are gathered in order.
+
+    With the vllm backend each process drives its own engine on its own shard (the policy is
+    replicated under data parallelism anyway); backend.generator(model) pushes model's weights.
+    """
+    if backend is None:
+        backend = HFBackend(pad_token_id(tokenizer), stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
+    generator = backend.generator(model)
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(ids), world))
     # The seed depends on the process so that shards do not repeat each other's samples.
@@ -416,21 +454,22 @@ def stage_key(rd: Path) -> str:
 
 
 def stage_generate(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTrainer, ids: list[list[int]],
-                   tokenizer, accelerator: Accelerator, seed: int, show: bool) -> list[dict[str, Any]]:
+                   tokenizer, accelerator: Accelerator, seed: int, show: bool,
+                   backend: Backend | None = None) -> list[dict[str, Any]]:
     """RUN/iter[/round]/responses.jsonl: K responses per prompt from the current policy (+ y_ref from pi_ref)."""
     path = rd / "responses.jsonl"
     if path.exists():
         return load_jsonl(path)
-    samples = generate_sharded(trainer.policy, ids, cfg.generation, seed, tokenizer, accelerator, show) if ids else []
+    samples = generate_sharded(trainer.policy, ids, cfg.generation, seed, tokenizer, accelerator, show,
+                               backend) if ids else []
     ref_samples: list[list[int]] | None = None
     if method.needs_ref_sample and cfg.train.alpha != 0 and ids:
         # SELM: y_ref from pi_ref (greedy); XPO: a sample from the fixed pi_0.
         greedy = method.ref_sample == "greedy"
-        ref_cfg = GenerationConfig(num_samples=1, temperature=0.0 if greedy else cfg.generation.temperature,
-                                   top_p=cfg.generation.top_p, max_new_tokens=cfg.generation.max_new_tokens,
-                                   batch_size=cfg.generation.batch_size)
+        ref_cfg = dataclasses.replace(cfg.generation, num_samples=1,
+                                      temperature=0.0 if greedy else cfg.generation.temperature)
         ref_samples = [r[0] for r in generate_sharded(trainer.reference, ids, ref_cfg, seed + 1, tokenizer, accelerator,
-                                                      show)]
+                                                      show, backend)]
     rows = []
     for i, responses in enumerate(samples):
         row = {"response_ids": responses, "responses": [tokenizer.decode(r, skip_special_tokens=True) for r in responses]}
@@ -492,7 +531,8 @@ def stage_judge(rd: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], r
 
 def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTrainer, rows: list[tuple[int, str | None]],
                 data: Dataset, judge: Judge, tokenizer, accelerator: Accelerator, seed: int,
-                show: bool) -> list[PreferenceExample]:
+                show: bool, backend: Backend | None = None,
+                timings: dict[str, float] | None = None) -> list[PreferenceExample]:
     """RUN/iter[/round]/pairs.jsonl and labels.json: one round's training examples and where their labels came from.
 
     Rows on an online route (every row outside SAIL; SAIL's PP and PR) get K responses from the
@@ -505,11 +545,13 @@ def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTra
         return [PreferenceExample(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], r.get("ref_sample_ids"),
                                   r.get("route")) for r in load_jsonl(rd / "pairs.jsonl")]
     online = [j for j, (_, route) in enumerate(rows) if route in (None, "pp", "pr")]
-    gens = dict(zip(online, stage_generate(rd, cfg, method, trainer, [data.ids[rows[j][0]] for j in online],
-                                           tokenizer, accelerator, seed, show)))
+    with timed(timings, "generation"):
+        gens = dict(zip(online, stage_generate(rd, cfg, method, trainer, [data.ids[rows[j][0]] for j in online],
+                                               tokenizer, accelerator, seed, show, backend)))
     judged = [j for j in online if rows[j][1] != "pp"]
-    scores, judge_labels = stage_judge(rd, cfg, judge, [data.prompts[rows[j][0]] for j in judged],
-                                       [gens[j]["responses"] for j in judged], accelerator, show)
+    with timed(timings, "judging"):
+        scores, judge_labels = stage_judge(rd, cfg, judge, [data.prompts[rows[j][0]] for j in judged],
+                                           [gens[j]["responses"] for j in judged], accelerator, show)
     scores_of = dict(zip(judged, scores))
     select = SELECTORS[cfg.pair_selector]
     rng = random.Random(f"{cfg.seed}:{stage_key(rd)}")
@@ -589,13 +631,15 @@ def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: 
 
 
 def stage_eval(it: Path, cfg: RunConfig, t: int, pi0_path: Path, eval_prompts: list[Prompt], tokenizer, gold,
-               accelerator: Accelerator, show: bool) -> dict[str, Any]:
+               accelerator: Accelerator, show: bool, backend: Backend | None = None) -> dict[str, Any]:
     """Gold reward of greedy and sampled responses, win rate and KL against pi_0, labels used by source."""
     from .evaluate import evaluate_policy
 
     labels = json.loads((it / "labels.json").read_text())
     previous = json.loads((it.parent / f"iter_{t - 1:03d}" / "metrics.json").read_text()) if t > 0 else {}
     train = json.loads((it / "train.json").read_text())
+    # Seconds this process spent in each stage (a resumed iteration counts only what it redid).
+    timings = json.loads((it / "timings.json").read_text()) if (it / "timings.json").exists() else {}
     by_source = {k: labels[k] for k in ("judge", "policy", "dataset")}
     before = previous.get("labels_total_by_source", {})
     # Labelled pairs: prompts whose K responses the judge scored, plus dataset pairs (SAIL). Comparable
@@ -615,8 +659,11 @@ def stage_eval(it: Path, cfg: RunConfig, t: int, pi0_path: Path, eval_prompts: l
                  for rd in [it, *sorted(it.glob("round_*"))] if (rd / "pairs.jsonl").exists()
                  for r in load_jsonl(rd / "pairs.jsonl")]
         pairs = random.Random(f"{cfg.seed}:implicit").sample(pairs, min(256, len(pairs)))
+        start = time.perf_counter()
         result = evaluate_policy(it / "policy", pi0_path, eval_prompts, tokenizer, gold, cfg, cache=it.parent,
-                                 progress=show, pairs=pairs, keep_rewards=True)
+                                 progress=show, pairs=pairs, keep_rewards=True, backend=backend)
         write_atomic(it / "eval_rewards.json", json.dumps(result.pop("rewards")))
         metrics.update(result)
+        timings["eval"] = time.perf_counter() - start
+    metrics.update({f"time/{k}": round(v, 3) for k, v in timings.items()})
     return metrics
