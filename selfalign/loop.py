@@ -257,6 +257,7 @@ def run(cfg: RunConfig, progress: bool = True, backend: Backend | None = None) -
                 examples = stage_round(rd, cfg, method, trainer, rows[a:b], data, judge, tokenizer, accelerator,
                                        seed=cfg.seed * 7919 + t + 100_003 * k, show=show, backend=backend,
                                        timings=timings)
+                backend.sleep()  # a GPU engine gives its memory to training until the next round's push
                 # 5. Train on them; the optimizer and schedule carry over from round to round.
                 with timed(timings, "reference_logprobs"):
                     trainer.compute_reference_logps(examples, progress=show)

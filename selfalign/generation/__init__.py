@@ -68,6 +68,10 @@ class Backend(Protocol):
         """A Generator sampling from `model` (a transformers causal LM, or a peft model wrapping one)."""
         ...
 
+    def sleep(self) -> None:
+        """Free accelerator memory for training until the next generator() call (vLLM on a GPU)."""
+        ...
+
     def close(self) -> None:
         ...
 

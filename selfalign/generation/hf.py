@@ -28,6 +28,9 @@ class HFBackend:
     def generator(self, model: nn.Module) -> HFGenerator:
         return HFGenerator(model, self.pad_token_id, self.stop_ids)
 
+    def sleep(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

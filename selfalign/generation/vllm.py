@@ -26,6 +26,7 @@ they are skipped.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 import shutil
@@ -179,6 +180,14 @@ class WeightSync:
         return count
 
 
+class _NoRotaryWarning(logging.Filter):
+    """vLLM's reload warns 'RotaryEmbedding: Failed to load weights' on every push: a rotary layer has no
+    weights, only a cos/sin cache that the reload keeps. Everything else a push misses, the check catches."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
 class VLLMBackend:
     """A vLLM engine started once from model_path; generator(model) pushes model's weights into it."""
 
@@ -201,6 +210,7 @@ class VLLMBackend:
         if self.padding is not None:
             self._tmp = Path(tempfile.mkdtemp(prefix="selfalign-vllm-"))
             model_path = padded_copy(model_path, self.padding, self._tmp)
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_NoRotaryWarning())
         self.stop_ids = list(stop_ids)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.on_gpu = torch.cuda.is_available()
@@ -272,10 +282,14 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------ memory
     def sleep(self) -> None:
-        """Release the engine's GPU memory (weights and KV cache) while the policy trains; no-op on a CPU."""
+        """Release the engine's GPU memory while the policy trains; a no-op on a CPU (vLLM has no sleep there).
+
+        Level 2 drops the weights too (no copy to host memory): every wake is followed by a push, and a
+        generator bound before the sleep is refused, so nothing samples from the dropped weights."""
         if self.on_gpu and not self._asleep:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=2)
             self._asleep = True
+            self._bound = None
 
     def wake(self) -> None:
         if self._asleep:
