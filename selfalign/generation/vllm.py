@@ -226,6 +226,7 @@ class VLLMBackend:
             worker_extension_cls=f"{__name__}.WeightSync", generation_config="vllm",
         )
         self.dtype = self.llm.llm_engine.model_config.dtype
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.tolerance = self.tolerance_fp32 if self.dtype == torch.float32 else self.tolerance_half
 
     # ------------------------------------------------------------------ weights
@@ -272,7 +273,8 @@ class VLLMBackend:
     def check(self, model: nn.Module) -> None:
         vocab = model.get_input_embeddings().weight.shape[0]
         g = torch.Generator().manual_seed(1234)
-        probes = torch.randint(0, vocab, (PROBE_SEQUENCES, PROBE_LENGTH), generator=g).tolist()
+        length = min(PROBE_LENGTH, self.max_model_len - 1)  # room for the one token the request samples
+        probes = torch.randint(0, vocab, (PROBE_SEQUENCES, length), generator=g).tolist()
         self.last_check = self.logprob_difference(model, probes)
         if not self.last_check <= self.tolerance:
             raise RuntimeError(
