@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -167,9 +168,9 @@ def main() -> None:
         print({k: v[-1] for k, v in runs.items()}, flush=True)
     rows = []
     for (backend, bs), rs in runs.items():
-        tps = sorted(r["tokens"] / r["seconds"] for r in rs)
+        seconds = statistics.median(r["seconds"] for r in rs)  # the same tokens every repeat (seeded)
         rows.append({"backend": backend, "batch_size": bs, "tokens": rs[0]["tokens"], "runs": rs,
-                     "seconds": sorted(r["seconds"] for r in rs)[len(rs) // 2], "tokens_per_s": tps[len(tps) // 2]})
+                     "seconds": seconds, "tokens_per_s": rs[0]["tokens"] / seconds})
     check = engine.last_check
     # Why the push re-packs CPU GEMM handles: the same push of changed weights without it.
     with torch.no_grad():
