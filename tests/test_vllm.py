@@ -60,6 +60,7 @@ def test_push_matches_the_trained_model_and_hf_greedy(setup):
     assert backend.last_check is not None and backend.last_check < 1e-3
     config = GenerationConfig(num_samples=1, temperature=0.0, max_new_tokens=12)
     assert gen.generate(prompts, config) == HFGenerator(model, tok.pad_token_id, stops).generate(prompts, config)
+    assert backend.llm.collective_rpc("repack_cpu_gemm") == [1]  # the LM head's handle is re-packed
 
 
 def test_stale_weights_fail_the_check(setup):

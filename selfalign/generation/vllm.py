@@ -164,9 +164,11 @@ class WeightSync:
         return self.repack_cpu_gemm() if repack else 0
 
     def repack_cpu_gemm(self) -> int:
-        """Re-pack every CPU layer that kept its weight beside a packed copy (the LM head, embeddings-
-        method layers): after a reload their handle may hold old values. Returns how many."""
+        """Re-pack the CPU GEMM handle of every LM head (it keeps its weight beside a packed copy, which a
+        reload of a tied head leaves on the old values). Returns how many. The input embedding has such a
+        handle too but only looks rows up, so it is left alone."""
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu():
@@ -174,7 +176,8 @@ class WeightSync:
         count = 0
         for module in self.model_runner.get_model().modules():
             weight = getattr(module, "weight", None)
-            if hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.numel() > 0:
+            if (isinstance(module, ParallelLMHead) and hasattr(module, "cpu_linear")
+                    and isinstance(weight, torch.Tensor) and weight.numel() > 0):
                 dispatch_cpu_unquantized_gemm(module, remove_weight=False)
                 count += 1
         return count
