@@ -9,10 +9,11 @@ fixed token sequences must equal the trained model's within `tolerance` (float32
 
 Why the check exists: vLLM's CPU backend packs linear layers and the LM head into GEMM
 handles when weights load. `reload_weights` repacks every layer it loads, but a LM head tied
-to the embeddings (SmolLM2, Llama 3.2, Qwen2.5-0.5B, ...) receives no weight of its own, so it
-keeps computing with the handle packed from the OLD weights while its parameter already
-holds the new ones: no error, generations from the wrong policy. The worker extension below
-re-packs such layers after every push (`repack_cpu_gemm`).
+to the embeddings (SmolLM2, Llama 3.2, Qwen2.5-0.5B, ...) receives no weight of its own; a
+feasibility run saw it keep computing with the handle packed from the OLD weights (no error,
+log-probs ~1 nat off). The worker extension below re-packs the LM head after every push
+(`repack_cpu_gemm`). In float32 on this project's CPU the stale handle did not reproduce
+(bench/generation.py measures it), which is why every push is checked rather than trusted.
 
 Single-process mode keeps the push a tensor hand-over (no serialisation) and leaves no
 worker process behind: a killed run cannot orphan an engine. Under data parallelism each
