@@ -127,29 +127,45 @@ def located(where: str, fn, *args: Any) -> Any:
         raise DataError(f"{where}: {e}") from e
 
 
-def response_ids(tokenizer, response: str | list[dict[str, str]]) -> list[int]:
-    """Token ids of a response, ending with EOS (the policy must learn to stop)."""
+def response_end_id(tokenizer, chat: bool) -> int | None:
+    """The id a response ends with: the chat template's turn end after a conversational prompt
+    (chat=True; Llama 3's <|eot_id|>, Phi 3's <|end|>, ...), the tokenizer's EOS after a text prompt
+    or where the template has none. It is what the policy emits to stop there, so pairs teach it to stop."""
+    from .generation import turn_end_id
+
+    end = turn_end_id(tokenizer) if chat else None
+    return end if end is not None else tokenizer.eos_token_id
+
+
+def response_ids(tokenizer, response: str | list[dict[str, str]], end_id: int | None = -1) -> list[int]:
+    """Token ids of a response, ending with end_id (default: the tokenizer's EOS; None: nothing added)."""
     if isinstance(response, list):
         response = "".join(m["content"] for m in response if m["role"] == "assistant") or response[-1]["content"]
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        ids = ids + [tokenizer.eos_token_id]
+    end = tokenizer.eos_token_id if end_id == -1 else end_id
+    if end is not None:
+        ids = ids + [end]
     return ids
 
 
 def load_preferences(config: PreferenceDataConfig, tokenizer) -> list[PreferenceExample]:
     """Read and tokenize every row of config.path into PreferenceExamples."""
     examples = []
+    ends = {True: response_end_id(tokenizer, chat=True), False: response_end_id(tokenizer, chat=False)}
     for lineno, row in read_jsonl(config.path):
         where = f"{config.path} line {lineno}"
-        prompt = located(where, prompt_ids, tokenizer, text_or_messages(row, config.prompt_field, where))
+        raw_prompt = text_or_messages(row, config.prompt_field, where)
+        prompt = located(where, prompt_ids, tokenizer, raw_prompt)
         if len(prompt) > config.max_prompt_tokens:
             raise DataError(
                 f"{where}: prompt has {len(prompt)} tokens, over max_prompt_tokens={config.max_prompt_tokens} "
                 "(shorten it or raise data.max_prompt_tokens)"
             )
-        chosen = response_ids(tokenizer, text_or_messages(row, config.chosen_field, where))[: config.max_response_tokens]
-        rejected = response_ids(tokenizer, text_or_messages(row, config.rejected_field, where))[: config.max_response_tokens]
+        end = ends[isinstance(raw_prompt, list)]
+        chosen = response_ids(tokenizer, text_or_messages(row, config.chosen_field, where), end)[
+            : config.max_response_tokens]
+        rejected = response_ids(tokenizer, text_or_messages(row, config.rejected_field, where), end)[
+            : config.max_response_tokens]
         examples.append(PreferenceExample(prompt, chosen, rejected))
     if not examples:
         raise DataError(f"{config.path}: no rows")

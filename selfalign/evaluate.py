@@ -21,6 +21,7 @@ held-out texts, their rewards and truncation flags are saved there, one JSON lin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import pad_token_id, prompt_ids, write_atomic, write_jsonl
-from .generation import GenerationConfig
-from .generation.hf import HFGenerator
+from .generation import Backend, GenerationConfig, Generator, build_backend, load_generation_config
 from .judges import Prompt
 from .logprobs import collate, sequence_logprobs
 from .truncation import end_token_ids, is_truncated
@@ -38,11 +38,9 @@ from .truncation import end_token_ids, is_truncated
 HIGH_REWARD = 0.999
 
 
-def _generate(model, ids, tokenizer, num_samples: int, temperature: float, max_new_tokens: int, seed: int,
+def _generate(gen: Generator, ids, base: GenerationConfig, num_samples: int, temperature: float, seed: int,
               progress: bool = False):
-    gen = HFGenerator(model, pad_token_id(tokenizer), end_token_ids(tokenizer))
-    cfg = GenerationConfig(num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                           batch_size=64)
+    cfg = dataclasses.replace(base, num_samples=num_samples, temperature=temperature, batch_size=64)
     return gen.generate(ids, cfg, seed=seed, progress=progress)
 
 
@@ -74,7 +72,7 @@ def kl_k3(logp_policy: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 
 
 def baseline_greedy(baseline_path: Path, prompts: list[Prompt], tokenizer, max_new_tokens: int,
-                    cache: Path | None, model=None, progress: bool = False) -> list[str]:
+                    cache: Path | None, backend: Backend | None = None, model=None, progress: bool = False) -> list[str]:
     """The baseline policy's greedy responses on the eval prompts (cached in the run directory).
 
     `model` is the baseline already loaded (pi_0 when it is the baseline), else it is loaded here.
@@ -85,9 +83,15 @@ def baseline_greedy(baseline_path: Path, prompts: list[Prompt], tokenizer, max_n
         if isinstance(saved, dict) and saved.get("policy") == str(baseline_path) and len(saved["texts"]) == len(prompts):
             return saved["texts"]
     ids = [prompt_ids(tokenizer, p) for p in prompts]
+    own = backend is None
+    if own:
+        backend = build_backend(GenerationConfig(), tokenizer, baseline_path, load_generation_config(baseline_path))
+    gen = backend.generator(model if model is not None else _load(baseline_path))
     texts = [tokenizer.decode(r[0], skip_special_tokens=True)
-             for r in _generate(model if model is not None else _load(baseline_path), ids, tokenizer, 1, 0.0,
-                                max_new_tokens, seed=0, progress=progress)]
+             for r in _generate(gen, ids, GenerationConfig(max_new_tokens=max_new_tokens), 1, 0.0, seed=0,
+                                progress=progress)]
+    if own:
+        backend.close()
     if path is not None:
         write_atomic(path, json.dumps({"policy": str(baseline_path), "texts": texts}))
     return texts
@@ -111,15 +115,16 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
                     cache: Path | None = None, progress: bool = False, baseline_path: Path | None = None,
                     pairs: list[tuple[list[int], list[int], list[int]]] | None = None,
                     high_reward: float = HIGH_REWARD, keep_rewards: bool = False,
-                    responses_path: Path | None = None) -> dict[str, Any]:
+                    responses_path: Path | None = None, backend: Backend | None = None) -> dict[str, Any]:
     """Metrics of the policy at policy_path (see the module docstring); `gold` is a Judge.
 
     pi0_path is the reference of the KL and of the implicit reward; baseline_path (default
-    pi0_path) is the opponent of the win rate. cfg supplies generation.max_new_tokens,
-    generation.temperature, eval.samples, seed and train.beta. At most two models are held at
-    once: a baseline other than pi_0 answers (and is released) before pi_0 and the policy load.
-    responses_path, if given, receives one JSON line per prompt: the greedy, baseline and
-    sampled texts with their rewards and truncation flags.
+    pi0_path) is the opponent of the win rate. cfg supplies generation (max_new_tokens,
+    temperature, top_p, top_k, backend), eval.samples, seed and train.beta. backend: the run's
+    generation backend; without one, cfg.generation.backend's is started here and closed after.
+    At most two models are held at once: a baseline other than pi_0 answers (and is released)
+    before pi_0 and the policy load. responses_path, if given, receives one JSON line per prompt:
+    the greedy, baseline and sampled texts with their rewards and truncation flags.
     """
     stages = tqdm(total=6, desc="eval", disable=not progress, leave=False)
 
@@ -127,25 +132,32 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
         stages.set_postfix_str(name)
         stages.update(1)
 
+    own = backend is None
+    if own:
+        backend = build_backend(cfg.generation, tokenizer, policy_path, load_generation_config(policy_path),
+                                seed=cfg.seed)
     baseline_path = baseline_path or pi0_path
     pi0 = _load(pi0_path) if Path(baseline_path) == Path(pi0_path) else None
-    base = baseline_greedy(baseline_path, prompts, tokenizer, cfg.generation.max_new_tokens, cache, model=pi0,
-                           progress=progress)
+    base = baseline_greedy(baseline_path, prompts, tokenizer, cfg.generation.max_new_tokens, cache, backend,
+                           model=pi0, progress=progress)
     stage("baseline answered")
     pi0 = pi0 if pi0 is not None else _load(pi0_path)
     policy = _load(policy_path)
     pad = pad_token_id(tokenizer)
     max_new = cfg.generation.max_new_tokens
     ids = [prompt_ids(tokenizer, p) for p in prompts]
-    greedy_ids = [r[0] for r in _generate(policy, ids, tokenizer, 1, 0.0, max_new, seed=0, progress=progress)]
+    gen = backend.generator(policy)
+    greedy_ids = [r[0] for r in _generate(gen, ids, cfg.generation, 1, 0.0, seed=0, progress=progress)]
     stage("greedy answered")
     k = cfg.eval.samples
-    sampled_ids = _generate(policy, ids, tokenizer, k, cfg.generation.temperature or 1.0, max_new, seed=cfg.seed + 1,
+    sampled_ids = _generate(gen, ids, cfg.generation, k, cfg.generation.temperature or 1.0, seed=cfg.seed + 1,
                             progress=progress)
     stage("sampled")
     decode = lambda r: tokenizer.decode(r, skip_special_tokens=True)  # noqa: E731
     greedy = [decode(r) for r in greedy_ids]
     sampled = [[decode(r) for r in rs] for rs in sampled_ids]
+    if own:
+        backend.close()
 
     g_greedy = [row[0] for row in gold.score(prompts, [[r] for r in greedy])]
     g_base = [row[0] for row in gold.score(prompts, [[r] for r in base])]
@@ -160,7 +172,7 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
     kl = kl_k3(_logprobs(policy, flat_p, flat_r, pad, progress, "KL: policy log-probs"),
                _logprobs(pi0, flat_p, flat_r, pad, progress, "KL: pi_0 log-probs"))
     stage("KL")
-    end_ids = set(end_token_ids(tokenizer))
+    end_ids = set(end_token_ids(tokenizer, getattr(policy, "generation_config", None)))
     trunc = [[is_truncated(r, max_new, end_ids) for r in rs] for rs in sampled_ids]
     n = len(prompts)
     metrics: dict[str, Any] = {

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,8 +30,8 @@ from . import faults
 from .checks import check_pretrained, loading
 from .config import ConfigError, check, check_same_config, dump_yaml, field
 from .data import DataError, pad_token_id, read_jsonl, text_or_messages, write_atomic, write_jsonl
-from .generation import GenerationConfig
-from .generation.hf import HFGenerator
+from .generation import Backend, GenerationConfig, build_backend, load_generation_config, stop_token_ids
+from .generation.hf import HFBackend
 from .judges import Judge, Prompt
 from .judges.function import FunctionJudge
 from .logprobs import head_scale
@@ -256,8 +257,11 @@ class Dataset:
     pairs: list[PreferenceExample] | None = None
 
 
-def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
+def run(cfg: RunConfig, progress: bool = True, backend: Backend | None = None) -> list[dict[str, Any]]:
     """Run (or resume) cfg; returns one metrics dict per iteration.
+
+    backend: a generation backend to use (and leave open) instead of the one cfg.generation
+    asks for, which is started here once for the whole run and closed at its end.
 
     The run directory is locked for the duration (RunLock: a second run on it stops with an
     error) and a killed run's leftover temporaries are removed before anything is written.
@@ -265,13 +269,13 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
     out = Path(cfg.output_dir)
     with RunLock(out, enabled=int(os.environ.get("RANK", "0")) == 0):
         try:
-            return _run(cfg, progress)
+            return _run(cfg, progress, backend)
         except NonFiniteError as e:
             unfinished = next((p.name for p in sorted(out.glob("iter_*")) if not (p / "metrics.json").exists()), "?")
             raise NonFiniteError(f"{unfinished}: {e}; every judge label paid so far is kept in {out}") from e
 
 
-def _run(cfg: RunConfig, progress: bool) -> list[dict[str, Any]]:
+def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[str, Any]]:
     from transformers import AutoConfig
 
     from .models import is_gguf, load_causal_lm, load_tokenizer, materialize
@@ -304,12 +308,17 @@ def _run(cfg: RunConfig, progress: bool) -> list[dict[str, Any]]:
         accelerator.wait_for_everyone()
         pi0_path = out / "pi0"
         head_scale(AutoConfig.from_pretrained(pi0_path))
+    own_backend = backend is None
+    if own_backend:
+        backend = build_backend(cfg.generation, tokenizer, pi0_path, load_generation_config(pi0_path), seed=cfg.seed,
+                                max_model_len=cfg.max_prompt_tokens + cfg.generation.max_new_tokens)
 
     if eval_prompts and gold is not None and accelerator.is_main_process and not (out / "pi0_metrics.json").exists():
         from .evaluate import evaluate_policy
 
         result = evaluate_policy(pi0_path, pi0_path, eval_prompts, tokenizer, gold, cfg, cache=out, keep_rewards=True,
-                                 progress=show, responses_path=out / "pi0_eval_responses.jsonl")
+                                 progress=show, responses_path=out / "pi0_eval_responses.jsonl",
+                                 backend=backend)
         write_atomic(out / "pi0_eval_rewards.json", json.dumps(result.pop("rewards")))
         write_atomic(out / "pi0_metrics.json", json.dumps(
             {"iteration": "pi_0", "labels_total": 0, "labelled_pairs_total": 0, **result}, indent=1))
@@ -339,15 +348,21 @@ def _run(cfg: RunConfig, progress: bool) -> list[dict[str, Any]]:
             rounds = round_bounds(len(rows), cfg)
             done = trainer.begin(sum(math.ceil((b - a) / cfg.train.batch_size) for a, b in rounds) * cfg.train.epochs,
                                  checkpoint_dir=it / "train_state")
+            timings: dict[str, float] = {}
             for k, (a, b) in enumerate(rounds[done:], start=done):
                 rd = round_dir(it, k, len(rounds))
                 # 1-4. Generate from the current policy, label (judge, policy or dataset), pair.
                 examples = stage_round(rd, cfg, method, trainer, rows[a:b], data, judge, tokenizer, accelerator,
-                                       seed=cfg.seed * 7919 + t + 100_003 * k, show=show)
+                                       seed=cfg.seed * 7919 + t + 100_003 * k, show=show, backend=backend,
+                                       timings=timings)
+                backend.sleep()  # a GPU engine gives its memory to training until the next round's push
                 # 5. Train on them; the optimizer and schedule carry over from round to round. The schedule
                 # is sized from the examples left after ties (later rounds: at this round's share).
+                with timed(timings, "reference_logprobs"):
+                    trainer.compute_reference_logps(examples, progress=show)
                 later = sum(len(trainer.plan(round((d - c) * len(examples) / (b - a)))) for c, d in rounds[k + 1:])
-                result = trainer.train_round(examples, last=k == len(rounds) - 1, progress=show, later_steps=later)
+                with timed(timings, "update"):
+                    result = trainer.train_round(examples, last=k == len(rounds) - 1, progress=show, later_steps=later)
             if accelerator.is_main_process:
                 counts = [json.loads((round_dir(it, k, len(rounds)) / "labels.json").read_text())
                           for k in range(len(rounds))]
@@ -358,6 +373,7 @@ def _run(cfg: RunConfig, progress: bool) -> list[dict[str, Any]]:
                 write_atomic(it / "labels.json", json.dumps(labels, indent=1))
                 write_atomic(it / "train.json", json.dumps({"steps": result.steps, "summary": result.summary,
                                                            "rounds": len(rounds)}, indent=1))
+                write_atomic(it / "timings.json", json.dumps(timings, indent=1))
             # 6. The reference of the next iteration follows from ref_path's choice. Saved last: the
             # policy directory's arrival marks the training stage done.
             save_policy(trainer, tokenizer, it / "policy", accelerator)
@@ -367,11 +383,13 @@ def _run(cfg: RunConfig, progress: bool) -> list[dict[str, Any]]:
             accelerator.free_memory()
         # 7. Evaluate and record.
         if accelerator.is_main_process:
-            metrics = stage_eval(it, cfg, t, pi0_path, eval_prompts, tokenizer, gold, accelerator, show)
+            metrics = stage_eval(it, cfg, t, pi0_path, eval_prompts, tokenizer, gold, accelerator, show, backend)
             write_jsonl(out / "metrics.jsonl", [*history, metrics])
             write_atomic(it / "metrics.json", json.dumps(metrics, indent=1))  # last: the iteration is done
         accelerator.wait_for_everyone()
         history.append(json.loads((it / "metrics.json").read_text()))
+    if own_backend:
+        backend.close()
     return history
 
 
@@ -509,10 +527,30 @@ def check_run_dir(out: Path, cfg: RunConfig, accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
+class timed:
+    """`with timed(timings, "generation"):` adds the block's wall-clock seconds to timings["generation"]."""
+
+    def __init__(self, timings: dict[str, float] | None, key: str) -> None:
+        self.timings, self.key = timings, key
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.timings is not None:
+            self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.start
+
+
 def generate_sharded(model, ids: list[list[int]], gen_cfg: GenerationConfig, seed: int, tokenizer,
-                     accelerator: Accelerator, show: bool) -> list[list[list[int]]]:
-    """Each process generates for prompts i = rank, rank + P, ...; the results are gathered in order."""
-    generator = HFGenerator(model, pad_token_id(tokenizer), end_token_ids(tokenizer))
+                     accelerator: Accelerator, show: bool, backend: Backend | None = None) -> list[list[list[int]]]:
+    """Each process generates for prompts i = rank, rank + P, ...; the results are gathered in order.
+
+    With the vllm backend each process drives its own engine on its own shard (the policy is
+    replicated under data parallelism anyway); backend.generator(model) pushes model's weights.
+    """
+    if backend is None:
+        backend = HFBackend(pad_token_id(tokenizer), stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
+    generator = backend.generator(model)
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(ids), world))
     # The seed depends on the process so that shards do not repeat each other's samples.
@@ -531,14 +569,16 @@ def stage_key(rd: Path) -> str:
 
 def stage_generate(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTrainer, ids: list[list[int]],
                    tokenizer, accelerator: Accelerator, seed: int, show: bool,
-                   dataset_pairs: list[tuple[list[int], list[int]]] | None = None) -> list[dict[str, Any]]:
+                   dataset_pairs: list[tuple[list[int], list[int]]] | None = None,
+                   backend: Backend | None = None) -> list[dict[str, Any]]:
     """RUN/iter[/round]/responses.jsonl: the candidates the judge ranks for each prompt (+ y_ref from pi_ref).
 
     The candidates are the method's (Method.candidates): K policy samples, or a policy sample and
     y_ref (XPO), or y_ref and the dataset pair (SELM's code; dataset_pairs gives each prompt's).
     """
     path = rd / "responses.jsonl"
-    end_ids, limit = set(end_token_ids(tokenizer)), cfg.generation.max_new_tokens
+    end_ids = set(end_token_ids(tokenizer, getattr(trainer.policy, "generation_config", None)))
+    limit = cfg.generation.max_new_tokens
     if path.exists():
         rows = load_jsonl(path)
         for row in rows:  # a file written before truncation was recorded
@@ -546,16 +586,15 @@ def stage_generate(rd: Path, cfg: RunConfig, method: Method, trainer: Preference
         return rows
     k = method.policy_samples(cfg.generation.num_samples)
     samples = generate_sharded(trainer.policy, ids, dataclasses.replace(cfg.generation, num_samples=k), seed,
-                               tokenizer, accelerator, show) if ids and k else [[] for _ in ids]
+                               tokenizer, accelerator, show, backend) if ids and k else [[] for _ in ids]
     ref_samples: list[list[int]] | None = None
     if method.needs_ref_sample and (cfg.alpha != 0 or method.ranks_ref_sample) and ids:
         # SELM: y_ref from pi_ref (greedy); XPO: a sample from the fixed pi_0.
         greedy = method.ref_sample == "greedy"
-        ref_cfg = GenerationConfig(num_samples=1, temperature=0.0 if greedy else cfg.generation.temperature,
-                                   top_p=cfg.generation.top_p, max_new_tokens=cfg.generation.max_new_tokens,
-                                   batch_size=cfg.generation.batch_size)
+        ref_cfg = dataclasses.replace(cfg.generation, num_samples=1,
+                                      temperature=0.0 if greedy else cfg.generation.temperature)
         ref_samples = [r[0] for r in generate_sharded(trainer.reference, ids, ref_cfg, seed + 1, tokenizer, accelerator,
-                                                      show)]
+                                                      show, backend)]
     rows = []
     for i, policy in enumerate(samples):
         ref = ref_samples[i] if ref_samples is not None else None
@@ -625,7 +664,8 @@ def stage_judge(rd: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], r
 
 def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTrainer, rows: list[tuple[int, str | None]],
                 data: Dataset, judge: Judge, tokenizer, accelerator: Accelerator, seed: int,
-                show: bool) -> list[PreferenceExample]:
+                show: bool, backend: Backend | None = None,
+                timings: dict[str, float] | None = None) -> list[PreferenceExample]:
     """RUN/iter[/round]/pairs.jsonl and labels.json: one round's training examples and where their labels came from.
 
     Rows on an online route (every row outside SAIL; SAIL's PP and PR) get the method's candidates:
@@ -641,12 +681,14 @@ def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTra
     online = [j for j, (_, route) in enumerate(rows) if route in (None, "pp", "pr")]
     dataset_pairs = [(data.pairs[rows[j][0]].chosen_ids, data.pairs[rows[j][0]].rejected_ids) for j in online] \
         if method.ranks_dataset_pair else None
-    gens = dict(zip(online, stage_generate(rd, cfg, method, trainer, [data.ids[rows[j][0]] for j in online],
-                                           tokenizer, accelerator, seed, show, dataset_pairs)))
+    with timed(timings, "generation"):
+        gens = dict(zip(online, stage_generate(rd, cfg, method, trainer, [data.ids[rows[j][0]] for j in online],
+                                               tokenizer, accelerator, seed, show, dataset_pairs, backend)))
     judged = [j for j in online if rows[j][1] != "pp"]
-    scores, judge_labels = stage_judge(rd, cfg, judge, [data.prompts[rows[j][0]] for j in judged],
-                                       [gens[j]["responses"] for j in judged], accelerator, show,
-                                       truncated=[gens[j]["truncated"] for j in judged])
+    with timed(timings, "judging"):
+        scores, judge_labels = stage_judge(rd, cfg, judge, [data.prompts[rows[j][0]] for j in judged],
+                                           [gens[j]["responses"] for j in judged], accelerator, show,
+                                           truncated=[gens[j]["truncated"] for j in judged])
     mode = cfg.generation.truncated
     if mode == "penalize":  # generations.jsonl keeps the judge's own scores; the pairs see the penalty
         scores = penalized_scores(scores, [gens[j]["truncated"] for j in judged], cfg.generation.truncated_score)
@@ -748,13 +790,15 @@ def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: 
 
 
 def stage_eval(it: Path, cfg: RunConfig, t: int, pi0_path: Path, eval_prompts: list[Prompt], tokenizer, gold,
-               accelerator: Accelerator, show: bool) -> dict[str, Any]:
+               accelerator: Accelerator, show: bool, backend: Backend | None = None) -> dict[str, Any]:
     """Gold reward of greedy and sampled responses, win rate and KL against pi_0, labels used by source."""
     from .evaluate import evaluate_policy
 
     labels = json.loads((it / "labels.json").read_text())
     previous = json.loads((it.parent / f"iter_{t - 1:03d}" / "metrics.json").read_text()) if t > 0 else {}
     train = json.loads((it / "train.json").read_text())
+    # Seconds this process spent in each stage (a resumed iteration counts only what it redid).
+    timings = json.loads((it / "timings.json").read_text()) if (it / "timings.json").exists() else {}
     by_source = {k: labels[k] for k in ("judge", "policy", "dataset")}
     before = previous.get("labels_total_by_source", {})
     # Labelled pairs: prompts whose K responses the judge scored, plus dataset pairs (SAIL). Comparable
@@ -777,9 +821,12 @@ def stage_eval(it: Path, cfg: RunConfig, t: int, pi0_path: Path, eval_prompts: l
                  for rd in [it, *sorted(it.glob("round_*"))] if (rd / "pairs.jsonl").exists()
                  for r in load_jsonl(rd / "pairs.jsonl")]
         pairs = random.Random(f"{cfg.seed}:implicit").sample(pairs, min(256, len(pairs)))
+        start = time.perf_counter()
         result = evaluate_policy(it / "policy", pi0_path, eval_prompts, tokenizer, gold, cfg, cache=it.parent,
                                  progress=show, pairs=pairs, keep_rewards=True,
-                                 responses_path=it / "eval_responses.jsonl")
+                                 responses_path=it / "eval_responses.jsonl", backend=backend)
         write_atomic(it / "eval_rewards.json", json.dumps(result.pop("rewards")))
         metrics.update(result)
+        timings["eval"] = time.perf_counter() - start
+    metrics.update({f"time/{k}": round(v, 3) for k, v in timings.items()})
     return metrics

@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 
-def end_token_ids(tokenizer) -> list[int]:
-    """The ids generation stops at (the loop and evaluation pass these to the generator); truncation is
-    judged against the same ids."""
-    eos = tokenizer.eos_token_id
-    return eos if isinstance(eos, list) else [eos] if eos is not None else []
+def end_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """The ids generation stops at (selfalign.generation.stop_token_ids: EOS, the model's stop list, the
+    chat turn end); truncation is judged against the same ids."""
+    from .generation import stop_token_ids
+
+    return stop_token_ids(tokenizer, generation_config)
 
 
 def is_truncated(ids: Sequence[int], max_new_tokens: int, end_ids: Collection[int]) -> bool:

@@ -105,3 +105,13 @@ def builtin_task(tmp_path_factory):
         os.environ.pop("SELFALIGN_CACHE", None)
     else:
         os.environ["SELFALIGN_CACHE"] = old
+
+
+def without_timings(rows):
+    """Metrics rows (dicts, or metrics.jsonl text) less their wall-clock 'time/...' entries, which differ
+    from run to run: what a deterministic comparison of two runs compares."""
+    import json
+
+    if isinstance(rows, str):
+        rows = [json.loads(line) for line in rows.splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]

@@ -54,9 +54,21 @@ def forked(argv: list[str], env: dict[str, str] | None = None, count_to: Path | 
     return os.waitstatus_to_exitcode(status)
 
 
+def stable_bytes(p: Path) -> bytes:
+    """A file's bytes, less the wall-clock stage timings (time/<stage> in metrics, timings.json), the only
+    content that differs between two runs of the same command."""
+    if p.name == "timings.json":
+        return b"wall-clock"
+    if p.name in ("metrics.json", "metrics.jsonl"):
+        rows = [json.loads(p.read_text())] if p.suffix == ".json" else \
+            [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return json.dumps([{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]).encode()
+    return p.read_bytes()
+
+
 def snapshot(root: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under root."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+    """Relative path -> sha256 of every file under root (stage timings left out: see stable_bytes)."""
+    return {str(p.relative_to(root)): hashlib.sha256(stable_bytes(p)).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 

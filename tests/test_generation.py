@@ -52,3 +52,103 @@ def test_generation_config_validation():
         load_config(GenerationConfig, None, ["top_p=0"])
     with pytest.raises(ValueError, match="at least one token"):
         HFGenerator(make_model(), PAD, EOS).generate([[]], GenerationConfig())
+
+
+# ---------------------------------------------------------------------------------- stop ids
+IM_END, EXTRA_STOP = 5, 40  # the ChatML turn end below; an id a model's generation_config may list
+
+
+def chatml_tokenizer():
+    """A ChatML-style tokenizer whose EOS (<|endoftext|>, 3) is not its turn end (<|im_end|>, 5),
+    like Qwen2-base, Phi 3 or Llama 3 base tokenizers with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<bos>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "user", "assistant"]
+    words += [f"w{i}" for i in range(64 - len(words))]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                   eos_token="<|endoftext|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    return fast
+
+
+def test_stop_token_ids_collect_eos_generation_config_and_turn_end():
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    from selfalign.generation import stop_token_ids, turn_end_id
+    from selfalign.tasks.tiny import build_tokenizer
+
+    tok = chatml_tokenizer()
+    assert turn_end_id(tok) == IM_END
+    assert stop_token_ids(tok) == [EOS, IM_END]
+    assert stop_token_ids(tok, HFGenerationConfig(eos_token_id=[EOS, EXTRA_STOP])) == [EOS, IM_END, EXTRA_STOP]
+    assert stop_token_ids(tok, HFGenerationConfig(eos_token_id=EXTRA_STOP)) == [EOS, IM_END, EXTRA_STOP]
+    # The built-in task's template closes a turn with <eos> itself: one stop id.
+    assert stop_token_ids(build_tokenizer(["a", "b"])) == [EOS]
+
+
+def test_loop_generation_stops_at_every_stop_id():
+    """The loop's generation ends a response at the turn end (<|im_end|>) and at every id of the model's
+    generation_config.eos_token_id, not only at the tokenizer's EOS. Before the fix it passed only
+    tokenizer.eos_token_id to generate(), and sampled responses ran on past <|im_end|> (checked below
+    with exactly that call, so the test can tell the two apart)."""
+    from accelerate import Accelerator
+
+    from selfalign.loop import generate_sharded
+
+    tok = chatml_tokenizer()
+    model = make_model(seed=5, arch="llama")
+    model.generation_config.eos_token_id = [EOS, EXTRA_STOP]
+    config = GenerationConfig(num_samples=4, temperature=1.0, max_new_tokens=24, batch_size=8)
+    stops = {EOS, IM_END, EXTRA_STOP}
+    old = HFGenerator(model, PAD, tok.eos_token_id).generate(PROMPTS, config, seed=3)
+    assert any(t in stops - {EOS} for rs in old for r in rs for t in r[:-1])  # the old call ran past them
+
+    out = generate_sharded(model, PROMPTS, config, 3, tok, Accelerator(cpu=True), show=False)
+    ended = [r[-1] for rs in out for r in rs if r[-1] in stops]
+    assert all(t not in stops for rs in out for r in rs for t in r[:-1])
+    assert IM_END in ended and EXTRA_STOP in ended  # both new stop ids did end responses
+
+
+def test_top_k_is_explicit():
+    """top_k=1 sampling keeps only the most likely token: it equals greedy decoding at any temperature.
+    The default (50) is what generate() applied implicitly before the option existed."""
+    gen = HFGenerator(make_model(seed=2), PAD, EOS)
+    greedy = gen.generate(PROMPTS, GenerationConfig(num_samples=1, temperature=0.0, max_new_tokens=8))
+    top1 = gen.generate(PROMPTS, GenerationConfig(num_samples=1, temperature=1.5, top_k=1, max_new_tokens=8), seed=4)
+    assert top1 == greedy
+    assert GenerationConfig().top_k == 50
+    with pytest.raises(ConfigError, match="generation.top_k: must be >= 0"):
+        load_config(GenerationConfig, None, ["top_k=-1"])
+
+
+def test_preference_responses_end_with_the_turn_end(tmp_path):
+    """A preference file's responses end with what the policy emits to stop: the chat template's turn
+    end after a conversational prompt (not the tokenizer's EOS), EOS after a plain-text prompt."""
+    import json
+
+    from selfalign.data import PreferenceDataConfig, load_preferences
+
+    path = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": "w1 w2"}], "chosen": "w3", "rejected": "w4 w5"},
+            {"prompt": "w1 w2", "chosen": "w3", "rejected": "w4"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat, text = load_preferences(PreferenceDataConfig(path=str(path)), chatml_tokenizer())
+    assert chat.chosen_ids[-1] == IM_END and chat.rejected_ids[-1] == IM_END
+    assert text.chosen_ids[-1] == EOS and text.rejected_ids[-1] == EOS
+
+
+def test_vllm_backend_without_vllm_is_a_one_line_error(builtin_task, tmp_path, capsys, monkeypatch):
+    """generation.backend=vllm where vllm is not installed: exit status 2, one line saying what to install."""
+    import selfalign.generation.vllm as vllm_backend
+    from selfalign.cli import main
+
+    monkeypatch.setattr(vllm_backend, "vllm_available", lambda: False)
+    code = main(["run", "quickstart", "generation.backend=vllm", "iterations=1", f"output_dir={tmp_path / 'run'}",
+                 "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "generation.backend: 'vllm' needs the vllm package" in err and "generation.backend=hf" in err

@@ -2,7 +2,8 @@
 
 Prompts are left-padded (so every row's next token sits at the same position) and each is
 repeated num_samples times in place, so rows [i*K, (i+1)*K) belong to prompt i. Responses
-are cut after the first EOS and stripped of padding. The bookkeeping that ties a response
+are cut after the first stop id (every id of stop_token_ids, passed to generate() as its
+eos_token_id list) and stripped of padding. The bookkeeping that ties a response
 to its prompt is index arithmetic on one tensor, never a second list that could be
 shuffled separately: a silent prompt/completion mismatch trains on meaningless data.
 """
@@ -15,6 +16,23 @@ from tqdm.auto import tqdm
 
 from ..logprobs import collate
 from . import GenerationConfig
+
+
+class HFBackend:
+    """transformers generate() on the model itself: nothing to start, nothing to sync."""
+
+    def __init__(self, pad_token_id: int, stop_ids: list[int]) -> None:
+        self.pad_token_id = pad_token_id
+        self.stop_ids = stop_ids
+
+    def generator(self, model: nn.Module) -> HFGenerator:
+        return HFGenerator(model, self.pad_token_id, self.stop_ids)
+
+    def sleep(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class HFGenerator:
@@ -51,8 +69,11 @@ class HFGenerator:
             mask = batch.attention_mask.repeat_interleave(k, dim=0).to(device)
             # A seed per chunk keeps a chunk's samples independent of how earlier chunks went.
             torch.manual_seed(seed * 1_000_003 + s)
-            kwargs = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p) if sample else dict(
-                do_sample=False, temperature=None, top_p=None, top_k=None)
+            # Every sampling option explicit: generate() would otherwise fill unset ones from the model's
+            # generation_config (top_k=50 by default).
+            kwargs = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p,
+                          top_k=config.top_k) if sample else dict(do_sample=False, temperature=None, top_p=None,
+                                                                  top_k=None)
             generated = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=config.max_new_tokens,
                 pad_token_id=self.pad_token_id, eos_token_id=sorted(self.eos_ids) or None, **kwargs,

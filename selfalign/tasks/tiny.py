@@ -59,6 +59,7 @@ def build_model(
     pad_token_id: int = 0,
     bos_token_id: int = 2,
     eos_token_id: int = 3,
+    tie_word_embeddings: bool = False,
 ) -> PreTrainedModel:
     """A random-init causal LM (Llama- or Qwen2-shaped), float32, deterministic for a seed.
 
@@ -70,7 +71,8 @@ def build_model(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         intermediate_size=intermediate_size or 4 * hidden_size, max_position_embeddings=max_positions,
-        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, tie_word_embeddings=False,
+        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+        tie_word_embeddings=tie_word_embeddings,
     )
     if arch == "qwen2":
         config = Qwen2Config(**kwargs)
