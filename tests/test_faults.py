@@ -226,10 +226,12 @@ def test_a_signal_stops_with_one_line_and_the_same_command_resumes(tmp_path, tas
     argv = ["run", "quickstart", *TINY, "judge.function=tests.judge_fns:slow_counting_gold"]
     assert forked([*argv, f"output_dir={tmp_path / 'ref'}"]) == 0
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(root), "SELFALIGN_TEST_JUDGE_DELAY": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(root), "SELFALIGN_TEST_JUDGE_DELAY": "4", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "selfalign", *argv, f"output_dir={out}", "--no-progress"], cwd=root,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     start = time.time()
+    # Each judge call pauses 4 s, so after the first journal line three calls (12 s) remain: time for the
+    # in-process lock check below before the signal, on an idle machine too.
     while not (out / "iter_000" / "round_000" / "judge_journal.jsonl").exists():
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         assert time.time() - start < 300
