@@ -227,8 +227,11 @@ def test_a_signal_stops_with_one_line_and_the_same_command_resumes(tmp_path, tas
     assert forked([*argv, f"output_dir={tmp_path / 'ref'}"]) == 0
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(root), "SELFALIGN_TEST_JUDGE_DELAY": "4", "OMP_NUM_THREADS": "1"}
+    # A shell's background job starts with SIGINT ignored, and Python then keeps ignoring it: restore the
+    # default in the child, as a run started in a terminal has it.
     proc = subprocess.Popen([sys.executable, "-m", "selfalign", *argv, f"output_dir={out}", "--no-progress"], cwd=root,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     start = time.time()
     # Each judge call pauses 4 s, so after the first journal line three calls (12 s) remain: time for the
     # in-process lock check below before the signal, on an idle machine too.
