@@ -327,6 +327,20 @@ def _write_prompts(path: Path, prompts: list[tuple[int, ...]]) -> None:
     path.write_text("".join(json.dumps({"prompt": make_prompt(v)}) + "\n" for v in prompts), encoding="utf-8")
 
 
+def publish_build(tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+    """Write tmp/task.json (the mark of a finished build) and rename the built folder tmp to final.
+
+    A task is built in a temporary folder beside final, so an interrupted build leaves nothing that
+    looks finished. If another process finished the same build first, theirs is identical: keep it.
+    """
+    (tmp / "task.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not (final / "task.json").is_file():
+            raise
+
+
 def build_task(cache_dir: str | Path | None = None, seed: int = 0, progress: bool = True) -> BuiltinTask:
     """Build the task under cache_dir/builtin-sort-v{VERSION}-seed{seed} (default cache: $SELFALIGN_CACHE
     or ~/.cache/selfalign), or reuse it if it is there.
@@ -360,13 +374,7 @@ def build_task(cache_dir: str | Path | None = None, seed: int = 0, progress: boo
         # No timings in here: a build is byte-for-byte reproducible from its seed.
         meta = {"version": VERSION, "seed": seed, "reward_fn": REWARD_FN, "sft": asdict(config),
                 "demonstrations": DEMONSTRATIONS, "final_loss": round(stats["final_loss"], 6)}
-        (tmp / "task.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        try:
-            tmp.rename(final)
-        except OSError:
-            # Another process finished the same build first: theirs is identical, keep it.
-            if not (final / "task.json").is_file():
-                raise
+        publish_build(tmp, final, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
-from .builtin import default_cache_dir, read_prompts
+from .builtin import default_cache_dir, publish_build, read_prompts
 from .constraints import constraint_results, make_prompt_sets
 
 VERSION = 1
@@ -127,12 +127,7 @@ def build_task(cache_dir: str | Path | None = None, seed: int = 0, progress: boo
         _write_prompts(task.eval_novel_prompts, sets.eval_novel)
         meta = {"version": VERSION, "seed": seed, "source": GGUF_NAME, "reward_fn": REWARD_FN,
                 "reserved_pairs": sets.reserved_pairs}
-        (tmp / "task.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not (final / "task.json").is_file():
-                raise
+        publish_build(tmp, final, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _task_at(final)
