@@ -71,14 +71,12 @@ def _prepare_run_dir(cfg: TrainRunConfig) -> Path:
 @torch.no_grad()
 def heldout_accuracy(trainer: PreferenceTrainer, examples: list[PreferenceExample]) -> dict[str, float]:
     """Implicit-reward accuracy and margin, and plain log-prob accuracy, on held-out pairs."""
-    from .logprobs import collate, sequence_logprobs
+    from .logprobs import collate
 
     trainer.compute_reference_logps(examples, progress=False)
     batch = collate([e.prompt_ids for e in examples] * 2, [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples],
-                    trainer.pad_token_id).to(trainer.accelerator.device)
-    trainer.policy.eval()
-    lp = sequence_logprobs(trainer.policy, batch, trainer.config.logprob_chunk_size).cpu()
-    trainer.policy.train()
+                    trainer.pad_token_id)
+    lp = trainer.policy_logps(batch).cpu()
     n = len(examples)
     chosen, rejected = lp[:n], lp[n:]
     ref_c = torch.tensor([e.ref_chosen for e in examples])

@@ -131,6 +131,13 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
 
 
+def _is_whole(weight: Tensor) -> bool:
+    """False for a parameter sharded across processes: a DTensor (FSDP2) or a ZeRO-3 partition."""
+    from torch.distributed.tensor import DTensor
+
+    return not isinstance(weight, DTensor) and not hasattr(weight, "ds_id")
+
+
 def token_logprobs(hidden: Tensor, lm_head: nn.Module, targets: Tensor, chunk_size: int = 1024,
                    scale: float = 1.0) -> Tensor:
     """Log-probabilities [N] of `targets` [N] under logits = scale * lm_head(hidden), hidden [N, H].
@@ -138,8 +145,12 @@ def token_logprobs(hidden: Tensor, lm_head: nn.Module, targets: Tensor, chunk_si
     A plain bias-free nn.Linear head takes the memory-lean custom path. Any other head (a
     LoRA-wrapped head, a biased one) is applied chunk by chunk under activation
     checkpointing, which bounds memory the same way at the cost of generality-friendly code.
+    So is a head whose weight is sharded at this point (ZeRO-3 gathers a module's parameters
+    in that module's forward hook; an FSDP2 head in a unit of its own): calling the module
+    runs the hook that gathers the weight. Under accelerate's FSDP2 wrapping of LogprobModel
+    the head belongs to the root unit, whose weights are whole during the forward.
     """
-    if type(lm_head) is nn.Linear and lm_head.bias is None:
+    if type(lm_head) is nn.Linear and lm_head.bias is None and _is_whole(lm_head.weight):
         return _ChunkedTokenLogprob.apply(hidden, lm_head.weight, targets, chunk_size, scale)
 
     def chunk_fn(h: Tensor, t: Tensor) -> Tensor:
@@ -245,6 +256,10 @@ class LogprobModel(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        # Read by accelerate: FSDP2 wraps each of these layers as its own unit, DeepSpeed sizes
+        # buckets from the config's hidden size.
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
+        self.config = getattr(model, "config", None)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
         return sequence_logprobs(self.model, SequenceBatch(input_ids, attention_mask, response_mask), self.chunk_size)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
@@ -30,6 +29,7 @@ from . import faults
 from .checks import check_pretrained, loading
 from .config import ConfigError, check, check_same_config, dump_yaml, field
 from .data import DataError, pad_token_id, read_jsonl, text_or_messages, write_atomic, write_jsonl
+from .distributed import make_accelerator
 from .generation import Backend, GenerationConfig, build_backend, load_generation_config, stop_token_ids
 from .generation.hf import HFBackend
 from .judges import Judge, Prompt
@@ -282,8 +282,7 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
 
     out = Path(cfg.output_dir)
     method = cfg.method_spec
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-                              cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(resolve_mixed_precision(cfg.train.mixed_precision))
     show = progress and accelerator.is_main_process
 
     # Build: pi_0, prompts (and dataset pairs), judge, gold reward.
@@ -585,16 +584,20 @@ def stage_generate(rd: Path, cfg: RunConfig, method: Method, trainer: Preference
             row.setdefault("truncated", [is_truncated(r, limit, end_ids) for r in row["response_ids"]])
         return rows
     k = method.policy_samples(cfg.generation.num_samples)
-    samples = generate_sharded(trainer.policy, ids, dataclasses.replace(cfg.generation, num_samples=k), seed,
-                               tokenizer, accelerator, show, backend) if ids and k else [[] for _ in ids]
+    samples = [[] for _ in ids]
+    if ids and k:
+        with trainer.whole("policy") as policy:  # FSDP2 / ZeRO-3: an unsharded replica (distributed.py)
+            samples = generate_sharded(policy, ids, dataclasses.replace(cfg.generation, num_samples=k), seed,
+                                       tokenizer, accelerator, show, backend)
     ref_samples: list[list[int]] | None = None
     if method.needs_ref_sample and (cfg.alpha != 0 or method.ranks_ref_sample) and ids:
         # SELM: y_ref from pi_ref (greedy); XPO: a sample from the fixed pi_0.
         greedy = method.ref_sample == "greedy"
         ref_cfg = dataclasses.replace(cfg.generation, num_samples=1,
                                       temperature=0.0 if greedy else cfg.generation.temperature)
-        ref_samples = [r[0] for r in generate_sharded(trainer.reference, ids, ref_cfg, seed + 1, tokenizer, accelerator,
-                                                      show, backend)]
+        with trainer.whole("reference") as reference:
+            ref_samples = [r[0] for r in generate_sharded(reference, ids, ref_cfg, seed + 1, tokenizer, accelerator,
+                                                          show, backend)]
     rows = []
     for i, policy in enumerate(samples):
         ref = ref_samples[i] if ref_samples is not None else None
@@ -775,10 +778,11 @@ def label_by_policy(trainer: PreferenceTrainer, examples: dict[int, PreferenceEx
 
 def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
+    policy = trainer.saved_policy()  # collective under FSDP2 / ZeRO-3: the full state dict is gathered
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model = trainer.policy.merge_and_unload() if trainer.config.lora.enabled else trainer.policy
+        model = policy.merge_and_unload() if trainer.config.lora.enabled else policy
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         faults.before_rename()

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from . import faults, losses
 from .config import check, to_dict
 from .config import field as cfield
-from .logprobs import LogprobModel, collate, sequence_logprobs
+from .distributed import Sharding, make_accelerator
+from .logprobs import LogprobModel, SequenceBatch, collate, sequence_logprobs
 
 Tensor = torch.Tensor
 
@@ -404,9 +405,8 @@ class PreferenceTrainer:
                 "(train.lora.enabled=true) so the reference is the policy with its adapter disabled"
             )
         # Without a GPU, cpu=True lets a torchrun / accelerate-launched job run data-parallel on gloo.
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=resolve_mixed_precision(config.mixed_precision), cpu=not torch.cuda.is_available()
-        )
+        self.accelerator = accelerator or make_accelerator(resolve_mixed_precision(config.mixed_precision))
+        self.sharding = Sharding(self.accelerator)
         if config.disable_dropout:
             disable_dropout(policy)
             if reference is not None:
@@ -422,11 +422,56 @@ class PreferenceTrainer:
         policy.train()
         self.policy = policy
         self.reference = reference
+        self._ref_model: nn.Module | None = None
         if reference is not None:
             reference.requires_grad_(False)
             reference.eval()
-            reference.to(self.accelerator.device)
-        self.model = self.accelerator.prepare_model(LogprobModel(policy, config.logprob_chunk_size))
+            if self.sharding.sharded:
+                self.sharding.remember(reference)
+                self._ref_model = self.sharding.prepare_frozen(LogprobModel(reference, config.logprob_chunk_size))
+            else:
+                reference.to(self.accelerator.device)
+        self._prepared = not self.sharding.sharded
+        if self.sharding.sharded:
+            # FSDP2 and DeepSpeed prepare the model together with its optimizer: in begin().
+            self.sharding.remember(policy)
+            self.model = LogprobModel(policy, config.logprob_chunk_size)
+        else:
+            self.model = self.accelerator.prepare_model(LogprobModel(policy, config.logprob_chunk_size))
+
+    @contextlib.contextmanager
+    def whole(self, which: Literal["policy", "reference"] = "policy"):
+        """The policy or the reference with whole (unsharded) weights, for generation (see distributed.py)."""
+        if which == "policy":
+            with self.sharding.gathered(self.model if self._prepared else None, self.policy) as model:
+                yield model
+        else:
+            with self.sharding.gathered(self._ref_model, self.reference) as model:
+                yield model
+
+    def saved_policy(self) -> nn.Module | None:
+        """The policy to save_pretrained on the main process (None elsewhere); every process must call it.
+
+        Under sharding it is rebuilt from the full state dict gathered onto the main process.
+        """
+        if not (self.sharding.params_sharded and self._prepared):
+            return self.policy if self.accelerator.is_main_process else None
+        state = self.sharding.full_state_dict(self.model)
+        return self.sharding.replica(self.policy, state) if self.accelerator.is_main_process else None
+
+    @torch.no_grad()
+    def policy_logps(self, batch: SequenceBatch) -> Tensor:
+        """Summed response log-probs [B] of the current policy on `batch` (no gradient), in eval mode."""
+        was_training = self.policy.training
+        self.policy.eval()
+        batch = batch.to(self.accelerator.device)
+        with self.accelerator.autocast():
+            if self.sharding.sharded:  # through the prepared root module, whose hooks gather the weights
+                lp = self.model(batch.input_ids, batch.attention_mask, batch.response_mask)
+            else:
+                lp = sequence_logprobs(self.policy, batch, self.config.logprob_chunk_size)
+        self.policy.train(was_training)
+        return lp
 
     @property
     def needs_ref_sample(self) -> bool:
@@ -439,9 +484,13 @@ class PreferenceTrainer:
     def _reference_logps(self, prompts: list[list[int]], responses: list[list[int]]) -> Tensor:
         batch = collate(prompts, responses, self.pad_token_id).to(self.accelerator.device)
         with self.accelerator.autocast():
+            if self._ref_model is not None:
+                return self._ref_model(batch.input_ids, batch.attention_mask, batch.response_mask)
             if self.reference is not None:
                 return sequence_logprobs(self.reference, batch, self.config.logprob_chunk_size)
             with self.policy.disable_adapter():
+                if self.sharding.sharded:
+                    return self.model(batch.input_ids, batch.attention_mask, batch.response_mask)
                 return sequence_logprobs(self.policy, batch, self.config.logprob_chunk_size)
 
     def compute_reference_logps(self, examples: Sequence[PreferenceExample], progress: bool = True) -> None:
@@ -467,9 +516,10 @@ class PreferenceTrainer:
         was_training = self.policy.training
         self.policy.eval()
         bar = tqdm(total=len(mine), desc="reference log-probs", disable=not (progress and acc.is_main_process), leave=False)
-        for s in range(0, len(mine), size):
-            chunk = mine[s : s + size]
-            lp = self._reference_logps([r[2] for r in chunk], [r[3] for r in chunk]).float().cpu().tolist()
+        for b in range(self.sharding.lockstep_batches(len(rows), size)):
+            chunk = mine[b * size : (b + 1) * size]
+            run = chunk or rows[:1]  # sharded weights: a process with no rows left still joins the forward
+            lp = self._reference_logps([r[2] for r in run], [r[3] for r in run]).float().cpu().tolist()
             results += [(r[0], r[1], v) for r, v in zip(chunk, lp)]
             bar.update(len(chunk))
         bar.close()
@@ -488,20 +538,16 @@ class PreferenceTrainer:
         are computed (and kept on the examples) first.
         """
         self.compute_reference_logps(examples, progress=progress)
-        was_training = self.policy.training
-        self.policy.eval()
         h = []
         size = self.config.ref_batch_size
         for s in range(0, len(examples), size):
             chunk = examples[s : s + size]
             batch = collate([ex.prompt_ids for ex in chunk] * 2, [ex.chosen_ids for ex in chunk] +
-                            [ex.rejected_ids for ex in chunk], self.pad_token_id).to(self.accelerator.device)
-            with self.accelerator.autocast():
-                lp = sequence_logprobs(self.policy, batch, self.config.logprob_chunk_size).float().cpu()
+                            [ex.rejected_ids for ex in chunk], self.pad_token_id)
+            lp = self.policy_logps(batch).float().cpu()
             n = len(chunk)
             h += [self.config.beta * ((lp[i] - ex.ref_chosen) - (lp[n + i] - ex.ref_rejected)).item()
                   for i, ex in enumerate(chunk)]
-        self.policy.train(was_training)
         return h
 
     # ------------------------------------------------------------------ the update
@@ -588,12 +634,18 @@ class PreferenceTrainer:
                 params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                 weight_decay=cfg.weight_decay,
             )
-        # Not acc.prepare_optimizer(): the accelerator would keep every update's optimizer (and
-        # its state, 2x the trainable weights) alive for the life of the run. bf16 autocast and
-        # DDP need nothing from a prepared optimizer.
+        # Not acc.prepare_optimizer() without sharding: the accelerator would keep every update's
+        # optimizer (and its state, 2x the trainable weights) alive for the life of the run. bf16
+        # autocast and DDP need nothing from a prepared optimizer. FSDP2 and DeepSpeed do (they
+        # shard it): it is prepared with the model, and released when the update ends.
+        raw = optimizer
+        if self.sharding.sharded:
+            rows = 3 * cfg.micro_batch_size if self.needs_ref_sample else 2 * cfg.micro_batch_size
+            self.model, optimizer = self.sharding.prepare_training(self.model, optimizer, rows, cfg.max_grad_norm)
+            self._prepared = True
         warmup = math.ceil(cfg.warmup_ratio * total_steps)
         self._optimizer = optimizer
-        self._scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, warmup, total_steps))
+        self._scheduler = torch.optim.lr_scheduler.LambdaLR(raw, lr_lambda(cfg.lr_scheduler, warmup, total_steps))
         self._ckpt_path = Path(checkpoint_dir) / "update_state.pt" if checkpoint_dir is not None else None
         self._history: list[dict[str, float]] = []
         self._rounds_done = 0
@@ -601,11 +653,19 @@ class PreferenceTrainer:
         self._f_baseline: float | None = None
         if self._ckpt_path is not None and self._ckpt_path.exists():
             state = torch.load(self._ckpt_path, map_location="cpu", weights_only=False)
-            missing = set(self._trainable_state()) - set(state["trainable"])
-            if missing:
-                raise ValueError(f"{self._ckpt_path} lacks trainable parameters such as {sorted(missing)[0]}")
-            self.policy.load_state_dict(state["trainable"], strict=False)
-            optimizer.load_state_dict(state["optimizer"])
+            sharded_dir = state.get("sharded_dir")
+            if bool(sharded_dir) != self.sharding.sharded:
+                written = "with" if sharded_dir else "without"
+                raise ValueError(f"{self._ckpt_path} was written {written} FSDP2/DeepSpeed sharding; resume it under "
+                                 "the same accelerate launch config, or delete it to start this update afresh")
+            if sharded_dir:
+                self.accelerator.load_state(str(self._ckpt_path.parent / sharded_dir))
+            else:
+                missing = set(self._trainable_state()) - set(state["trainable"])
+                if missing:
+                    raise ValueError(f"{self._ckpt_path} lacks trainable parameters such as {sorted(missing)[0]}")
+                self.policy.load_state_dict(state["trainable"], strict=False)
+                optimizer.load_state_dict(state["optimizer"])
             self._scheduler.load_state_dict(state["scheduler"])
             self._history = list(state["history"])
             self._rounds_done = state["round"]
@@ -676,12 +736,15 @@ class PreferenceTrainer:
             return result
         self._rounds_done = k + 1
         if last:
+            self.sharding.release(self._optimizer)
             self._optimizer = self._scheduler = None  # its state is as large as the trainable weights
         if self._ckpt_path is not None:
             if not last and self._checkpoint_due():
                 self._save_checkpoint(k + 1, 0, None, [])
             elif last and acc.is_main_process and self._ckpt_path.exists():
                 self._ckpt_path.unlink()  # the update finished; its caller saves the policy
+                for old in self._ckpt_path.parent.glob("sharded_*"):
+                    shutil.rmtree(old, ignore_errors=True)
         return result
 
     def _resize_schedule(self, total_steps: int) -> None:
@@ -708,6 +771,18 @@ class PreferenceTrainer:
         path = self._ckpt_path
         self._saved_at = len(self._history)
         self.accelerator.wait_for_everyone()
+        sharded_dir = None
+        if self.sharding.sharded:
+            # Weights and optimizer through accelerate (FSDP2: sharded DCP files; DeepSpeed: the
+            # engine's checkpoint) into a directory of their own, named by the step, which the
+            # atomically written update_state.pt then points to; older ones are removed after.
+            sharded_dir = f"sharded_{len(self._history):06d}"
+            if self.accelerator.is_main_process:
+                shutil.rmtree(path.parent / sharded_dir, ignore_errors=True)
+                path.parent.mkdir(parents=True, exist_ok=True)
+            self.accelerator.wait_for_everyone()
+            self.accelerator.save_state(str(path.parent / sharded_dir))
+            self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_torch_save(
@@ -715,8 +790,9 @@ class PreferenceTrainer:
                     "fingerprint": fingerprint,
                     "round": round_index,
                     "step": step,
-                    "trainable": self._trainable_state(),
-                    "optimizer": self._optimizer.state_dict(),
+                    "sharded_dir": sharded_dir,
+                    "trainable": None if sharded_dir else self._trainable_state(),
+                    "optimizer": None if sharded_dir else self._optimizer.state_dict(),
                     "scheduler": self._scheduler.state_dict(),
                     "ref_logps": [(ex.ref_chosen, ex.ref_rejected, ex.ref_ref_sample) for ex in examples],
                     "history": self._history,
@@ -724,6 +800,9 @@ class PreferenceTrainer:
                 },
                 path,
             )
+            for old in path.parent.glob("sharded_*"):
+                if old.name != sharded_dir:
+                    shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
     def _non_finite_message(self, loss: float, grad_norm: float) -> str:
@@ -754,7 +833,7 @@ class PreferenceTrainer:
         poison = faults.nan_at_step(len(self._history) + 1)
         for j, chunk_ids in enumerate(micro):
             chunk = [examples[i] for i in chunk_ids]
-            sync = acc.no_sync(self.model) if j < len(micro) - 1 else contextlib.nullcontext()
+            sync = self.sharding.accumulating(self.model) if j < len(micro) - 1 else contextlib.nullcontext()
             with sync:
                 lp = self._micro_logps(chunk, [draws[i] for i in chunk_ids])
                 out = self.objective.compute(lp, cfg)
@@ -770,12 +849,13 @@ class PreferenceTrainer:
                 torch.tensor(float(sum(ex.num_tokens for ex in chunk)), device=acc.device),
                 *(extras.get(name, zero).float() for name in ("dp", "dp_swapped", "on_policy", "on_policy_f")),
             ]).double()
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm = self.sharding.clip_grad_norm(self.model, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         lr = scheduler.get_last_lr()[0]
         sums = acc.reduce(sums, reduction="sum") if acc.num_processes > 1 else sums
-        if not (math.isfinite(float(grad_norm)) and math.isfinite(sums[0].item())):
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")  # None: DeepSpeed did not say
+        if not ((math.isfinite(grad_norm) or self.sharding.kind == "deepspeed") and math.isfinite(sums[0].item())):
             optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(self._non_finite_message(sums[0].item() / max(sums[6].item(), 1.0), float(grad_norm)))
+            raise NonFiniteError(self._non_finite_message(sums[0].item() / max(sums[6].item(), 1.0), grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
