@@ -367,6 +367,16 @@ def cmd_config(args: argparse.Namespace) -> None:
         print(f"{key:<34} {default:<14} {help_text}")
 
 
+def cmd_accelerate_config(args: argparse.Namespace) -> None:
+    from .distributed import SHIPPED_CONFIGS, config_path
+
+    if args.name is None:
+        for name, what in SHIPPED_CONFIGS.items():
+            print(f"{name:<6} {config_path(name)}\n       {what}")
+        return
+    print(config_path(args.name))
+
+
 USER_ERRORS = (ConfigError, DataError, JudgeError, ReportError, UsageError, NonFiniteError)
 # OS errors a user fixes (a full disk, a read-only or unwritable place, a file where a directory goes).
 USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
@@ -443,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     conf.add_argument("which", nargs="?", choices=["run", "train"], default="run",
                       help="the online loop's keys (run, quickstart; default) or offline training's (train)")
     conf.set_defaults(func=cmd_config)
+    acc = sub.add_parser("accelerate-config", help="print the path of a shipped accelerate config (ddp, fsdp2, zero2, "
+                                                    "zero3) for `accelerate launch --config_file`")
+    acc.add_argument("name", nargs="?", default=None, help="the config; without one, list them all")
+    acc.set_defaults(func=cmd_accelerate_config)
     args, extra = parser.parse_known_args(argv)
     # `eval RUN --limit 8 eval.samples=4`: argparse leaves overrides that follow an option unparsed.
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):

@@ -119,3 +119,16 @@ def test_config_lists_the_online_keys_by_default_and_the_offline_ones_on_request
     assert main(["config", "train"]) == 0
     out = capsys.readouterr().out
     assert "\ndata.path " in out and "generate_every" not in out
+
+
+def test_accelerate_config_prints_the_path_of_a_shipped_config(capsys):
+    from pathlib import Path
+
+    assert main(["accelerate-config", "fsdp2"]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path.name == "fsdp2.yaml" and yaml.safe_load(path.read_text())["fsdp_config"]["fsdp_version"] == 2
+    assert main(["accelerate-config"]) == 0
+    listing = capsys.readouterr().out
+    assert all(f"{name}.yaml" in listing for name in ("ddp", "fsdp2", "zero2", "zero3"))
+    assert main(["accelerate-config", "fsdp1"]) == 2
+    assert "no shipped accelerate config 'fsdp1'; choose one of ddp, fsdp2, zero2, zero3" in capsys.readouterr().err
