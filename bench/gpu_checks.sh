@@ -10,6 +10,12 @@
 #      Qwen2-0.5B-shaped model, sequence 1024, bf16; tokens/s, MFU and peak GPU memory, as ratios
 #   3. the online loop on CUDA: the built-in quickstart (SELM) and iterative DPO, 2 iterations each,
 #      with the peak GPU memory of each run
+#   4. sharded smokes: the quickstart under `accelerate launch --config_file <shipped config>` with
+#      FSDP2 and with DeepSpeed ZeRO-3, one GPU each (bench/sharded_smoke.py: wall time, peak memory,
+#      accelerate's distributed type). ZeRO-3 needs deepspeed: its wheel and deps travel in .whl/
+#      (pure-python, built with DS_BUILD_OPS=0). --cpu-dry runs the FSDP2 smoke on 2 CPU processes
+#      (gloo) and the ZeRO-3 one only if deepspeed is importable (accelerate then still runs it
+#      unsharded: it selects DeepSpeed only with a GPU).
 # Python packages missing on the GPU image (trl, datasets and theirs) travel as wheels in .whl/
 # (the device tool copies .whl when `carry` names it); PYTHONPATH puts this checkout's selfalign first.
 set -uo pipefail
@@ -69,5 +75,19 @@ print(json.dumps(record))
 with open(f"{out}.json", "w") as f:
     json.dump(record, f, indent=1)
 EOF
+done
+if [ "$mode" = "--cpu-dry" ]; then
+  sharded_procs=2; sharded_sizes=(iterations=1 prompts_per_iteration=8 eval.prompts=4 eval.samples=2 generation.max_new_tokens=8)
+else
+  sharded_procs=1; sharded_sizes=(iterations=1)
+fi
+for cfg in fsdp2 zero3; do
+  if [ "$cfg" = zero3 ] && ! $PY -c "import deepspeed" >/dev/null 2>&1; then
+    echo "=== sharded_$cfg: skipped (deepspeed is not installed; put its wheel and deps in .whl/)" | tee -a "$log"
+    continue
+  fi
+  step "sharded_$cfg" timeout 300 $PY -m accelerate.commands.launch \
+    --config_file "$($PY -m selfalign accelerate-config $cfg)" --num_processes $sharded_procs \
+    bench/sharded_smoke.py "$res/sharded_$cfg" "${sharded_sizes[@]}"
 done
 echo "results in $res"
