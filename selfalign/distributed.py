@@ -155,6 +155,7 @@ class Sharding:
             ds["train_batch_size"] = micro_batch_rows * acc.num_processes
             ds["gradient_accumulation_steps"] = 1
             ds["gradient_clipping"] = float(max_grad_norm)
+            ds["zero_allow_untested_optimizer"] = True  # torch's RMSprop (train.optimizer=rmsprop) is not on its list
         return acc.prepare(model, optimizer)
 
     def prepare_frozen(self, model: nn.Module) -> nn.Module:

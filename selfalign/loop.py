@@ -10,6 +10,7 @@ config is refused with the difference shown.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -621,45 +622,58 @@ def stage_judge(rd: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], r
     """RUN/iter[/round]/generations.jsonl: prompt, responses[], scores[], truncated[]; returns (scores, labels paid).
 
     Every label paid for is journaled chunk by chunk before it is used, so a resumed run
-    never asks the judge again for one it already has.
+    never asks the judge again for one it already has. With several processes the chunks are
+    dealt round-robin (each process scores one chunk per round, the main process journals the
+    round's chunks in order): no process waits at a barrier through the whole judging, and
+    each chunk is scored as one process would score it (a noisy judge is keyed by the chunk).
     """
     path, journal = rd / "generations.jsonl", rd / "judge_journal.jsonl"
     if not prompts:
         return [], 0
-    if not path.exists() and accelerator.is_main_process:
+    if not path.exists():
+        main = accelerator.is_main_process
         done: dict[int, list[float]] = {}
-        if journal.exists():
+        if main and journal.exists():
             text = journal.read_text()
             if not text.endswith("\n") and text:
                 # A kill mid-write leaves a partial last line: its chunk is redone, so drop it.
-                text = text[: text.rfind("\n") + 1]
-                write_atomic(journal, text)
-            for line in text.splitlines():
+                write_atomic(journal, text[: text.rfind("\n") + 1])
+        accelerator.wait_for_everyone()
+        if journal.exists():
+            for line in journal.read_text().splitlines():
                 done.update({int(k): v for k, v in json.loads(line)["scores"].items()})
-        size = cfg.judge.chunk_size
+        size, rank, world = cfg.judge.chunk_size, accelerator.process_index, accelerator.num_processes
+        starts = list(range(0, len(prompts), size))
         bar = tqdm(total=len(prompts), initial=len(done), desc="judge", disable=not show, leave=False)
-        rd.mkdir(parents=True, exist_ok=True)
-        with open(journal, "a") as f:
-            for s in range(0, len(prompts), size):
-                todo = [i for i in range(s, min(s + size, len(prompts))) if i not in done]
-                if not todo:
-                    continue
-                if hasattr(judge, "salt"):
-                    judge.salt = f"{stage_key(rd)}:{s}"
-                before = judge.labels
-                scores = judge.score([prompts[i] for i in todo], [responses[i] for i in todo])
-                # The judge's own count: one per response scored, one per comparison for a ranker.
-                entry = {"scores": {str(i): sc for i, sc in zip(todo, scores)}, "labels": judge.labels - before}
-                f.write(json.dumps(entry) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                faults.after_write(journal, renamed=False)
-                done.update(zip(todo, scores))
-                bar.update(len(todo))
+        if main:
+            rd.mkdir(parents=True, exist_ok=True)
+        with open(journal, "a") if main else contextlib.nullcontext() as f:
+            for first in range(0, len(starts), world):
+                entry = None
+                if first + rank < len(starts):
+                    s = starts[first + rank]
+                    todo = [i for i in range(s, min(s + size, len(prompts))) if i not in done]
+                    if todo:
+                        if hasattr(judge, "salt"):
+                            judge.salt = f"{stage_key(rd)}:{s}"
+                        before = judge.labels
+                        scores = judge.score([prompts[i] for i in todo], [responses[i] for i in todo])
+                        # The judge's own count: one per response scored, one per comparison for a ranker.
+                        entry = {"scores": {str(i): sc for i, sc in zip(todo, scores)}, "labels": judge.labels - before}
+                entries = [e for e in (gather_object([entry]) if world > 1 else [entry]) if e is not None]
+                for e in entries:
+                    if main:
+                        f.write(json.dumps(e) + "\n")
+                        f.flush()
+                        os.fsync(f.fileno())
+                        faults.after_write(journal, renamed=False)
+                    done.update({int(k): v for k, v in e["scores"].items()})
+                    bar.update(len(e["scores"]))
         bar.close()
-        write_jsonl(path, [{"prompt": prompts[i], "responses": responses[i], "scores": done[i],
-                            **({"truncated": truncated[i]} if truncated is not None else {})}
-                           for i in range(len(prompts))])
+        if main:
+            write_jsonl(path, [{"prompt": prompts[i], "responses": responses[i], "scores": done[i],
+                                **({"truncated": truncated[i]} if truncated is not None else {})}
+                               for i in range(len(prompts))])
     accelerator.wait_for_everyone()
     labels = sum(json.loads(line)["labels"] for line in journal.read_text().splitlines() if line.strip())
     return [row["scores"] for row in load_jsonl(path)], labels

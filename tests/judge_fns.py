@@ -77,3 +77,15 @@ def ties_on_half(prompts, responses):
 
     scores = gold_reward(prompts, responses)
     return [0.5 if zlib.crc32(json.dumps(p).encode()) % 2 else s for p, s in zip(prompts, scores)]
+
+
+def pid_logging_gold(prompts, responses):
+    """The built-in gold reward, appending "pid<TAB>labels" to $SELFALIGN_TEST_JUDGE_PIDS (which process judged)."""
+    import os
+
+    from selfalign.tasks.builtin import gold_reward
+
+    scores = gold_reward(prompts, responses)
+    with open(os.environ["SELFALIGN_TEST_JUDGE_PIDS"], "a") as f:
+        f.write(f"{os.getpid()}\t{len(scores)}\n")
+    return scores

@@ -106,15 +106,18 @@ def test_shipped_configs_are_accelerate_configs():
 def test_fsdp2_online_loop_matches_ddp(tmp_path):
     """The quickstart recipe (SELM: y_ref from the reference) on 2 processes, FSDP2 against DDP:
     generation from gathered replicas of the sharded policy and reference gives the same
-    responses, the update the same losses, and the iterate is an ordinary from_pretrained directory."""
+    responses, the update the same losses, and the iterate is an ordinary from_pretrained directory.
+    Judging (2 prompts a chunk) is shared by both processes."""
     args = ["-m", "selfalign", "run", "quickstart", "iterations=1", "prompts_per_iteration=8", "eval.prompts=4",
-            "generation.max_new_tokens=8", "judge.noise=0", "--no-progress"]
+            "generation.max_new_tokens=8", "judge.noise=0", "judge.chunk_size=2",
+            "judge.function=tests.judge_fns:pid_logging_gold", "--no-progress"]
     runs = {}
     for name, launcher in (("fsdp2", ["-m", "accelerate.commands.launch", "--config_file", str(config_path("fsdp2")),
                                       "--num_processes", "2"]),
                            ("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
         out = tmp_path / name
-        proc = subprocess.run([sys.executable, *launcher, *args, f"output_dir={out}"], cwd=ROOT, env=subprocess_env(),
+        env = subprocess_env(SELFALIGN_TEST_JUDGE_PIDS=str(tmp_path / f"{name}.pids"))
+        proc = subprocess.run([sys.executable, *launcher, *args, f"output_dir={out}"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = out
@@ -128,4 +131,10 @@ def test_fsdp2_online_loop_matches_ddp(tmp_path):
     a = AutoModelForCausalLM.from_pretrained(fsdp / "policy").state_dict()
     b = AutoModelForCausalLM.from_pretrained(ddp / "policy").state_dict()
     assert_same_params(a, b)
+    # Judging is dealt across both processes, chunk by chunk, each label paid once and journaled in order.
+    judged = [line.split("\t") for line in (tmp_path / "fsdp2.pids").read_text().splitlines()]
+    assert len({pid for pid, _ in judged}) == 2 and sum(int(n) for _, n in judged) == 32
+    journal = [json.loads(line) for line in (fsdp / "judge_journal.jsonl").read_text().splitlines()]
+    assert [sorted(map(int, e["scores"])) for e in journal] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert json.loads((fsdp / "metrics.json").read_text())["labels"] == 32
+    assert (fsdp / "generations.jsonl").read_text() == (ddp / "generations.jsonl").read_text()
