@@ -103,6 +103,17 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def lockstep_batches(n_rows: int, batch_rows: int, rank: int, world: int, collective: bool) -> int:
+    """Batches process `rank` runs when n_rows are dealt round-robin over `world` processes, batch_rows a batch.
+
+    With sharded parameters every forward is collective (collective=True), so every process
+    runs the number the busiest process needs (an idle one runs a throwaway batch); otherwise
+    each runs its own.
+    """
+    mine = -(-n_rows // world) if collective else len(range(rank, n_rows, world))
+    return -(-mine // batch_rows)
+
+
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
@@ -212,16 +223,9 @@ class Sharding:
 
     # ------------------------------------------------------------------ lockstep forwards
     def lockstep_batches(self, n_rows: int, batch_rows: int) -> int:
-        """Batches each process runs when n_rows are dealt round-robin and cut into batch_rows.
-
-        With sharded parameters every forward is collective, so every process runs the number
-        the busiest process needs (an idle one runs a throwaway batch); otherwise its own.
-        """
-        if self.params_sharded:
-            busiest = -(-n_rows // self.accelerator.num_processes)
-        else:
-            busiest = len(range(self.accelerator.process_index, n_rows, self.accelerator.num_processes))
-        return -(-busiest // batch_rows)
+        """lockstep_batches() for this process; collective when parameters are sharded."""
+        acc = self.accelerator
+        return lockstep_batches(n_rows, batch_rows, acc.process_index, acc.num_processes, self.params_sharded)
 
     # ------------------------------------------------------------------ whole weights
     def full_state_dict(self, prepared: nn.Module, everywhere: bool = False, prefix: str = "model."
