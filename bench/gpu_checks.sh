@@ -4,7 +4,8 @@
 #   bash bench/gpu_checks.sh            # on the GPU machine; writes bench/results/gpu/ (and $OUT/ when set)
 #   bash bench/gpu_checks.sh --cpu-dry  # here, on CPU: the same steps at smoke sizes, to test the script
 #
-# Steps (each logged with its wall time; a failing step is recorded and the next one still runs):
+# Steps (each logged with its wall time; a failing step is recorded and the next one still runs;
+# ONLY_SHARDED=1 runs step 1 and the sharded smokes only):
 #   1. environment: GPU name, driver, torch / transformers / accelerate / trl versions
 #   2. bench/train_step.py --device cuda: selfalign's DPO update vs TRL's DPOTrainer on a
 #      Qwen2-0.5B-shaped model, sequence 1024, bf16; tokens/s, MFU and peak GPU memory, as ratios
@@ -29,8 +30,15 @@ log="$res/gpu_checks.log"
 : > "$log"
 PY="${PYTHON:-python3}"
 if [ -d .whl ] && [ "$mode" != "--cpu-dry" ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >>"$log" 2>&1 && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  # One wheel at a time, skipping what the image already imports: a wheel built for another Python
+  # (a cp311 extension) then costs only itself, and the image's own versions are not shadowed.
+  for w in .whl/*.whl; do
+    mod=$(basename "$w" | cut -d- -f1 | tr 'A-Z' 'a-z'); [ "$mod" = py_cpuinfo ] && mod=cpuinfo
+    $PY -c "import $mod" >/dev/null 2>&1 && continue
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$w" >>"$log" 2>&1 \
+      || echo "wheel not installed: $w" >>"$log"
+  done
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -49,7 +57,9 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cu
 print('transformers', transformers.__version__, 'accelerate', accelerate.__version__)
 print('trl', __import__('trl').__version__ if u.find_spec('trl') else None)
 "
-if [ "$mode" = "--cpu-dry" ]; then
+if [ -n "${ONLY_SHARDED:-}" ]; then
+  :  # ONLY_SHARDED=1: just the sharded smokes (step 4)
+elif [ "$mode" = "--cpu-dry" ]; then
   [ -n "${SKIP_TRAIN_STEP:-}" ] || step train_step $PY bench/train_step.py --quick --out-prefix "$res/train_step_cpu_dry"
   loop_sizes=(iterations=1 prompts_per_iteration=16 eval.prompts=8 eval.samples=2)
 else
@@ -58,7 +68,7 @@ else
   step train_step $PY bench/train_step.py --device cuda --repeats 1 --pairs 128 --out-prefix "$res/train_step_cuda"
   loop_sizes=(iterations=2)
 fi
-for method in selm iterative_dpo; do
+for method in $([ -n "${ONLY_SHARDED:-}" ] || echo selm iterative_dpo); do
   step "loop_$method" $PY - "$res/loop_$method" "$method" "${loop_sizes[@]}" <<'EOF'
 import json, sys, time
 import torch
