@@ -17,7 +17,7 @@ from typing import Any
 
 from . import faults
 from .config import field
-from .train import PreferenceExample
+from .records import PreferenceExample
 
 
 class DataError(ValueError):

@@ -37,17 +37,10 @@ from .judges.function import FunctionJudge
 from .logprobs import head_scale
 from .methods import METHODS, Method
 from .pairs import SELECTORS, Pair, selm_three_way
+from .records import LabelCounts, PreferenceExample, Route, Row
 from .rundir import RunLock
-from .train import (
-    ROUTES,
-    NonFiniteError,
-    PreferenceExample,
-    PreferenceTrainer,
-    SailConfig,
-    TrainConfig,
-    resolve_alpha,
-    resolve_mixed_precision,
-)
+from .train import NonFiniteError, PreferenceTrainer, resolve_mixed_precision
+from .train_config import PAPER_ALPHA, SailConfig, TrainConfig, needs_ref_sample, resolve_alpha
 from .truncation import end_token_ids, finished, is_truncated, penalized_scores
 
 BUILTIN = "builtin"
@@ -154,7 +147,7 @@ class RunConfig:
         self._check_loss(method)
         check(not (method.offline and self.generate_every), "generate_every",
               f"{self.method} answers every prompt with pi_0 up front; generation rounds need an online method")
-        if method.loss == "sail":
+        if method.is_sail:
             check(self.generation.num_samples == 2, "generation.num_samples",
                   f"SAIL's PP and PR routes draw 2 responses per prompt; set generation.num_samples=2 "
                   f"(got {self.generation.num_samples})")
@@ -177,7 +170,7 @@ class RunConfig:
             check(self.pair_selector == "best_worst", "pair_selector",
                   f"{self.method} pairs the best and worst of y_ref, chosen and rejected, as SELM's code does; "
                   f"set pair_selector=best_worst (got {self.pair_selector})")
-        if self.model not in TASKS and not (method.loss == "sail" and self.sail.g == 0):
+        if self.model not in TASKS and not (method.is_sail and self.sail.g == 0):
             check(bool(self.judge.function or self.judge.reward_model), "judge",
                   "set judge.function='pkg.module:fn' or judge.reward_model=PATH for a model other than 'builtin'")
 
@@ -186,9 +179,9 @@ class RunConfig:
         loss = self.train.loss
         if loss is None or loss == method.loss:
             return
-        check(method.loss != "sail", "train.loss",
+        check(not method.is_sail, "train.loss",
               f"{self.method} trains with sail (its routes need it); drop train.loss or choose a non-SAIL method")
-        own = "a sail_* method's routes" if loss == "sail" else f"the y_ref that method={loss} draws"
+        own = f"the y_ref that method={loss} draws" if loss in PAPER_ALPHA else "a sail_* method's routes"
         check(loss in ("dpo", "ipo"), "train.loss",
               f"{loss} cannot train {self.method}: it needs {own}; change the method, or set train.loss=dpo or ipo")
         check(not self.train.alpha, "train.alpha",
@@ -207,10 +200,7 @@ class RunConfig:
     @property
     def sail(self) -> SailConfig:
         """train.sail with every unset value taken from the method preset (SAIL methods only)."""
-        preset = self.method_spec.sail or {}
-        values = {k: v if v is not None else preset.get(k, 0.0)
-                  for k, v in dataclasses.asdict(self.train.sail).items() if k in ("r", "p", "g", "rho", "pi", "gamma")}
-        return dataclasses.replace(self.train.sail, **values)
+        return self.train.sail.over(self.method_spec.sail)
 
     @property
     def alpha(self) -> float:
@@ -218,10 +208,21 @@ class RunConfig:
         return resolve_alpha(self.loss, self.train.alpha)
 
     @property
+    def needs_ref_sample(self) -> bool:
+        """Whether each update feeds y_ref through the policy (train_config.needs_ref_sample decides)."""
+        return needs_ref_sample(self.loss, self.train.alpha)
+
+    def train_config(self, t: int) -> TrainConfig:
+        """Iteration t's update settings: the resolved loss, alpha and SAIL values, its learning rate and seed."""
+        lr = self.iteration_learning_rates[t] if self.iteration_learning_rates else self.train.learning_rate
+        return dataclasses.replace(self.train, loss=self.loss, alpha=self.alpha, learning_rate=lr,
+                                   seed=self.train.seed + t, sail=self.sail)
+
+    @property
     def needs_dataset(self) -> bool:
         """Whether the preference file is read: SAIL with an offline share or a DP route, or a method that ranks its pairs."""
         return self.method_spec.ranks_dataset_pair or (
-            self.method_spec.loss == "sail" and (self.sail.online_share < 1 or self.sail.r > 0))
+            self.method_spec.is_sail and (self.sail.online_share < 1 or self.sail.r > 0))
 
 
 # ---------------------------------------------------------------------------------- files
@@ -334,17 +335,14 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
         ref_path = prev if reference_policy(cfg, method) == "previous" else pi0_path
         rows = route_rows(cfg, slices[t], t)
         if accelerator.is_main_process and not (it / "prompts.jsonl").exists():
-            write_jsonl(it / "prompts.jsonl", [{"prompt": data.prompts[i], **({"route": r} if r else {})}
-                                               for i, r in rows])
+            write_jsonl(it / "prompts.jsonl", [{"prompt": data.prompts[row.prompt],
+                                                **({"route": row.route} if row.route else {})} for row in rows])
 
         # Done only when all three are there: the policy is renamed into place last.
         if not all((it / name).exists() for name in ("policy", "labels.json", "train.json")):
             policy = load_causal_lm(prev).to(accelerator.device)
             reference = load_causal_lm(ref_path)
-            lr = cfg.iteration_learning_rates[t] if cfg.iteration_learning_rates else cfg.train.learning_rate
-            train_cfg = dataclasses.replace(cfg.train, loss=cfg.loss, alpha=cfg.alpha, learning_rate=lr,
-                                            seed=cfg.train.seed + t, sail=cfg.sail)
-            trainer = PreferenceTrainer(policy, train_cfg, pad_id, reference=reference, accelerator=accelerator)
+            trainer = PreferenceTrainer(policy, cfg.train_config(t), pad_id, reference=reference, accelerator=accelerator)
             rounds = round_bounds(len(rows), cfg)
             done = trainer.begin(sum(math.ceil((b - a) / cfg.train.batch_size) for a, b in rounds) * cfg.train.epochs,
                                  checkpoint_dir=it / "train_state")
@@ -364,13 +362,10 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
                 with timed(timings, "update"):
                     result = trainer.train_round(examples, last=k == len(rounds) - 1, progress=show, later_steps=later)
             if accelerator.is_main_process:
-                counts = [json.loads((round_dir(it, k, len(rounds)) / "labels.json").read_text())
-                          for k in range(len(rounds))]
-                labels = {key: sum(c.get(key, 0) for c in counts)
-                          for key in ("judge", "judged_prompts", "policy", "dataset", "pairs", "ties", "responses",
-                                      "truncated", "truncation_dropped")}
-                labels["routes"] = {r: sum(c["routes"].get(r, 0) for c in counts) for r in counts[0]["routes"]}
-                write_atomic(it / "labels.json", json.dumps(labels, indent=1))
+                labels = LabelCounts.total([
+                    LabelCounts.from_dict(json.loads((round_dir(it, k, len(rounds)) / "labels.json").read_text()))
+                    for k in range(len(rounds))])
+                write_atomic(it / "labels.json", json.dumps(labels.to_dict(), indent=1))
                 write_atomic(it / "train.json", json.dumps({"steps": result.steps, "summary": result.summary,
                                                            "rounds": len(rounds)}, indent=1))
                 write_atomic(it / "timings.json", json.dumps(timings, indent=1))
@@ -460,15 +455,15 @@ def prompt_slices(n: int, cfg: RunConfig) -> list[list[int]]:
     return [sum(slices, [])] if cfg.method_spec.offline else slices
 
 
-def route_rows(cfg: RunConfig, indices: list[int], t: int) -> list[tuple[int, str | None]]:
-    """(prompt index, route) of each row of iteration t; the route is None outside SAIL.
+def route_rows(cfg: RunConfig, indices: list[int], t: int) -> list[Row]:
+    """The rows of iteration t: a prompt index and its route (None outside SAIL).
 
     SAIL routes every row independently: DP with probability r, PP with p, PR with g, plain
     offline DPO otherwise. With train.sail.stretch_epochs the slice is visited 1/(1 - r - p - g)
     times over (later visits reshuffled), each visit routed afresh.
     """
-    if cfg.method_spec.loss != "sail":
-        return [(i, None) for i in indices]
+    if not cfg.method_spec.is_sail:
+        return [Row(i) for i in indices]
     sail = cfg.sail
     rng = random.Random(f"{cfg.seed}:routes:{t}")
     rows = list(indices)
@@ -481,8 +476,9 @@ def route_rows(cfg: RunConfig, indices: list[int], t: int) -> list[tuple[int, st
     routed = []
     for i in rows:
         u = rng.random()
-        route = "dp" if u < sail.r else "pp" if u < sail.r + sail.p else "pr" if u < sail.online_share else "offline"
-        routed.append((i, route))
+        route = Route.DP if u < sail.r else Route.PP if u < sail.r + sail.p else \
+            Route.PR if u < sail.online_share else Route.OFFLINE
+        routed.append(Row(i, route))
     return routed
 
 
@@ -588,7 +584,7 @@ def stage_generate(rd: Path, cfg: RunConfig, method: Method, trainer: Preference
     samples = generate_sharded(trainer.policy, ids, dataclasses.replace(cfg.generation, num_samples=k), seed,
                                tokenizer, accelerator, show, backend) if ids and k else [[] for _ in ids]
     ref_samples: list[list[int]] | None = None
-    if method.needs_ref_sample and (cfg.alpha != 0 or method.ranks_ref_sample) and ids:
+    if (cfg.needs_ref_sample or method.ranks_ref_sample) and ids:
         # SELM: y_ref from pi_ref (greedy); XPO: a sample from the fixed pi_0.
         greedy = method.ref_sample == "greedy"
         ref_cfg = dataclasses.replace(cfg.generation, num_samples=1,
@@ -662,7 +658,7 @@ def stage_judge(rd: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], r
     return [row["scores"] for row in load_jsonl(path)], labels
 
 
-def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTrainer, rows: list[tuple[int, str | None]],
+def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTrainer, rows: list[Row],
                 data: Dataset, judge: Judge, tokenizer, accelerator: Accelerator, seed: int,
                 show: bool, backend: Backend | None = None,
                 timings: dict[str, float] | None = None) -> list[PreferenceExample]:
@@ -677,16 +673,16 @@ def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTra
     """
     if (rd / "pairs.jsonl").exists() and (rd / "labels.json").exists():
         return [PreferenceExample(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], r.get("ref_sample_ids"),
-                                  r.get("route")) for r in load_jsonl(rd / "pairs.jsonl")]
-    online = [j for j, (_, route) in enumerate(rows) if route in (None, "pp", "pr")]
-    dataset_pairs = [(data.pairs[rows[j][0]].chosen_ids, data.pairs[rows[j][0]].rejected_ids) for j in online] \
-        if method.ranks_dataset_pair else None
+                                  Route.parse(r.get("route"))) for r in load_jsonl(rd / "pairs.jsonl")]
+    online = [j for j, row in enumerate(rows) if row.generated]
+    dataset_pairs = [(data.pairs[rows[j].prompt].chosen_ids, data.pairs[rows[j].prompt].rejected_ids)
+                     for j in online] if method.ranks_dataset_pair else None
     with timed(timings, "generation"):
-        gens = dict(zip(online, stage_generate(rd, cfg, method, trainer, [data.ids[rows[j][0]] for j in online],
+        gens = dict(zip(online, stage_generate(rd, cfg, method, trainer, [data.ids[rows[j].prompt] for j in online],
                                                tokenizer, accelerator, seed, show, dataset_pairs, backend)))
-    judged = [j for j in online if rows[j][1] != "pp"]
+    judged = [j for j in online if rows[j].judged]
     with timed(timings, "judging"):
-        scores, judge_labels = stage_judge(rd, cfg, judge, [data.prompts[rows[j][0]] for j in judged],
+        scores, judge_labels = stage_judge(rd, cfg, judge, [data.prompts[rows[j].prompt] for j in judged],
                                            [gens[j]["responses"] for j in judged], accelerator, show,
                                            truncated=[gens[j]["truncated"] for j in judged])
     mode = cfg.generation.truncated
@@ -696,20 +692,18 @@ def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTra
     select = SELECTORS[cfg.pair_selector]
     rng = random.Random(f"{cfg.seed}:{stage_key(rd)}")
     examples: dict[int, PreferenceExample] = {}
-    sources: dict[int, str] = {}
     ties = dropped = 0
-    for j, (i, route) in enumerate(rows):
-        if route in ("offline", "dp"):
+    for j, row in enumerate(rows):
+        i, route = row.prompt, row.route
+        if not row.generated:  # SAIL's offline and DP rows: the dataset's pair
             pair = data.pairs[i]
             examples[j] = PreferenceExample(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, route=route)
-            sources[j] = "dataset"
-        elif route == "pp":
+        elif not row.judged:  # SAIL-PP: the two samples, ordered by the policy below
             if mode == "drop" and any(gens[j]["truncated"]):
                 dropped += 1
                 continue
             y = gens[j]["response_ids"]
             examples[j] = PreferenceExample(data.ids[i], y[0], y[1], route=route)
-            sources[j] = "policy"
         else:
             keep = finished(gens[j]["truncated"]) if mode == "drop" else list(range(len(scores_of[j])))
             if len(keep) < 2:
@@ -725,33 +719,30 @@ def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTra
             y = gens[j]["response_ids"]
             examples[j] = PreferenceExample(data.ids[i], y[pair.chosen], y[pair.rejected],
                                             gens[j].get("ref_response_ids"), route=route)
-            sources[j] = "judge"
-    policy_prob = label_by_policy(trainer, examples, [j for j, (_, r) in enumerate(rows) if r == "pp"], seed)
+    policy_prob = label_by_policy(trainer, examples, [j for j in examples if rows[j].label_source == "policy"], seed)
     ordered = [examples[j] for j in sorted(examples)]
     if not ordered:
         raise RuntimeError(f"{rd}: every prompt's responses tied under the judge or were dropped as truncated "
                            "(generation.truncated=drop); no pair to train on")
-    routes = [r for _, r in rows]
-    counts = {
-        "judge": judge_labels,
-        "judged_prompts": len(judged),
+    routes = [row.route for row in rows]
+    counts = LabelCounts(
+        judge=judge_labels,
+        judged_prompts=len(judged),
         # SAIL-DP redraws each of its labels from the policy at every visit (once per epoch).
-        "policy": routes.count("pp") + routes.count("dp") * cfg.train.epochs,
-        "dataset": routes.count("offline") + routes.count("dp"),
-        "pairs": len(ordered), "ties": ties,
-        # Policy samples that hit max_new_tokens without an end token, and rows that lost their pair to
-        # generation.truncated=drop.
-        "responses": sum(len(g["truncated"]) for g in gens.values()),
-        "truncated": sum(sum(g["truncated"]) for g in gens.values()), "truncation_dropped": dropped,
-        "routes": {r: routes.count(r) for r in ROUTES} if method.loss == "sail" else {},
-    }
+        policy=routes.count(Route.PP) + routes.count(Route.DP) * cfg.train.epochs,
+        dataset=routes.count(Route.OFFLINE) + routes.count(Route.DP),
+        pairs=len(ordered), ties=ties,
+        responses=sum(len(g["truncated"]) for g in gens.values()),
+        truncated=sum(sum(g["truncated"]) for g in gens.values()), truncation_dropped=dropped,
+        routes={r.value: routes.count(r) for r in Route} if method.is_sail else {},
+    )
     if accelerator.is_main_process:
         write_jsonl(rd / "pairs.jsonl", [
             {"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": e.rejected_ids,
-             "ref_sample_ids": e.ref_sample_ids, "route": e.route, "label_source": sources[j],
+             "ref_sample_ids": e.ref_sample_ids, "route": e.route, "label_source": rows[j].label_source,
              **({"policy_prob": policy_prob[j]} if j in policy_prob else {})}
             for j, e in sorted(examples.items())])
-        write_atomic(rd / "labels.json", json.dumps(counts, indent=1))
+        write_atomic(rd / "labels.json", json.dumps(counts.to_dict(), indent=1))
     accelerator.wait_for_everyone()
     return ordered
 

@@ -22,7 +22,6 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 from accelerate import Accelerator
@@ -31,167 +30,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import faults, losses
-from .config import check, to_dict
-from .config import field as cfield
+from .config import to_dict
 from .logprobs import LogprobModel, collate, sequence_logprobs
+from .records import PreferenceExample, Route
+from .train_config import (  # noqa: F401  (re-exported: callers import these from selfalign.train)
+    DEFAULT_LORA_TARGETS,
+    PAPER_ALPHA,
+    LoraSettings,
+    SailConfig,
+    TrainConfig,
+    needs_ref_sample,
+    resolve_alpha,
+)
 
 Tensor = torch.Tensor
 
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapters through peft; the reference is then the same model with the adapter disabled."""
-
-    enabled: bool = cfield(False, help="Train LoRA adapters instead of all weights.")
-    r: int = cfield(64, help="LoRA rank (SAIL's official setting: 64).")
-    alpha: int = cfield(16, help="LoRA scaling alpha (SAIL's official setting: 16).")
-    dropout: float = cfield(0.0, help="Dropout on the LoRA input; 0 keeps policy and reference forwards comparable.")
-    target_modules: list[str] = cfield(
-        default_factory=lambda: list(DEFAULT_LORA_TARGETS), help="Names of the linear layers that get adapters."
-    )
-
-    def __post_init__(self) -> None:
-        check(self.r > 0, "lora.r", f"must be a positive integer, got {self.r}")
-        check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
-        check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
-
-
-ROUTES = ("offline", "dp", "pp", "pr")
-
-
-@dataclass
-class SailConfig:
-    """SAIL (Ding et al., arXiv 2406.15567): how examples are routed, and its extra gradient terms.
-
-    Each example goes to SAIL-DP with probability r (a dataset pair whose label is redrawn
-    from the policy's own preference every step; label term rho), SAIL-PP with p (two policy
-    samples labelled by the policy when generated; label and response terms, pi), SAIL-PR
-    with g (two policy samples labelled by the judge; response term, gamma), and plain offline
-    DPO on its dataset pair otherwise. Unset values (null) take the method preset's.
-    """
-
-    r: float | None = cfield(None, help="Probability of the SAIL-DP route (preset sail_dp: 0.4).")
-    p: float | None = cfield(None, help="Probability of the SAIL-PP route (preset sail_pp: 0.3).")
-    g: float | None = cfield(None, help="Probability of the SAIL-PR route (preset sail_pr: 0.3).")
-    rho: float | None = cfield(None, help="Label-term coefficient of SAIL-DP (official 0.2).")
-    pi: float | None = cfield(None, help="Label- and response-term coefficient of SAIL-PP (official 0.2).")
-    gamma: float | None = cfield(None, help="Response-term coefficient of SAIL-PR (official 0.3).")
-    baseline: bool = cfield(
-        False, help="Subtract a running mean of F (over earlier steps) in the response term: less variance, same "
-                    "expected gradient."
-    )
-    official_response_term: bool = cfield(
-        False, help="Reproduce the official code's gradient hook -c*sg(F)/sg(logp(y)) instead of the paper's "
-                    "score-function term (opposite sign, divided by the log-prob); for reproduction only."
-    )
-    stretch_epochs: bool = cfield(
-        False, help="Visit each iteration's rows 1/(1-r-p-g) times (re-routed each visit), as the official code "
-                    "stretches epochs so the offline pairs seen stay the same."
-    )
-
-    def __post_init__(self) -> None:
-        for key in ("r", "p", "g", "rho", "pi", "gamma"):
-            value = getattr(self, key)
-            check(value is None or value >= 0, f"train.sail.{key}", f"must be >= 0, got {value}")
-        for key in ("r", "p", "g"):
-            value = getattr(self, key)
-            check(value is None or value <= 1, f"train.sail.{key}", f"is a probability, must be <= 1, got {value}")
-        total = sum(getattr(self, k) or 0.0 for k in ("r", "p", "g"))
-        check(total <= 1 + 1e-9, "train.sail", f"r + p + g = {total:g} must be <= 1 (the rest is offline DPO)")
-
-    @property
-    def online_share(self) -> float:
-        return (self.r or 0.0) + (self.p or 0.0) + (self.g or 0.0)
-
-    def coefficient(self, name: str) -> float:
-        value = getattr(self, name)
-        if value is None:
-            raise ValueError(f"train.sail.{name} is unset: choose a sail_* method preset or set it")
-        return value
-
-
-@dataclass
-class TrainConfig:
-    """Everything one preference update needs."""
-
-    loss: Literal["dpo", "ipo", "selm", "xpo", "sail"] = cfield("dpo", help="Preference loss (see selfalign.losses).")
-    beta: float = cfield(0.1, help="KL strength beta in h = beta * (log-ratio difference).")
-    alpha: float | None = cfield(
-        None, help="Optimism coefficient for selm (alpha*beta*...) and xpo (alpha*...); null: the paper's value for the "
-                   "loss (selm 0.001, paired there with beta 0.01; xpo 1e-5), 0 for other losses. 0 trains DPO exactly.")
-    label_smoothing: float = cfield(0.0, help="Probability a label is flipped (conservative DPO); 0 is plain DPO.")
-    optimizer: Literal["adamw", "rmsprop"] = cfield("adamw", help="AdamW, or RMSprop (SAIL's official choice).")
-    learning_rate: float = cfield(1e-6, help="Peak learning rate.")
-    weight_decay: float = cfield(0.0, help="Weight decay (decoupled for AdamW).")
-    adam_beta1: float = cfield(0.9, help="AdamW beta1.")
-    adam_beta2: float = cfield(0.999, help="AdamW beta2; RMSprop's smoothing constant alpha.")
-    adam_epsilon: float = cfield(1e-8, help="Epsilon of AdamW and RMSprop.")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = cfield("cosine", help="Decay after warmup.")
-    warmup_ratio: float = cfield(0.1, help="Fraction of the update's optimizer steps spent in linear warmup.")
-    max_grad_norm: float = cfield(1.0, help="Clip the global gradient norm to this value; 0 disables clipping.")
-    batch_size: int = cfield(8, help="Examples per optimizer step, over all processes (the global batch).")
-    micro_batch_size: int = cfield(2, help="Examples per forward pass on one process (chosen+rejected = 2x rows).")
-    epochs: int = cfield(1, help="Passes over the update's examples.")
-    ref_batch_size: int = cfield(16, help="Examples per forward pass when precomputing reference log-probs.")
-    logprob_chunk_size: int = cfield(1024, help="Tokens per LM-head chunk; bounds the logits held in memory.")
-    mixed_precision: Literal["auto", "no", "bf16"] = cfield(
-        "auto", help="'auto' is bf16 autocast on a GPU that supports it, full precision otherwise."
-    )
-    gradient_checkpointing: bool = cfield(False, help="Recompute activations in backward to save memory.")
-    disable_dropout: bool = cfield(True, help="Set every dropout probability to 0 (as DPO implementations do).")
-    seed: int = cfield(0, help="Seed for the example order.")
-    checkpoint_every: int = cfield(0, help="Save a resumable checkpoint every N optimizer steps (counted across "
-                                           "generation rounds); 0 disables.")
-    lora: LoraSettings = cfield(default_factory=LoraSettings, help="LoRA settings.")
-    sail: SailConfig = cfield(default_factory=SailConfig, help="SAIL routing and extra terms (loss=sail).")
-
-    def __post_init__(self) -> None:
-        check(self.beta > 0, "train.beta", f"must be > 0, got {self.beta}")
-        check(self.alpha is None or self.alpha >= 0, "train.alpha", f"must be >= 0, got {self.alpha}")
-        check(0.0 <= self.label_smoothing < 0.5, "train.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
-        check(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
-        check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        check(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
-        for key in ("batch_size", "micro_batch_size", "epochs", "ref_batch_size", "logprob_chunk_size"):
-            check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
-        check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
-
-
-# The papers' optimism coefficients (ALGORITHMS.md): SELM's Zephyr/Phi-3 setting and XPO's; an unset
-# train.alpha takes these, so method=selm or xpo never trains plain DPO by omission.
-PAPER_ALPHA: dict[str, float] = {"selm": 1e-3, "xpo": 1e-5}
-
-
-def resolve_alpha(loss: str, alpha: float | None) -> float:
-    """train.alpha as set, or the paper's value for `loss` when unset (null); 0 for losses without the term."""
-    return alpha if alpha is not None else PAPER_ALPHA.get(loss, 0.0)
-
-
-@dataclass
-class PreferenceExample:
-    """One training pair in token ids; ref_* fields are filled by the trainer.
-
-    prompt_ids, chosen_ids, rejected_ids: token ids (the response ids exclude the prompt).
-    ref_sample_ids: y_ref, a response drawn from pi_ref (needed by selm and xpo).
-    route: the SAIL route ("offline", "dp", "pp", "pr"); None trains it with the plain loss.
-    ref_chosen, ref_rejected, ref_ref_sample: reference log-probs, computed once per update.
-    """
-
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    ref_sample_ids: list[int] | None = None
-    route: str | None = None
-    ref_chosen: float | None = None
-    ref_rejected: float | None = None
-    ref_ref_sample: float | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        extra = len(self.prompt_ids) + len(self.ref_sample_ids) if self.ref_sample_ids is not None else 0
-        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids) + extra
+# Route values in Route's order (Logps.route indexes it); kept for callers that index by name.
+ROUTES = tuple(route.value for route in Route)
 
 
 @dataclass
@@ -200,7 +55,7 @@ class Logps:
 
     chosen, rejected: policy (with gradient); ref_chosen, ref_rejected: reference (constants).
     ref_sample / ref_ref_sample: policy / reference log-probs of y_ref, or None.
-    route: [B] index into ROUTES (loss=sail); uniform: [B] draws in [0, 1) for SAIL-DP's
+    route: [B] Route.index of each example (loss=sail); uniform: [B] draws in [0, 1) for SAIL-DP's
     per-step relabelling; f_baseline: the running mean of F for SAIL's response term.
     """
 
@@ -217,10 +72,13 @@ class Logps:
 
 @dataclass(frozen=True)
 class Objective:
-    """A training loss and what it needs from the data."""
+    """A training loss and what it needs from the data (y_ref: TrainConfig.needs_ref_sample).
+
+    routed: the loss reads each example's SAIL route and SAIL-DP's per-step label draws.
+    """
 
     name: str
-    needs_ref_sample: bool
+    routed: bool
     compute: Callable[[Logps, TrainConfig], losses.PairLoss]
 
 
@@ -238,7 +96,7 @@ def _sail(lp: Logps, c: TrainConfig) -> losses.PairLoss:
     """
     s = c.sail
     route = lp.route if lp.route is not None else torch.zeros_like(lp.chosen, dtype=torch.long)
-    dp, pp, pr = (route == ROUTES.index(name) for name in ("dp", "pp", "pr"))
+    dp, pp, pr = (route == r.index for r in (Route.DP, Route.PP, Route.PR))
     h = losses.preference_logits(lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, c.beta)
     swap = dp & (lp.uniform >= torch.sigmoid(h.detach())) if bool(dp.any()) else torch.zeros_like(dp)
     chosen, rejected = torch.where(swap, lp.rejected, lp.chosen), torch.where(swap, lp.chosen, lp.rejected)
@@ -268,26 +126,26 @@ def _sail(lp: Logps, c: TrainConfig) -> losses.PairLoss:
     return losses.PairLoss(loss, out.chosen_rewards, out.rejected_rewards, extras)
 
 
-# selm and xpo fall back to DPO only when alpha = 0 (the trainer then leaves y_ref out).
+# selm and xpo are DPO when alpha = 0: TrainConfig.needs_ref_sample is then False and y_ref is left out.
 OBJECTIVES: dict[str, Objective] = {
     "dpo": Objective("dpo", False, _dpo),
     "ipo": Objective(
         "ipo", False, lambda lp, c: losses.ipo_loss(lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, c.beta)
     ),
     "selm": Objective(
-        "selm", True,
-        lambda lp, c: _dpo(lp, c) if lp.ref_sample is None else losses.selm_loss(
+        "selm", False,
+        lambda lp, c: _dpo(lp, c) if not c.needs_ref_sample else losses.selm_loss(
             lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, lp.ref_sample, lp.ref_ref_sample,
             c.beta, c.alpha, c.label_smoothing,
         ),
     ),
     "xpo": Objective(
-        "xpo", True,
-        lambda lp, c: _dpo(lp, c) if lp.ref_sample is None else losses.xpo_loss(
+        "xpo", False,
+        lambda lp, c: _dpo(lp, c) if not c.needs_ref_sample else losses.xpo_loss(
             lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, lp.ref_sample, c.beta, c.alpha, c.label_smoothing
         ),
     ),
-    "sail": Objective("sail", False, _sail),
+    "sail": Objective("sail", True, _sail),
 }
 
 
@@ -430,9 +288,8 @@ class PreferenceTrainer:
 
     @property
     def needs_ref_sample(self) -> bool:
-        """Whether y_ref goes through the policy. With alpha = 0 the optimism term vanishes, so
-        y_ref is left out of the forward and selm/xpo train exactly as DPO does, bit for bit."""
-        return self.objective.needs_ref_sample and self.config.alpha != 0
+        """Whether y_ref goes through the policy (TrainConfig.needs_ref_sample decides)."""
+        return self.config.needs_ref_sample
 
     # ------------------------------------------------------------------ reference log-probs
     @torch.no_grad()
@@ -541,12 +398,12 @@ class PreferenceTrainer:
         def const(name: str) -> Tensor:
             return torch.tensor([getattr(ex, name) for ex in chunk], dtype=torch.float32, device=device)
 
-        sail = self.config.loss == "sail"
+        sail = self.objective.routed
         return Logps(
             chosen=lp[:n], rejected=lp[n : 2 * n], ref_chosen=const("ref_chosen"), ref_rejected=const("ref_rejected"),
             ref_sample=lp[2 * n :] if needs_sample else None,
             ref_ref_sample=const("ref_ref_sample") if needs_sample else None,
-            route=torch.tensor([ROUTES.index(ex.route or "offline") for ex in chunk], device=device) if sail else None,
+            route=torch.tensor([Route(ex.route or Route.OFFLINE).index for ex in chunk], device=device) if sail else None,
             uniform=torch.tensor(uniform, dtype=torch.float32, device=device) if sail else None,
             f_baseline=self._f_baseline,
         )
@@ -792,7 +649,7 @@ class PreferenceTrainer:
             "learning_rate": lr,
             "num_tokens": sums[7].item(),
         }
-        if cfg.loss == "sail":
+        if self.objective.routed:
             dp, swapped, on_policy, f_sum = (sums[i].item() for i in range(8, 12))
             metrics["sail/dp_examples"] = dp
             metrics["sail/dp_swapped"] = swapped
