@@ -72,6 +72,7 @@ def _prepare_run_dir(cfg: TrainRunConfig) -> Path:
 def heldout_accuracy(trainer: PreferenceTrainer, examples: list[PreferenceExample]) -> dict[str, float]:
     """Implicit-reward accuracy and margin, and plain log-prob accuracy, on held-out pairs."""
     from .logprobs import collate, sequence_logprobs
+    from .losses import preference_logits
 
     trainer.compute_reference_logps(examples, progress=False)
     batch = collate([e.prompt_ids for e in examples] * 2, [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples],
@@ -83,7 +84,7 @@ def heldout_accuracy(trainer: PreferenceTrainer, examples: list[PreferenceExampl
     chosen, rejected = lp[:n], lp[n:]
     ref_c = torch.tensor([e.ref_chosen for e in examples])
     ref_r = torch.tensor([e.ref_rejected for e in examples])
-    margin = trainer.config.beta * ((chosen - ref_c) - (rejected - ref_r))
+    margin = preference_logits(chosen, rejected, ref_c, ref_r, trainer.config.beta)
     return {
         "eval/rewards/accuracies": (margin > 0).float().mean().item(),
         "eval/rewards/margins": margin.mean().item(),

@@ -12,27 +12,22 @@ padding is computed.
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
-import json
 import math
-import os
 import random
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import faults, losses
-from .config import to_dict
-from .logprobs import LogprobModel, collate, sequence_logprobs
+from .checkpoint import UpdateCheckpoint, fingerprint, trainable_state
+from .logprobs import LogprobModel, collate
 from .records import PreferenceExample, Route
+from .scoring import PairScorer, ReferenceLogps
 from .train_config import (  # noqa: F401  (re-exported: callers import these from selfalign.train)
     DEFAULT_LORA_TARGETS,
     PAPER_ALPHA,
@@ -213,20 +208,102 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return fn
 
 
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        try:
-            torch.save(obj, f)
-        except RuntimeError as e:  # torch reports a full disk as a failed zip write
-            if shutil.disk_usage(tmp.parent).free < 1 << 20:
-                raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from e
-            raise
-        f.flush()
-        os.fsync(f.fileno())
-    faults.before_rename()
-    os.replace(tmp, path)
-    faults.after_write(path)
+def plan_steps(cfg: TrainConfig, n_examples: int, round_index: int, num_processes: int) -> list[list[int]]:
+    """Example indices of each optimizer step: a seeded shuffle per epoch, cut into global batches."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * round_index)
+    steps = []
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n_examples, generator=gen).tolist()
+        steps += [order[s : s + cfg.batch_size] for s in range(0, n_examples, cfg.batch_size)]
+    # Every process must take part in each step's gradient all-reduce.
+    return [s for s in steps if len(s) >= num_processes]
+
+
+def resize_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig, total_steps: int) -> None:
+    """Re-size the warmup and decay to total_steps, keeping the step count (and the current step's lr)."""
+    optimizer = scheduler.optimizer
+    fn = lr_lambda(cfg.lr_scheduler, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    scheduler.lr_lambdas = [fn] * len(optimizer.param_groups)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW, or RMSprop with adam_beta2 as its smoothing constant (SAIL's official choice)."""
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(
+            params, lr=cfg.learning_rate, alpha=cfg.adam_beta2, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(
+        params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def prepare_models(policy: nn.Module, reference: nn.Module | None, config: TrainConfig,
+                   device: torch.device) -> nn.Module:
+    """LoRA (when enabled), dropout off, activation checkpointing, a frozen reference on `device`; returns the policy."""
+    if config.lora.enabled and not is_peft_model(policy):
+        policy = apply_lora(policy, config.lora)
+    if reference is None and not is_peft_model(policy):
+        raise ValueError(
+            "no reference model: pass reference=<frozen model>, or train LoRA adapters "
+            "(train.lora.enabled=true) so the reference is the policy with its adapter disabled"
+        )
+    if config.disable_dropout:
+        disable_dropout(policy)
+        if reference is not None:
+            disable_dropout(reference)
+    if config.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.x
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if is_peft_model(policy):
+            policy.enable_input_require_grads()
+    policy.train()
+    if reference is not None:
+        reference.requires_grad_(False)
+        reference.eval()
+        reference.to(device)
+    return policy
+
+
+# What one optimizer step sums over its micro-batches (and processes) before dividing by the example count.
+SUMS = ("loss", "chosen_rewards", "rejected_rewards", "correct", "logps_chosen", "logps_rejected", "examples",
+        "tokens", "dp", "dp_swapped", "on_policy", "on_policy_f")
+
+
+def micro_batch_sums(out: losses.PairLoss, lp: Logps, chunk: Sequence[PreferenceExample]) -> Tensor:
+    """One micro-batch's SUMS, in that order, as a float64 vector (one all-reduce sums every process's)."""
+    device = lp.chosen.device
+    extras = out.extras or {}
+    zero = torch.zeros((), device=device)
+    return torch.stack([
+        out.loss.detach().sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
+        (out.chosen_rewards > out.rejected_rewards).float().sum(), lp.chosen.detach().sum(),
+        lp.rejected.detach().sum(), torch.tensor(float(len(chunk)), device=device),
+        torch.tensor(float(sum(ex.num_tokens for ex in chunk)), device=device),
+        *(extras.get(name, zero).float() for name in SUMS[8:]),
+    ]).double()
+
+
+def step_metrics(sums: dict[str, float], grad_norm: float, lr: float) -> dict[str, float]:
+    """The step's metrics (TRL's names) from its named sums."""
+    n = sums["examples"]
+    return {
+        "loss": sums["loss"] / n,
+        "rewards/chosen": sums["chosen_rewards"] / n,
+        "rewards/rejected": sums["rejected_rewards"] / n,
+        "rewards/margins": (sums["chosen_rewards"] - sums["rejected_rewards"]) / n,
+        "rewards/accuracies": sums["correct"] / n,
+        "logps/chosen": sums["logps_chosen"] / n,
+        "logps/rejected": sums["logps_rejected"] / n,
+        "grad_norm": grad_norm,
+        "learning_rate": lr,
+        "num_tokens": sums["tokens"],
+    }
 
 
 class NonFiniteError(RuntimeError):
@@ -239,6 +316,8 @@ class PreferenceTrainer:
     reference: a separate frozen model, or None when the policy is a peft model (then the
     reference is the policy with its adapter disabled). With `config.lora.enabled` a plain
     policy is wrapped with fresh LoRA adapters here; read the wrapped model from `.policy`.
+    Reference scoring lives in scoring.PairScorer (`.scorer`), the mid-update checkpoint in
+    checkpoint.UpdateCheckpoint.
     """
 
     def __init__(
@@ -254,37 +333,14 @@ class PreferenceTrainer:
         self.config = config
         self.objective = OBJECTIVES[config.loss]
         self.pad_token_id = pad_token_id
-        if config.lora.enabled and not is_peft_model(policy):
-            policy = apply_lora(policy, config.lora)
-        if reference is None and not is_peft_model(policy):
-            raise ValueError(
-                "no reference model: pass reference=<frozen model>, or train LoRA adapters "
-                "(train.lora.enabled=true) so the reference is the policy with its adapter disabled"
-            )
         # Without a GPU, cpu=True lets a torchrun / accelerate-launched job run data-parallel on gloo.
         self.accelerator = accelerator or Accelerator(
             mixed_precision=resolve_mixed_precision(config.mixed_precision), cpu=not torch.cuda.is_available()
         )
-        if config.disable_dropout:
-            disable_dropout(policy)
-            if reference is not None:
-                disable_dropout(reference)
-        if config.gradient_checkpointing:
-            kwargs = {"use_reentrant": False}
-            if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.x
-                policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            if is_peft_model(policy):
-                policy.enable_input_require_grads()
-        policy.train()
-        self.policy = policy
+        self.policy = prepare_models(policy, reference, config, self.accelerator.device)
         self.reference = reference
-        if reference is not None:
-            reference.requires_grad_(False)
-            reference.eval()
-            reference.to(self.accelerator.device)
-        self.model = self.accelerator.prepare_model(LogprobModel(policy, config.logprob_chunk_size))
+        self.scorer = PairScorer(self.policy, reference, pad_token_id, config, self.accelerator)
+        self.model = self.accelerator.prepare_model(LogprobModel(self.policy, config.logprob_chunk_size))
 
     @property
     def needs_ref_sample(self) -> bool:
@@ -292,95 +348,34 @@ class PreferenceTrainer:
         return self.config.needs_ref_sample
 
     # ------------------------------------------------------------------ reference log-probs
-    @torch.no_grad()
-    def _reference_logps(self, prompts: list[list[int]], responses: list[list[int]]) -> Tensor:
-        batch = collate(prompts, responses, self.pad_token_id).to(self.accelerator.device)
-        with self.accelerator.autocast():
-            if self.reference is not None:
-                return sequence_logprobs(self.reference, batch, self.config.logprob_chunk_size)
-            with self.policy.disable_adapter():
-                return sequence_logprobs(self.policy, batch, self.config.logprob_chunk_size)
-
     def compute_reference_logps(self, examples: Sequence[PreferenceExample], progress: bool = True) -> None:
         """Fill ref_chosen / ref_rejected / ref_ref_sample of every example that lacks them.
 
-        Values already present are kept: clear them when the reference policy changes. Every
-        sequence (chosen, rejected, y_ref) is a row of its own; rows are sorted by length so
-        batches carry little padding, sharded across processes, and gathered.
+        Values already present are kept: clear them when the reference policy changes. The
+        update reads them from the examples, and a checkpoint stores them.
         """
-        rows = []  # (example index, slot, prompt, response); slot 0 chosen, 1 rejected, 2 y_ref
-        for i, ex in enumerate(examples):
-            if ex.ref_chosen is None:
-                rows += [(i, 0, ex.prompt_ids, ex.chosen_ids), (i, 1, ex.prompt_ids, ex.rejected_ids)]
-                if ex.ref_sample_ids is not None and self.needs_ref_sample:
-                    rows.append((i, 2, ex.prompt_ids, ex.ref_sample_ids))
-        if not rows:
-            return
-        acc = self.accelerator
-        rows.sort(key=lambda r: -(len(r[2]) + len(r[3])))
-        mine = rows[acc.process_index :: acc.num_processes]
-        size = 2 * self.config.ref_batch_size
-        results: list[tuple[int, int, float]] = []
-        was_training = self.policy.training
-        self.policy.eval()
-        bar = tqdm(total=len(mine), desc="reference log-probs", disable=not (progress and acc.is_main_process), leave=False)
-        for s in range(0, len(mine), size):
-            chunk = mine[s : s + size]
-            lp = self._reference_logps([r[2] for r in chunk], [r[3] for r in chunk]).float().cpu().tolist()
-            results += [(r[0], r[1], v) for r, v in zip(chunk, lp)]
-            bar.update(len(chunk))
-        bar.close()
-        self.policy.train(was_training)
-        if acc.num_processes > 1:
-            results = gather_object(results)
-        names = ("ref_chosen", "ref_rejected", "ref_ref_sample")
-        for i, slot, value in results:
-            setattr(examples[i], names[slot], value)
+        todo = [ex for ex in examples if ex.ref_chosen is None]
+        for ex, ref in zip(todo, self.scorer.reference_logps(todo, self.needs_ref_sample, progress)):
+            ex.ref_chosen, ex.ref_rejected = ref.chosen, ref.rejected
+            if ref.ref_sample is not None:
+                ex.ref_ref_sample = ref.ref_sample
 
-    @torch.no_grad()
     def policy_preference(self, examples: Sequence[PreferenceExample], progress: bool = False) -> list[float]:
-        """h of each example under the current policy: its implicit preference of chosen over rejected.
+        """h of each example under the current policy (scoring.PairScorer.policy_preference); SAIL-PP's labels.
 
-        SAIL-PP labels its two policy samples with Bernoulli(sigmoid(h)). Reference log-probs
-        are computed (and kept on the examples) first.
+        Reference log-probs are computed (and kept on the examples) first.
         """
         self.compute_reference_logps(examples, progress=progress)
-        was_training = self.policy.training
-        self.policy.eval()
-        h = []
-        size = self.config.ref_batch_size
-        for s in range(0, len(examples), size):
-            chunk = examples[s : s + size]
-            batch = collate([ex.prompt_ids for ex in chunk] * 2, [ex.chosen_ids for ex in chunk] +
-                            [ex.rejected_ids for ex in chunk], self.pad_token_id).to(self.accelerator.device)
-            with self.accelerator.autocast():
-                lp = sequence_logprobs(self.policy, batch, self.config.logprob_chunk_size).float().cpu()
-            n = len(chunk)
-            h += [self.config.beta * ((lp[i] - ex.ref_chosen) - (lp[n + i] - ex.ref_rejected)).item()
-                  for i, ex in enumerate(chunk)]
-        self.policy.train(was_training)
-        return h
+        return self.scorer.policy_preference(examples, [ReferenceLogps(ex.ref_chosen, ex.ref_rejected)
+                                                        for ex in examples])
 
     # ------------------------------------------------------------------ the update
     def plan(self, n_examples: int, round_index: int = 0) -> list[list[int]]:
-        """Example indices of each optimizer step: a seeded shuffle per epoch, cut into global batches."""
-        gen = torch.Generator().manual_seed(self.config.seed + 1_000_003 * round_index)
-        steps = []
-        for _ in range(self.config.epochs):
-            order = torch.randperm(n_examples, generator=gen).tolist()
-            steps += [order[s : s + self.config.batch_size] for s in range(0, n_examples, self.config.batch_size)]
-        # Every process must take part in each step's gradient all-reduce.
-        return [s for s in steps if len(s) >= self.accelerator.num_processes]
+        """Example indices of each optimizer step (plan_steps())."""
+        return plan_steps(self.config, n_examples, round_index, self.accelerator.num_processes)
 
     def _fingerprint(self, examples: Sequence[PreferenceExample]) -> str:
-        digest = hashlib.sha256(json.dumps(to_dict(self.config), sort_keys=True).encode())
-        for ex in examples:
-            digest.update(json.dumps([ex.prompt_ids, ex.chosen_ids, ex.rejected_ids, ex.ref_sample_ids,
-                                      ex.route]).encode())
-        return digest.hexdigest()
-
-    def _trainable_state(self) -> dict[str, Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
+        return fingerprint(self.config, examples)
 
     def _micro_logps(self, chunk: list[PreferenceExample], uniform: list[float]) -> Logps:
         device = self.accelerator.device
@@ -398,13 +393,14 @@ class PreferenceTrainer:
         def const(name: str) -> Tensor:
             return torch.tensor([getattr(ex, name) for ex in chunk], dtype=torch.float32, device=device)
 
-        sail = self.objective.routed
+        routed = self.objective.routed
         return Logps(
             chosen=lp[:n], rejected=lp[n : 2 * n], ref_chosen=const("ref_chosen"), ref_rejected=const("ref_rejected"),
             ref_sample=lp[2 * n :] if needs_sample else None,
             ref_ref_sample=const("ref_ref_sample") if needs_sample else None,
-            route=torch.tensor([Route(ex.route or Route.OFFLINE).index for ex in chunk], device=device) if sail else None,
-            uniform=torch.tensor(uniform, dtype=torch.float32, device=device) if sail else None,
+            route=torch.tensor([Route(ex.route or Route.OFFLINE).index for ex in chunk], device=device)
+            if routed else None,
+            uniform=torch.tensor(uniform, dtype=torch.float32, device=device) if routed else None,
             f_baseline=self._f_baseline,
         )
 
@@ -436,39 +432,27 @@ class PreferenceTrainer:
         and schedule are restored; returns the number of rounds it had finished.
         """
         cfg = self.config
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if cfg.optimizer == "rmsprop":
-            optimizer: torch.optim.Optimizer = torch.optim.RMSprop(
-                params, lr=cfg.learning_rate, alpha=cfg.adam_beta2, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(
-                params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                weight_decay=cfg.weight_decay,
-            )
         # Not acc.prepare_optimizer(): the accelerator would keep every update's optimizer (and
         # its state, 2x the trainable weights) alive for the life of the run. bf16 autocast and
         # DDP need nothing from a prepared optimizer.
+        self._optimizer = build_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
         warmup = math.ceil(cfg.warmup_ratio * total_steps)
-        self._optimizer = optimizer
-        self._scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, warmup, total_steps))
-        self._ckpt_path = Path(checkpoint_dir) / "update_state.pt" if checkpoint_dir is not None else None
+        self._scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer,
+                                                            lr_lambda(cfg.lr_scheduler, warmup, total_steps))
+        self.checkpoint = UpdateCheckpoint(checkpoint_dir, self.accelerator)
         self._history: list[dict[str, float]] = []
         self._rounds_done = 0
         self._resume: dict | None = None
         self._f_baseline: float | None = None
-        if self._ckpt_path is not None and self._ckpt_path.exists():
-            state = torch.load(self._ckpt_path, map_location="cpu", weights_only=False)
-            missing = set(self._trainable_state()) - set(state["trainable"])
-            if missing:
-                raise ValueError(f"{self._ckpt_path} lacks trainable parameters such as {sorted(missing)[0]}")
-            self.policy.load_state_dict(state["trainable"], strict=False)
-            optimizer.load_state_dict(state["optimizer"])
+        state = self.checkpoint.load(self.policy)
+        if state is not None:
+            self._optimizer.load_state_dict(state["optimizer"])
             self._scheduler.load_state_dict(state["scheduler"])
             self._history = list(state["history"])
             self._rounds_done = state["round"]
             self._f_baseline = state.get("f_baseline")
             self._resume = state if state["step"] > 0 else None
-        self._saved_at = len(self._history)
+        self.checkpoint.saved_at = len(self._history)
         return self._rounds_done
 
     def train_round(
@@ -506,13 +490,9 @@ class PreferenceTrainer:
         start = 0
         resumed = self._resume["step"] if self._resume is not None else 0
         if later_steps is not None or last:
-            self._resize_schedule(len(self._history) - resumed + len(steps) + (later_steps or 0))
+            resize_schedule(self._scheduler, cfg, len(self._history) - resumed + len(steps) + (later_steps or 0))
         if self._resume is not None:
-            if self._resume["fingerprint"] != fingerprint:
-                raise ValueError(
-                    f"{self._ckpt_path} belongs to a different update (other examples or config); "
-                    "delete it to start this update afresh"
-                )
+            self.checkpoint.check_fingerprint(self._resume, fingerprint)
             for ex, (rc, rr, rs) in zip(examples, self._resume["ref_logps"]):
                 ex.ref_chosen, ex.ref_rejected, ex.ref_ref_sample = rc, rr, rs
             start = result.resumed_from_step = self._resume["step"]
@@ -527,28 +507,19 @@ class PreferenceTrainer:
             result.steps.append(metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
             done = j + 1
-            if self._ckpt_path is not None and done < len(steps) and (self._checkpoint_due() or done == end):
+            if self.checkpoint.enabled and done < len(steps) and (self._checkpoint_due() or done == end):
                 self._save_checkpoint(k, done, fingerprint, examples)
         if end < len(steps):
             return result
         self._rounds_done = k + 1
         if last:
             self._optimizer = self._scheduler = None  # its state is as large as the trainable weights
-        if self._ckpt_path is not None:
+        if self.checkpoint.enabled:
             if not last and self._checkpoint_due():
                 self._save_checkpoint(k + 1, 0, None, [])
-            elif last and acc.is_main_process and self._ckpt_path.exists():
-                self._ckpt_path.unlink()  # the update finished; its caller saves the policy
+            elif last:
+                self.checkpoint.remove()  # the update finished; its caller saves the policy
         return result
-
-    def _resize_schedule(self, total_steps: int) -> None:
-        """Re-size the warmup and decay to total_steps, keeping the step count (and the current step's lr)."""
-        cfg, scheduler = self.config, self._scheduler
-        fn = lr_lambda(cfg.lr_scheduler, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
-        scheduler.lr_lambdas = [fn] * len(self._optimizer.param_groups)
-        for group, base in zip(self._optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base * fn(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in self._optimizer.param_groups]
 
     def _checkpoint_due(self) -> bool:
         """checkpoint_every optimizer steps (counted over rounds) have passed since the last save.
@@ -558,42 +529,21 @@ class PreferenceTrainer:
         rounds after its last checkpoint from their stored examples.
         """
         every = self.config.checkpoint_every
-        return bool(every) and len(self._history) - self._saved_at >= every
+        return bool(every) and len(self._history) - self.checkpoint.saved_at >= every
 
     def _save_checkpoint(self, round_index: int, step: int, fingerprint: str | None,
                          examples: Sequence[PreferenceExample]) -> None:
-        path = self._ckpt_path
-        self._saved_at = len(self._history)
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_torch_save(
-                {
-                    "fingerprint": fingerprint,
-                    "round": round_index,
-                    "step": step,
-                    "trainable": self._trainable_state(),
-                    "optimizer": self._optimizer.state_dict(),
-                    "scheduler": self._scheduler.state_dict(),
-                    "ref_logps": [(ex.ref_chosen, ex.ref_rejected, ex.ref_ref_sample) for ex in examples],
-                    "history": self._history,
-                    "f_baseline": self._f_baseline,
-                },
-                path,
-            )
-        self.accelerator.wait_for_everyone()
-
-    def _non_finite_message(self, loss: float, grad_norm: float) -> str:
-        """Which step diverged and what is kept: the line a user reads when training blows up."""
-        step = len(self._history) + 1
-        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-        if self._ckpt_path is not None and self._ckpt_path.exists():
-            kept = f"the last good checkpoint is {self._ckpt_path} (step {self._saved_at})"
-        else:
-            kept = "no mid-update checkpoint was saved (train.checkpoint_every=0 or none due yet)"
-        return (f"optimizer step {step} of the update (round {self._rounds_done}) has a non-finite {what}; "
-                f"stopped before applying it and {kept}; lower train.learning_rate, keep train.max_grad_norm > 0 "
-                "or check the data")
+        self.checkpoint.save(lambda: {
+            "fingerprint": fingerprint,
+            "round": round_index,
+            "step": step,
+            "trainable": trainable_state(self.policy),
+            "optimizer": self._optimizer.state_dict(),
+            "scheduler": self._scheduler.state_dict(),
+            "ref_logps": [(ex.ref_chosen, ex.ref_rejected, ex.ref_ref_sample) for ex in examples],
+            "history": self._history,
+            "f_baseline": self._f_baseline,
+        }, len(self._history))
 
     def _step(self, indices: list[int], examples: Sequence[PreferenceExample], key: str) -> dict[str, float]:
         cfg, acc = self.config, self.accelerator
@@ -607,7 +557,7 @@ class PreferenceTrainer:
         # global batch, whatever the micro-batch split: 8 x 1 equals 1 x 8.
         scale = acc.num_processes / len(order)
         micro = [mine[s : s + cfg.micro_batch_size] for s in range(0, len(mine), cfg.micro_batch_size)]
-        sums = torch.zeros(12, dtype=torch.float64, device=acc.device)
+        sums = torch.zeros(len(SUMS), dtype=torch.float64, device=acc.device)
         poison = faults.nan_at_step(len(self._history) + 1)
         for j, chunk_ids in enumerate(micro):
             chunk = [examples[i] for i in chunk_ids]
@@ -618,43 +568,31 @@ class PreferenceTrainer:
                 if poison:
                     out.loss = out.loss * float("nan")
                 acc.backward(out.loss.sum() * scale)
-            extras = out.extras or {}
-            zero = torch.zeros((), device=acc.device)
-            sums += torch.stack([
-                out.loss.detach().sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
-                (out.chosen_rewards > out.rejected_rewards).float().sum(), lp.chosen.detach().sum(),
-                lp.rejected.detach().sum(), torch.tensor(float(len(chunk)), device=acc.device),
-                torch.tensor(float(sum(ex.num_tokens for ex in chunk)), device=acc.device),
-                *(extras.get(name, zero).float() for name in ("dp", "dp_swapped", "on_policy", "on_policy_f")),
-            ]).double()
+            sums += micro_batch_sums(out, lp, chunk)
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         lr = scheduler.get_last_lr()[0]
         sums = acc.reduce(sums, reduction="sum") if acc.num_processes > 1 else sums
-        if not (math.isfinite(float(grad_norm)) and math.isfinite(sums[0].item())):
+        total = dict(zip(SUMS, sums.tolist()))
+        if not (math.isfinite(float(grad_norm)) and math.isfinite(total["loss"])):
             optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(self._non_finite_message(sums[0].item() / max(sums[6].item(), 1.0), float(grad_norm)))
+            raise NonFiniteError(self._non_finite_message(total["loss"] / max(total["examples"], 1.0), float(grad_norm)))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        n = sums[6].item()
-        metrics = {
-            "loss": sums[0].item() / n,
-            "rewards/chosen": sums[1].item() / n,
-            "rewards/rejected": sums[2].item() / n,
-            "rewards/margins": (sums[1] - sums[2]).item() / n,
-            "rewards/accuracies": sums[3].item() / n,
-            "logps/chosen": sums[4].item() / n,
-            "logps/rejected": sums[5].item() / n,
-            "grad_norm": float(grad_norm),
-            "learning_rate": lr,
-            "num_tokens": sums[7].item(),
-        }
+        metrics = step_metrics(total, float(grad_norm), lr)
         if self.objective.routed:
-            dp, swapped, on_policy, f_sum = (sums[i].item() for i in range(8, 12))
-            metrics["sail/dp_examples"] = dp
-            metrics["sail/dp_swapped"] = swapped
-            if on_policy:
-                f_mean = f_sum / on_policy
+            metrics["sail/dp_examples"] = total["dp"]
+            metrics["sail/dp_swapped"] = total["dp_swapped"]
+            if total["on_policy"]:
+                f_mean = total["on_policy_f"] / total["on_policy"]
                 # The baseline for later steps: a running mean, independent of their own samples.
                 self._f_baseline = f_mean if self._f_baseline is None else 0.9 * self._f_baseline + 0.1 * f_mean
         return metrics
+
+    def _non_finite_message(self, loss: float, grad_norm: float) -> str:
+        """Which step diverged and what is kept: the line a user reads when training blows up."""
+        step = len(self._history) + 1
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        return (f"optimizer step {step} of the update (round {self._rounds_done}) has a non-finite {what}; "
+                f"stopped before applying it and {self.checkpoint.kept()}; lower train.learning_rate, keep "
+                "train.max_grad_norm > 0 or check the data")
