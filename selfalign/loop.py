@@ -258,6 +258,41 @@ class Dataset:
     pairs: list[PreferenceExample] | None = None
 
 
+@dataclass
+class RunContext:
+    """What every stage of a run shares, built once at the top of the recipe.
+
+    out: the run directory; show: whether this process draws progress bars; backend: the
+    generation backend; data: the prompts (and dataset pairs) to slice; judge: who labels;
+    gold: the evaluation reward (None: no evaluation); eval_prompts: held-out prompts;
+    pi0_path: pi_0's weights (a GGUF pi_0's dequantised copy).
+    """
+
+    cfg: RunConfig
+    out: Path
+    accelerator: Accelerator
+    tokenizer: Any
+    show: bool
+    backend: Backend
+    data: Dataset
+    judge: Judge
+    gold: Judge | None
+    eval_prompts: list[Prompt]
+    pi0_path: Path
+
+    @property
+    def method(self) -> Method:
+        return self.cfg.method_spec
+
+
+@dataclass
+class Models:
+    """The two models generation draws from: the current policy and pi_ref."""
+
+    policy: Any
+    reference: Any
+
+
 def run(cfg: RunConfig, progress: bool = True, backend: Backend | None = None) -> list[dict[str, Any]]:
     """Run (or resume) cfg; returns one metrics dict per iteration.
 
@@ -313,6 +348,7 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
     if own_backend:
         backend = build_backend(cfg.generation, tokenizer, pi0_path, load_generation_config(pi0_path), seed=cfg.seed,
                                 max_model_len=cfg.max_prompt_tokens + cfg.generation.max_new_tokens)
+    ctx = RunContext(cfg, out, accelerator, tokenizer, show, backend, data, judge, gold, eval_prompts, pi0_path)
 
     if eval_prompts and gold is not None and accelerator.is_main_process and not (out / "pi0_metrics.json").exists():
         from .evaluate import evaluate_policy
@@ -350,8 +386,7 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
             for k, (a, b) in enumerate(rounds[done:], start=done):
                 rd = round_dir(it, k, len(rounds))
                 # 1-4. Generate from the current policy, label (judge, policy or dataset), pair.
-                examples = stage_round(rd, cfg, method, trainer, rows[a:b], data, judge, tokenizer, accelerator,
-                                       seed=cfg.seed * 7919 + t + 100_003 * k, show=show, backend=backend,
+                examples = stage_round(ctx, rd, trainer, rows[a:b], seed=cfg.seed * 7919 + t + 100_003 * k,
                                        timings=timings)
                 backend.sleep()  # a GPU engine gives its memory to training until the next round's push
                 # 5. Train on them; the optimizer and schedule carry over from round to round. The schedule
@@ -378,7 +413,7 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
             accelerator.free_memory()
         # 7. Evaluate and record.
         if accelerator.is_main_process:
-            metrics = stage_eval(it, cfg, t, pi0_path, eval_prompts, tokenizer, gold, accelerator, show, backend)
+            metrics = stage_eval(ctx, it, t)
             write_jsonl(out / "metrics.jsonl", [*history, metrics])
             write_atomic(it / "metrics.json", json.dumps(metrics, indent=1))  # last: the iteration is done
         accelerator.wait_for_everyone()
@@ -563,17 +598,16 @@ def stage_key(rd: Path) -> str:
     return f"{rd.parent.name}/{rd.name}" if rd.name.startswith("round_") else rd.name
 
 
-def stage_generate(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTrainer, ids: list[list[int]],
-                   tokenizer, accelerator: Accelerator, seed: int, show: bool,
-                   dataset_pairs: list[tuple[list[int], list[int]]] | None = None,
-                   backend: Backend | None = None) -> list[dict[str, Any]]:
+def stage_generate(ctx: RunContext, rd: Path, models: Models, ids: list[list[int]], seed: int,
+                   dataset_pairs: list[tuple[list[int], list[int]]] | None = None) -> list[dict[str, Any]]:
     """RUN/iter[/round]/responses.jsonl: the candidates the judge ranks for each prompt (+ y_ref from pi_ref).
 
     The candidates are the method's (Method.candidates): K policy samples, or a policy sample and
     y_ref (XPO), or y_ref and the dataset pair (SELM's code; dataset_pairs gives each prompt's).
     """
+    cfg, method, tokenizer, accelerator = ctx.cfg, ctx.method, ctx.tokenizer, ctx.accelerator
     path = rd / "responses.jsonl"
-    end_ids = set(end_token_ids(tokenizer, getattr(trainer.policy, "generation_config", None)))
+    end_ids = set(end_token_ids(tokenizer, getattr(models.policy, "generation_config", None)))
     limit = cfg.generation.max_new_tokens
     if path.exists():
         rows = load_jsonl(path)
@@ -581,16 +615,16 @@ def stage_generate(rd: Path, cfg: RunConfig, method: Method, trainer: Preference
             row.setdefault("truncated", [is_truncated(r, limit, end_ids) for r in row["response_ids"]])
         return rows
     k = method.policy_samples(cfg.generation.num_samples)
-    samples = generate_sharded(trainer.policy, ids, dataclasses.replace(cfg.generation, num_samples=k), seed,
-                               tokenizer, accelerator, show, backend) if ids and k else [[] for _ in ids]
+    samples = generate_sharded(models.policy, ids, dataclasses.replace(cfg.generation, num_samples=k), seed,
+                               tokenizer, accelerator, ctx.show, ctx.backend) if ids and k else [[] for _ in ids]
     ref_samples: list[list[int]] | None = None
     if (cfg.needs_ref_sample or method.ranks_ref_sample) and ids:
         # SELM: y_ref from pi_ref (greedy); XPO: a sample from the fixed pi_0.
         greedy = method.ref_sample == "greedy"
         ref_cfg = dataclasses.replace(cfg.generation, num_samples=1,
                                       temperature=0.0 if greedy else cfg.generation.temperature)
-        ref_samples = [r[0] for r in generate_sharded(trainer.reference, ids, ref_cfg, seed + 1, tokenizer, accelerator,
-                                                      show, backend)]
+        ref_samples = [r[0] for r in generate_sharded(models.reference, ids, ref_cfg, seed + 1, tokenizer, accelerator,
+                                                      ctx.show, ctx.backend)]
     rows = []
     for i, policy in enumerate(samples):
         ref = ref_samples[i] if ref_samples is not None else None
@@ -608,14 +642,14 @@ def stage_generate(rd: Path, cfg: RunConfig, method: Method, trainer: Preference
     return rows
 
 
-def stage_judge(rd: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], responses: list[list[str]],
-                accelerator: Accelerator, show: bool,
+def stage_judge(ctx: RunContext, rd: Path, prompts: list[Prompt], responses: list[list[str]],
                 truncated: list[list[bool]] | None = None) -> tuple[list[list[float]], int]:
     """RUN/iter[/round]/generations.jsonl: prompt, responses[], scores[], truncated[]; returns (scores, labels paid).
 
     Every label paid for is journaled chunk by chunk before it is used, so a resumed run
     never asks the judge again for one it already has.
     """
+    judge, accelerator = ctx.judge, ctx.accelerator
     path, journal = rd / "generations.jsonl", rd / "judge_journal.jsonl"
     if not prompts:
         return [], 0
@@ -629,18 +663,18 @@ def stage_judge(rd: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], r
                 write_atomic(journal, text)
             for line in text.splitlines():
                 done.update({int(k): v for k, v in json.loads(line)["scores"].items()})
-        size = cfg.judge.chunk_size
-        bar = tqdm(total=len(prompts), initial=len(done), desc="judge", disable=not show, leave=False)
+        size = ctx.cfg.judge.chunk_size
+        bar = tqdm(total=len(prompts), initial=len(done), desc="judge", disable=not ctx.show, leave=False)
         rd.mkdir(parents=True, exist_ok=True)
         with open(journal, "a") as f:
             for s in range(0, len(prompts), size):
                 todo = [i for i in range(s, min(s + size, len(prompts))) if i not in done]
                 if not todo:
                     continue
-                if hasattr(judge, "salt"):
-                    judge.salt = f"{stage_key(rd)}:{s}"
                 before = judge.labels
-                scores = judge.score([prompts[i] for i in todo], [responses[i] for i in todo])
+                # The key names the chunk, so a noisy judge draws the same noise for it on a resumed run.
+                scores = judge.score([prompts[i] for i in todo], [responses[i] for i in todo],
+                                     key=f"{stage_key(rd)}:{s}")
                 # The judge's own count: one per response scored, one per comparison for a ranker.
                 entry = {"scores": {str(i): sc for i, sc in zip(todo, scores)}, "labels": judge.labels - before}
                 f.write(json.dumps(entry) + "\n")
@@ -658,9 +692,7 @@ def stage_judge(rd: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], r
     return [row["scores"] for row in load_jsonl(path)], labels
 
 
-def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTrainer, rows: list[Row],
-                data: Dataset, judge: Judge, tokenizer, accelerator: Accelerator, seed: int,
-                show: bool, backend: Backend | None = None,
+def stage_round(ctx: RunContext, rd: Path, trainer: PreferenceTrainer, rows: list[Row], seed: int,
                 timings: dict[str, float] | None = None) -> list[PreferenceExample]:
     """RUN/iter[/round]/pairs.jsonl and labels.json: one round's training examples and where their labels came from.
 
@@ -674,16 +706,17 @@ def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTra
     if (rd / "pairs.jsonl").exists() and (rd / "labels.json").exists():
         return [PreferenceExample(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], r.get("ref_sample_ids"),
                                   Route.parse(r.get("route"))) for r in load_jsonl(rd / "pairs.jsonl")]
+    cfg, method, data, accelerator = ctx.cfg, ctx.method, ctx.data, ctx.accelerator
     online = [j for j, row in enumerate(rows) if row.generated]
     dataset_pairs = [(data.pairs[rows[j].prompt].chosen_ids, data.pairs[rows[j].prompt].rejected_ids)
                      for j in online] if method.ranks_dataset_pair else None
     with timed(timings, "generation"):
-        gens = dict(zip(online, stage_generate(rd, cfg, method, trainer, [data.ids[rows[j].prompt] for j in online],
-                                               tokenizer, accelerator, seed, show, dataset_pairs, backend)))
+        gens = dict(zip(online, stage_generate(ctx, rd, Models(trainer.policy, trainer.reference),
+                                               [data.ids[rows[j].prompt] for j in online], seed, dataset_pairs)))
     judged = [j for j in online if rows[j].judged]
     with timed(timings, "judging"):
-        scores, judge_labels = stage_judge(rd, cfg, judge, [data.prompts[rows[j].prompt] for j in judged],
-                                           [gens[j]["responses"] for j in judged], accelerator, show,
+        scores, judge_labels = stage_judge(ctx, rd, [data.prompts[rows[j].prompt] for j in judged],
+                                           [gens[j]["responses"] for j in judged],
                                            truncated=[gens[j]["truncated"] for j in judged])
     mode = cfg.generation.truncated
     if mode == "penalize":  # generations.jsonl keeps the judge's own scores; the pairs see the penalty
@@ -780,30 +813,30 @@ def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: 
     accelerator.wait_for_everyone()
 
 
-def stage_eval(it: Path, cfg: RunConfig, t: int, pi0_path: Path, eval_prompts: list[Prompt], tokenizer, gold,
-               accelerator: Accelerator, show: bool, backend: Backend | None = None) -> dict[str, Any]:
+def stage_eval(ctx: RunContext, it: Path, t: int) -> dict[str, Any]:
     """Gold reward of greedy and sampled responses, win rate and KL against pi_0, labels used by source."""
     from .evaluate import evaluate_policy
 
-    labels = json.loads((it / "labels.json").read_text())
+    cfg, eval_prompts, gold = ctx.cfg, ctx.eval_prompts, ctx.gold
+    labels = LabelCounts.from_dict(json.loads((it / "labels.json").read_text()))
     previous = json.loads((it.parent / f"iter_{t - 1:03d}" / "metrics.json").read_text()) if t > 0 else {}
     train = json.loads((it / "train.json").read_text())
     # Seconds this process spent in each stage (a resumed iteration counts only what it redid).
     timings = json.loads((it / "timings.json").read_text()) if (it / "timings.json").exists() else {}
-    by_source = {k: labels[k] for k in ("judge", "policy", "dataset")}
+    by_source = {"judge": labels.judge, "policy": labels.policy, "dataset": labels.dataset}
     before = previous.get("labels_total_by_source", {})
     # Labelled pairs: prompts whose K responses the judge scored, plus dataset pairs (SAIL). Comparable
     # across methods where judge labels are not (K judge labels make one labelled prompt).
-    labelled = labels["judged_prompts"] + labels["dataset"]
-    metrics = {"iteration": t, "labels": labels["judge"], "labels_total": previous.get("labels_total", 0) + labels["judge"],
+    labelled = labels.judged_prompts + labels.dataset
+    metrics = {"iteration": t, "labels": labels.judge, "labels_total": previous.get("labels_total", 0) + labels.judge,
                "labels_by_source": by_source,
                "labels_total_by_source": {k: before.get(k, 0) + v for k, v in by_source.items()},
                "labelled_pairs": labelled, "labelled_pairs_total": previous.get("labelled_pairs_total", 0) + labelled,
-               "pairs": labels["pairs"], "ties": labels["ties"],
-               "truncated": labels.get("truncated", 0),
-               "truncated_share": labels.get("truncated", 0) / labels["responses"] if labels.get("responses") else 0.0,
-               "truncation_dropped": labels.get("truncation_dropped", 0),
-               **({"routes": labels["routes"]} if labels["routes"] else {}),
+               "pairs": labels.pairs, "ties": labels.ties,
+               "truncated": labels.truncated,
+               "truncated_share": labels.truncated / labels.responses if labels.responses else 0.0,
+               "truncation_dropped": labels.truncation_dropped,
+               **({"routes": labels.routes} if labels.routes else {}),
                **{f"train/{k}": v for k, v in train["summary"].items() if k in ("loss", "rewards/accuracies",
                                                                                  "rewards/margins")}}
     if eval_prompts and gold is not None:
@@ -813,9 +846,9 @@ def stage_eval(it: Path, cfg: RunConfig, t: int, pi0_path: Path, eval_prompts: l
                  for r in load_jsonl(rd / "pairs.jsonl")]
         pairs = random.Random(f"{cfg.seed}:implicit").sample(pairs, min(256, len(pairs)))
         start = time.perf_counter()
-        result = evaluate_policy(it / "policy", pi0_path, eval_prompts, tokenizer, gold, cfg, cache=it.parent,
-                                 progress=show, pairs=pairs, keep_rewards=True,
-                                 responses_path=it / "eval_responses.jsonl", backend=backend)
+        result = evaluate_policy(it / "policy", ctx.pi0_path, eval_prompts, ctx.tokenizer, gold, cfg, cache=it.parent,
+                                 progress=ctx.show, pairs=pairs, keep_rewards=True,
+                                 responses_path=it / "eval_responses.jsonl", backend=ctx.backend)
         write_atomic(it / "eval_rewards.json", json.dumps(result.pop("rewards")))
         metrics.update(result)
         timings["eval"] = time.perf_counter() - start
