@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +29,15 @@ from . import faults
 from .checks import check_pretrained, loading
 from .config import ConfigError, check, check_same_config, dump_yaml, field
 from .data import DataError, pad_token_id, read_jsonl, text_or_messages, write_atomic, write_jsonl
+from .estimate import HardwareConfig
 from .generation import Backend, GenerationConfig, build_backend, load_generation_config, stop_token_ids
 from .generation.hf import HFBackend
 from .judges import Judge, Prompt
 from .judges.function import FunctionJudge
 from .logprobs import head_scale
+from .memory import iteration_models, reference_model, save_iterate
 from .methods import METHODS, Method
+from .models import resolve_dtype
 from .pairs import SELECTORS, Pair, selm_three_way
 from .rundir import RunLock
 from .train import (
@@ -80,10 +82,17 @@ class JudgeConfig:
     noise: float = field(0.0, help="Bradley-Terry temperature of a simulated annotator over the scores; 0 = noiseless.")
     chunk_size: int = field(64, help="Prompts per judge call, journaled as soon as the call returns: a kill re-pays "
                                      "at most one call's labels (chunk_size x K); 1 for a paid judge.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        "auto", help="Reward model weights' dtype (kind=reward_model): auto is bf16 on a GPU that supports it, fp32 "
+                     "on a CPU. Loaded only when the method calls the judge (not by sail_dp, sail_pp).")
+    batch_size: int = field(16, help="Sequences per reward-model forward pass (kind=reward_model).")
+    offload: bool = field(False, help="Keep the reward model in CPU memory between judge calls, on the GPU only "
+                                      "while it scores (kind=reward_model): training then has its memory.")
 
     def __post_init__(self) -> None:
         check(self.noise >= 0, "judge.noise", f"must be >= 0, got {self.noise}")
         check(self.chunk_size >= 1, "judge.chunk_size", f"must be >= 1, got {self.chunk_size}")
+        check(self.batch_size >= 1, "judge.batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -140,6 +149,8 @@ class RunConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig, help="Labelling.")
     train: RunTrainConfig = field(default_factory=RunTrainConfig, help="The preference update of each iteration.")
     eval: EvalConfig = field(default_factory=EvalConfig, help="Held-out evaluation.")
+    hardware: HardwareConfig = field(default_factory=HardwareConfig,
+                                     help="The GPUs the recipe is meant for (selfalign estimate checks the fit).")
 
     def __post_init__(self) -> None:
         check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
@@ -278,7 +289,7 @@ def run(cfg: RunConfig, progress: bool = True, backend: Backend | None = None) -
 def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[str, Any]]:
     from transformers import AutoConfig
 
-    from .models import is_gguf, load_causal_lm, load_tokenizer, materialize
+    from .models import is_gguf, load_tokenizer, materialize
 
     out = Path(cfg.output_dir)
     method = cfg.method_spec
@@ -339,8 +350,8 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
 
         # Done only when all three are there: the policy is renamed into place last.
         if not all((it / name).exists() for name in ("policy", "labels.json", "train.json")):
-            policy = load_causal_lm(prev).to(accelerator.device)
-            reference = load_causal_lm(ref_path)
+            # LoRA: one base model, the reference is its adapter disabled (selfalign.memory).
+            policy, reference = iteration_models(cfg.train, prev, pi0_path, ref_path, accelerator.device)
             lr = cfg.iteration_learning_rates[t] if cfg.iteration_learning_rates else cfg.train.learning_rate
             train_cfg = dataclasses.replace(cfg.train, loss=cfg.loss, alpha=cfg.alpha, learning_rate=lr,
                                             seed=cfg.train.seed + t, sail=cfg.sail)
@@ -505,8 +516,11 @@ def build_judge(cfg: RunConfig, reward_fn: str) -> Judge:
         if not cfg.judge.reward_model:
             raise ConfigError("judge.reward_model: required with judge.kind=reward_model (a model directory)")
         check_pretrained("judge.reward_model", cfg.judge.reward_model)
+        if not judge_called(cfg):
+            return UncalledJudge(cfg.method)  # the method never asks: the reward model is not loaded
         with loading("judge.reward_model", cfg.judge.reward_model):
-            judge: Judge = RewardModelJudge(cfg.judge.reward_model)
+            judge: Judge = RewardModelJudge(cfg.judge.reward_model, batch_size=cfg.judge.batch_size,
+                                            dtype=resolve_dtype(cfg.judge.dtype), offload=cfg.judge.offload)
     elif cfg.judge.kind == "pairwise":
         from .judges.pairwise import PairwiseJudge
 
@@ -516,6 +530,24 @@ def build_judge(cfg: RunConfig, reward_fn: str) -> Judge:
     else:
         judge = FunctionJudge(reward_fn)
     return NoisyJudge(judge, cfg.judge.noise, seed=cfg.seed) if cfg.judge.noise > 0 else judge
+
+
+def judge_called(cfg: RunConfig) -> bool:
+    """Whether any row of the run is labelled by the judge: all but SAIL without its PR route (DP and PP rows
+    are labelled by the policy, offline rows by the dataset)."""
+    return cfg.method_spec.loss != "sail" or cfg.sail.g > 0
+
+
+class UncalledJudge:
+    """Stands in for a reward model the method never calls (sail_dp, sail_pp), so it is never loaded."""
+
+    labels = 0
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+    def score(self, prompts, candidates):
+        raise RuntimeError(f"{self.method} does not call the judge, yet it was asked to score")
 
 
 def check_run_dir(out: Path, cfg: RunConfig, accelerator: Accelerator) -> None:
@@ -593,8 +625,9 @@ def stage_generate(rd: Path, cfg: RunConfig, method: Method, trainer: Preference
         greedy = method.ref_sample == "greedy"
         ref_cfg = dataclasses.replace(cfg.generation, num_samples=1,
                                       temperature=0.0 if greedy else cfg.generation.temperature)
-        ref_samples = [r[0] for r in generate_sharded(trainer.reference, ids, ref_cfg, seed + 1, tokenizer, accelerator,
-                                                      show, backend)]
+        with reference_model(trainer) as reference:
+            ref_samples = [r[0] for r in generate_sharded(reference, ids, ref_cfg, seed + 1, tokenizer, accelerator,
+                                                          show, backend)]
     rows = []
     for i, policy in enumerate(samples):
         ref = ref_samples[i] if ref_samples is not None else None
@@ -776,16 +809,7 @@ def label_by_policy(trainer: PreferenceTrainer, examples: dict[int, PreferenceEx
 def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = trainer.policy.merge_and_unload() if trainer.config.lora.enabled else trainer.policy
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        faults.before_rename()
-        if path.exists():  # a run from before stage files were ordered left a policy without its stage files
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        faults.after_write(path)
+        save_iterate(trainer, tokenizer, path)  # LoRA: the adapter (selfalign.memory)
     accelerator.wait_for_everyone()
 
 

@@ -48,13 +48,20 @@ class LoraSettings:
     r: int = cfield(64, help="LoRA rank (SAIL's official setting: 64).")
     alpha: int = cfield(16, help="LoRA scaling alpha (SAIL's official setting: 16).")
     dropout: float = cfield(0.0, help="Dropout on the LoRA input; 0 keeps policy and reference forwards comparable.")
-    target_modules: list[str] = cfield(
-        default_factory=lambda: list(DEFAULT_LORA_TARGETS), help="Names of the linear layers that get adapters."
+    target_modules: list[str] | str = cfield(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        help="Names of the linear layers that get adapters, or 'all-linear' (every linear layer but the LM head)."
     )
+    merge: bool = cfield(
+        False, help="Online loop: save each iterate merged into a full model (policy/ is then an ordinary "
+                    "from_pretrained directory; the adapter goes to policy/adapter/). false: policy/ is the adapter.")
 
     def __post_init__(self) -> None:
         check(self.r > 0, "lora.r", f"must be a positive integer, got {self.r}")
         check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, str):
+            check(self.target_modules == "all-linear", "lora.target_modules",
+                  f"must be a list of module names or 'all-linear', got {self.target_modules!r}")
         check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
 
 
@@ -139,7 +146,15 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16"] = cfield(
         "auto", help="'auto' is bf16 autocast on a GPU that supports it, full precision otherwise."
     )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = cfield(
+        "auto", help="Weights' dtype as loaded. auto: bf16 on a GPU that supports it for the reference and a LoRA "
+                     "base, while the weights a full fine-tune trains stay fp32 under bf16 autocast (bf16 weights "
+                     "lose updates under ~1/256 of their size, e.g. lr 5e-7); fp32 on a CPU. bf16/fp16/fp32: every "
+                     "model in that dtype (bf16 full fine-tuning keeps no fp32 master copy unless ZeRO/FSDP2 does).")
     gradient_checkpointing: bool = cfield(False, help="Recompute activations in backward to save memory.")
+    offload_reference: bool = cfield(
+        False, help="Keep a separate reference model in CPU memory, moved to the GPU only while its log-probs or "
+                    "y_ref are computed (no effect with LoRA, whose reference is the base with the adapter off).")
     disable_dropout: bool = cfield(True, help="Set every dropout probability to 0 (as DPO implementations do).")
     seed: int = cfield(0, help="Seed for the example order.")
     checkpoint_every: int = cfield(0, help="Save a resumable checkpoint every N optimizer steps (counted across "
@@ -425,7 +440,8 @@ class PreferenceTrainer:
         if reference is not None:
             reference.requires_grad_(False)
             reference.eval()
-            reference.to(self.accelerator.device)
+            if not config.offload_reference:
+                reference.to(self.accelerator.device)
         self.model = self.accelerator.prepare_model(LogprobModel(policy, config.logprob_chunk_size))
 
     @property
@@ -433,6 +449,20 @@ class PreferenceTrainer:
         """Whether y_ref goes through the policy. With alpha = 0 the optimism term vanishes, so
         y_ref is left out of the forward and selm/xpo train exactly as DPO does, bit for bit."""
         return self.objective.needs_ref_sample and self.config.alpha != 0
+
+    @contextlib.contextmanager
+    def reference_on_device(self):
+        """The separate reference model on the accelerator's device for the block (train.offload_reference
+        keeps it in CPU memory otherwise)."""
+        reference = self.reference
+        if reference is None or not self.config.offload_reference:
+            yield reference
+            return
+        reference.to(self.accelerator.device)
+        try:
+            yield reference
+        finally:
+            reference.to("cpu")
 
     # ------------------------------------------------------------------ reference log-probs
     @torch.no_grad()
@@ -467,11 +497,12 @@ class PreferenceTrainer:
         was_training = self.policy.training
         self.policy.eval()
         bar = tqdm(total=len(mine), desc="reference log-probs", disable=not (progress and acc.is_main_process), leave=False)
-        for s in range(0, len(mine), size):
-            chunk = mine[s : s + size]
-            lp = self._reference_logps([r[2] for r in chunk], [r[3] for r in chunk]).float().cpu().tolist()
-            results += [(r[0], r[1], v) for r, v in zip(chunk, lp)]
-            bar.update(len(chunk))
+        with self.reference_on_device():
+            for s in range(0, len(mine), size):
+                chunk = mine[s : s + size]
+                lp = self._reference_logps([r[2] for r in chunk], [r[3] for r in chunk]).float().cpu().tolist()
+                results += [(r[0], r[1], v) for r, v in zip(chunk, lp)]
+                bar.update(len(chunk))
         bar.close()
         self.policy.train(was_training)
         if acc.num_processes > 1:
