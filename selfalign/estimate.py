@@ -118,6 +118,7 @@ class Estimate:
     components: dict[str, float]
     peak: float
     notes: list[str]
+    phases: dict[str, float]  # resident + each transient: training, generation, judging
 
     def table(self) -> str:
         rows = [f"  {name:<28}{value / GIB:>10.2f} GiB" for name, value in self.components.items()]
@@ -260,11 +261,13 @@ def estimate(cfg: Any, shape: ModelShape, reward: ModelShape | None, sharding: S
     c["generation (KV cache)"] = kv + gen_head
     resident = sum(v for name, v in c.items() if name not in ("activations", "generation (KV cache)", "gradients"))
     train_peak = c["activations"] + c["gradients"]
-    peak = resident + max(train_peak, c["generation (KV cache)"], judging)
+    phases = {"training": resident + train_peak, "generation": resident + c["generation (KV cache)"],
+              "judging": resident + judging}
+    peak = max(phases.values())
     if cfg.generation.backend == "vllm":
         notes.append(f"vLLM takes generation.vllm_memory={cfg.generation.vllm_memory} of the GPU while awake; "
                      "not counted")
-    return Estimate(c, peak, notes)
+    return Estimate(c, peak, notes, phases)
 
 
 def estimate_run(cfg: Any, sharding: Sharding | None = None, processes: int | None = None,
