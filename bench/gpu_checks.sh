@@ -10,6 +10,9 @@
 #      Qwen2-0.5B-shaped model, sequence 1024, bf16; tokens/s, MFU and peak GPU memory, as ratios
 #   3. the online loop on CUDA: the built-in quickstart (SELM) and iterative DPO, 2 iterations each,
 #      with the peak GPU memory of each run
+#   4. bench/memory.py --device cuda: peak GPU memory of two DPO steps at the Qwen2-0.5B shape (full
+#      fine-tune auto / bf16 weights, gradient checkpointing, LoRA) beside selfalign's memory estimate
+#      (memory_cuda.md; ~40-60 s on an H100)
 # Python packages missing on the GPU image (trl, datasets and theirs) travel as wheels in .whl/
 # (the device tool copies .whl when `carry` names it); PYTHONPATH puts this checkout's selfalign first.
 set -uo pipefail
@@ -70,4 +73,9 @@ with open(f"{out}.json", "w") as f:
     json.dump(record, f, indent=1)
 EOF
 done
+if [ "$mode" = "--cpu-dry" ]; then
+  step memory $PY bench/memory.py --device cpu --shape cpu-tiny --cases 1 --out-prefix "$res/memory_cpu_dry"
+else
+  step memory $PY bench/memory.py --device cuda --shape qwen2-0.5b --out-prefix "$res/memory_cuda"
+fi
 echo "results in $res"

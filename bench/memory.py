@@ -28,6 +28,8 @@ SHAPES = {
     # ~20M parameters: big enough that the weights dominate the interpreter's own growth.
     "cpu-20m": dict(model_type="llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False),
+    "cpu-tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=False),
     "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
 }
@@ -36,7 +38,10 @@ CASES = {
     "full fine-tune + reference": [],
     "full fine-tune, gradient checkpointing": ["train.gradient_checkpointing=true"],
     "LoRA r 16 (reference = adapter off)": ["train.lora.enabled=true", "train.lora.r=16"],
+    # On a GPU only by default (bf16 matmuls are slow on CPUs): every weight in bf16, as TRL given a bf16 model.
+    "full fine-tune, bf16 weights": ["train.dtype=bf16"],
 }
+CPU_CASES = list(CASES)[:3]
 
 WORKER = r"""
 import json, resource, sys
@@ -118,12 +123,16 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
     parser.add_argument("--out-prefix", default=None, help="default bench/results/memory_<device>")
+    parser.add_argument("--cases", type=int, default=None,
+                        help="run the first N cases only (default: 3 on CPU, all 4 on a GPU)")
     args = parser.parse_args()
     shape_name = args.shape or ("cpu-20m" if args.device == "cpu" else "qwen2-0.5b")
     shape = SHAPES[shape_name]
     prefix = Path(args.out_prefix or ROOT / "bench" / "results" / f"memory_{args.device}")
     rows = []
-    for name, extra in CASES.items():
+    chosen = list(CASES)[: args.cases or (len(CPU_CASES) if args.device == "cpu" else len(CASES))]
+    for name in chosen:
+        extra = CASES[name]
         est, parts = estimated(shape, extra, args.device)
         peak = measured(shape, extra, args.device)
         rows.append({"case": name, "estimate_mib": est / 2**20, "measured_mib": peak / 2**20,
