@@ -212,9 +212,10 @@ def estimate(cfg: Any, shape: ModelShape, reward: ModelShape | None, sharding: S
 
     if t.lora.enabled:
         trainable = lora_params(shape, t.lora.r, t.lora.target_modules)
+        shards = N if sharding in ("zero2", "zero3", "fsdp2") else 1  # the adapters' gradients and states
         c["parameters"] = P * _bytes(frozen) / split + trainable * 4
-        c["gradients"] = trainable * 4
-        c["optimizer states"] = trainable * 4 * (states + (1 if sharding.startswith("zero") else 0))
+        c["gradients"] = trainable * 4 / shards
+        c["optimizer states"] = trainable * 4 * (states + (1 if sharding.startswith("zero") else 0)) / shards
         notes.append(f"LoRA: {_count(trainable)} trainable of {_count(P)}; the reference is the base, "
                      "adapter disabled")
     elif sharding in ("zero2", "zero3"):
