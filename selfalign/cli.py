@@ -283,11 +283,12 @@ def _eval_target(target: Path, overrides: list[str]):
         if not policies:
             raise UsageError(f"{target}: no iteration has finished yet (no iter_*/policy); run it first")
         policy = policies[-1]
-    elif (target / "config.json").is_file():
+    elif (target / "config.json").is_file() or (target / "adapter_config.json").is_file():  # a model or a LoRA iterate
         policy = target
         run_dir = next((d for d in (target.parent, target.parent.parent) if (d / "config.yaml").is_file()), None)
     else:
-        raise UsageError(f"{target}: neither a policy directory (config.json) nor a run directory (config.yaml)")
+        raise UsageError(f"{target}: neither a policy directory (config.json, or a LoRA adapter's adapter_config.json) "
+                         "nor a run directory (config.yaml)")
     saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir is not None else None
     if isinstance(saved, dict) and "method" in saved:  # an online run: its settings, its pi_0
         return load_config(RunConfig, run_dir / "config.yaml", overrides), policy, run_dir / "config.yaml", None
