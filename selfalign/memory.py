@@ -108,15 +108,16 @@ def reference_model(trainer: PreferenceTrainer) -> Iterator[nn.Module]:
         trainer.policy.train(was_training)
 
 
-def save_iterate(trainer: PreferenceTrainer, tokenizer, path: Path) -> None:
+def save_iterate(trainer: PreferenceTrainer, tokenizer, path: Path, policy: nn.Module | None = None) -> None:
     """Write the trained policy to `path` atomically: a full model, or (LoRA) its adapter, or both (lora.merge).
 
-    A LoRA policy is merged on a copy of nothing: peft's merge_and_unload changes the model in
-    place, which is fine here because the iteration is over when its policy is saved.
+    policy: the model to save (default trainer.policy; under sharding, a replica gathered from
+    the full state dict). With lora.merge peft's merge_and_unload changes the model in place,
+    which is fine here: the iteration is over when its policy is saved.
     """
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy = trainer.policy
+    policy = trainer.policy if policy is None else policy
     if is_peft_model(policy):
         if trainer.config.lora.merge:
             policy.save_pretrained(tmp / ADAPTER_SUBDIR)
