@@ -118,7 +118,7 @@ class Estimate:
     components: dict[str, float]
     peak: float
     notes: list[str]
-    phases: dict[str, float]  # resident + each transient: training, generation, judging
+    phases: dict[str, float]  # resident + each transient: training, generation, judging, reference
 
     def table(self) -> str:
         rows = [f"  {name:<28}{value / GIB:>10.2f} GiB" for name, value in self.components.items()]
@@ -232,8 +232,10 @@ def estimate(cfg: Any, shape: ModelShape, reward: ModelShape | None, sharding: S
         c["gathered layers"] = 2 * shape.layer_params * 2 * (2 if sharding == "fsdp2" else 1)
 
     method = cfg.method_spec
+    reference_phase = 0.0  # an offloaded reference visits the GPU for its log-probs and y_ref
     if not t.lora.enabled:
         c["reference"] = 0.0 if t.offload_reference else P * _bytes(frozen) / split
+        reference_phase = P * _bytes(frozen) / split if t.offload_reference else 0.0
     called = method.loss != "sail" or cfg.sail.g > 0
     judging = 0.0  # what scoring adds on top of the resident memory
     if reward is not None and called:
@@ -263,7 +265,7 @@ def estimate(cfg: Any, shape: ModelShape, reward: ModelShape | None, sharding: S
     resident = sum(v for name, v in c.items() if name not in ("activations", "generation (KV cache)", "gradients"))
     train_peak = c["activations"] + c["gradients"]
     phases = {"training": resident + train_peak, "generation": resident + c["generation (KV cache)"],
-              "judging": resident + judging}
+              "judging": resident + judging, "reference": resident + reference_phase}
     peak = max(phases.values())
     if cfg.generation.backend == "vllm":
         notes.append(f"vLLM takes generation.vllm_memory={cfg.generation.vllm_memory} of the GPU while awake; "
