@@ -33,9 +33,10 @@ from .checks import check_pretrained, loading
 from .config import ConfigError, check_same_config, describe, dump_yaml, field, load_config
 from .data import DataError, PreferenceDataConfig, load_preferences, pad_token_id, write_atomic, write_jsonl
 from .judges import JudgeError
+from .records import PreferenceExample
 from .report import ReportError
 from .rundir import RunLock
-from .train import NonFiniteError, PreferenceExample, PreferenceTrainer, TrainConfig
+from .train import NonFiniteError, PreferenceTrainer, TrainConfig
 
 
 @dataclass
@@ -72,6 +73,7 @@ def _prepare_run_dir(cfg: TrainRunConfig) -> Path:
 def heldout_accuracy(trainer: PreferenceTrainer, examples: list[PreferenceExample]) -> dict[str, float]:
     """Implicit-reward accuracy and margin, and plain log-prob accuracy, on held-out pairs."""
     from .logprobs import collate, sequence_logprobs
+    from .losses import preference_logits
 
     trainer.compute_reference_logps(examples, progress=False)
     batch = collate([e.prompt_ids for e in examples] * 2, [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples],
@@ -83,7 +85,7 @@ def heldout_accuracy(trainer: PreferenceTrainer, examples: list[PreferenceExampl
     chosen, rejected = lp[:n], lp[n:]
     ref_c = torch.tensor([e.ref_chosen for e in examples])
     ref_r = torch.tensor([e.ref_rejected for e in examples])
-    margin = trainer.config.beta * ((chosen - ref_c) - (rejected - ref_r))
+    margin = preference_logits(chosen, rejected, ref_c, ref_r, trainer.config.beta)
     return {
         "eval/rewards/accuracies": (margin > 0).float().mean().item(),
         "eval/rewards/margins": margin.mean().item(),
@@ -105,9 +107,8 @@ def run_train(cfg: TrainRunConfig, progress: bool = True) -> dict[str, float]:
 
 
 def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
-    from .loop import save_policy
     from .memory import frozen_dtype, policy_dtype
-    from .models import load_causal_lm, load_tokenizer
+    from .models import load_causal_lm, load_tokenizer, save_policy
 
     tokenizer = load_tokenizer(cfg.model)
     examples = load_preferences(cfg.data, tokenizer)
@@ -228,7 +229,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_estimate(args: argparse.Namespace) -> None:
     from .estimate import report
-    from .loop import RunConfig
+    from .run_config import RunConfig
 
     cfg = load_config(RunConfig, recipe_path(args.recipe), args.overrides)
     text, fits = report(cfg, args.sharding, args.processes, args.device)
@@ -275,7 +276,7 @@ def _eval_target(target: Path, overrides: list[str]):
     """
     import yaml
 
-    from .loop import RunConfig
+    from .run_config import RunConfig
 
     if (target / "config.yaml").is_file():
         run_dir = target
@@ -317,10 +318,11 @@ def _check_tokenizer(policy: Path, other: Path, flag: str) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a policy directory, or a run's final policy with the run's own settings."""
+    from .data import load_prompts
     from .evaluate import evaluate_policy
     from .judges.function import FunctionJudge
-    from .loop import load_prompts, resolve_task
     from .models import load_tokenizer
+    from .run_config import resolve_task
 
     target = Path(args.target)
     cfg, policy, run_config, base = _eval_target(target, args.overrides)
@@ -388,7 +390,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from .loop import RunConfig
+    from .run_config import RunConfig
 
     schema = RunConfig if args.which == "run" else TrainRunConfig
     print(f"# keys of `selfalign {args.which}` recipes (override any with key.sub=value)")

@@ -236,7 +236,7 @@ def estimate(cfg: Any, shape: ModelShape, reward: ModelShape | None, sharding: S
     if not t.lora.enabled:
         c["reference"] = 0.0 if t.offload_reference else P * _bytes(frozen) / split
         reference_phase = P * _bytes(frozen) / split if t.offload_reference else 0.0
-    called = method.loss != "sail" or cfg.sail.g > 0
+    called = not method.is_sail or cfg.sail.g > 0
     judging = 0.0  # what scoring adds on top of the resident memory
     if reward is not None and called:
         rm_dtype = auto_dtype if cfg.judge.dtype == "auto" else DTYPES[cfg.judge.dtype]
@@ -250,7 +250,7 @@ def estimate(cfg: Any, shape: ModelShape, reward: ModelShape | None, sharding: S
         notes.append(f"reward model not loaded: {cfg.method} does not call the judge")
 
     tokens = cfg.max_prompt_tokens + cfg.generation.max_new_tokens
-    with_sample = method.needs_ref_sample and (cfg.alpha != 0)
+    with_sample = cfg.needs_ref_sample
     rows = t.micro_batch_size * (3 if with_sample else 2)
     acts = activation_elements(shape, rows, tokens, t.gradient_checkpointing) * act_bytes
     head = 3 * min(t.logprob_chunk_size, rows * cfg.generation.max_new_tokens) * shape.vocab * 4
@@ -276,7 +276,7 @@ def estimate(cfg: Any, shape: ModelShape, reward: ModelShape | None, sharding: S
 def estimate_run(cfg: Any, sharding: Sharding | None = None, processes: int | None = None,
                  device: str = "cuda") -> tuple[Estimate, ModelShape, ModelShape | None]:
     """The estimate for a RunConfig, its model shapes read as the module doc says."""
-    from .loop import BUILTIN, CONSTRAINTS
+    from .run_config import BUILTIN, CONSTRAINTS
 
     hw = cfg.hardware
     source = cfg.model

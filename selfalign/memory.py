@@ -92,20 +92,22 @@ def fresh_adapter(base: nn.Module, settings: LoraSettings, base_path: Path | str
 
 
 @contextmanager
-def reference_model(trainer: PreferenceTrainer) -> Iterator[nn.Module]:
-    """pi_ref as a model to generate from: the separate reference (on the device while in use, when it is
-    offloaded), or the policy with its LoRA adapter disabled."""
-    if trainer.reference is not None:
-        with trainer.reference_on_device() as reference:
+def reference_view(policy: nn.Module, reference: nn.Module | None, offloaded: bool = False) -> Iterator[nn.Module]:
+    """pi_ref as a model to generate from: the separate reference (on the policy's device while in use, when
+    train.offload_reference keeps it in CPU memory), or the policy with its LoRA adapter disabled."""
+    from .scoring import on_device
+
+    if reference is not None:
+        with on_device(reference, next(policy.parameters()).device, offloaded):
             yield reference
         return
-    was_training = trainer.policy.training
-    trainer.policy.eval()
+    was_training = policy.training
+    policy.eval()
     try:
-        with trainer.policy.disable_adapter():
-            yield trainer.policy
+        with policy.disable_adapter():
+            yield policy
     finally:
-        trainer.policy.train(was_training)
+        policy.train(was_training)
 
 
 def save_iterate(trainer: PreferenceTrainer, tokenizer, path: Path, policy: nn.Module | None = None) -> None:

@@ -23,11 +23,16 @@ import copy
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import ConfigError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from .train import PreferenceTrainer
 
 GGUF_SUFFIX = ".gguf"
 ADAPTER_CONFIG = "adapter_config.json"  # peft's save_pretrained output: a LoRA adapter over a named base model
@@ -213,3 +218,14 @@ def materialize(source: str | os.PathLike, directory: str | os.PathLike, tokeniz
     directory.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, directory)
     return directory
+
+
+def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: Accelerator) -> None:
+    """The trained policy (LoRA: its adapter, see memory.save_iterate) and its tokenizer, renamed into `path` last:
+    its arrival marks training done."""
+    from . import memory
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        memory.save_iterate(trainer, tokenizer, path)  # LoRA: the adapter
+    accelerator.wait_for_everyone()
