@@ -17,6 +17,9 @@
 #      (pure-python, built with DS_BUILD_OPS=0). --cpu-dry runs the FSDP2 smoke on 2 CPU processes
 #      (gloo) and the ZeRO-3 one only if deepspeed is importable (accelerate then still runs it
 #      unsharded: it selects DeepSpeed only with a GPU).
+#   5. bench/memory.py --device cuda: peak GPU memory of two DPO steps at the Qwen2-0.5B shape (full
+#      fine-tune auto / bf16 weights, gradient checkpointing, LoRA) beside selfalign's memory estimate
+#      (memory_cuda.md; ~40-60 s on an H100)
 # Python packages missing on the GPU image (trl, datasets and theirs) travel as wheels in .whl/
 # (the device tool copies .whl when `carry` names it); PYTHONPATH puts this checkout's selfalign first.
 set -uo pipefail
@@ -100,4 +103,9 @@ for cfg in fsdp2 zero3; do
     --config_file "$($PY -m selfalign accelerate-config $cfg)" --num_processes $sharded_procs \
     bench/sharded_smoke.py "$res/sharded_$cfg" "${sharded_sizes[@]}"
 done
+if [ "$mode" = "--cpu-dry" ]; then
+  step memory $PY bench/memory.py --device cpu --shape cpu-tiny --cases 1 --out-prefix "$res/memory_cpu_dry"
+else
+  step memory $PY bench/memory.py --device cuda --shape qwen2-0.5b --out-prefix "$res/memory_cuda"
+fi
 echo "results in $res"

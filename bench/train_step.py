@@ -52,6 +52,12 @@ Running
     python bench/train_step.py --profile       # one selfalign update with a per-phase time breakdown
     python bench/train_step.py --device cuda --dtype bf16 --model-size qwen2-0.5b --seq-len 1024
                                                # GPU (bf16 autocast, fp32 master weights); reports MFU
+    ... --weights bf16                         # both libraries' models loaded in bf16 (selfalign's train.dtype)
+
+The models' dtypes are those selfalign's `train.dtype` (--weights) loads, given to both libraries:
+auto is an fp32 policy and a bf16 reference on a GPU, fp32 on CPU. The GPU run of 2026-11-27 (fp32
+models on both sides) had selfalign at 2.11x TRL's peak memory; TRL's default turns gradient
+checkpointing on and selfalign's does not, so compare selfalign-gc with trl-default for memory.
 """
 
 from __future__ import annotations
@@ -217,7 +223,7 @@ def train_selfalign(args, examples, policy, reference, gradient_checkpointing: b
         loss="dpo", beta=args.beta, learning_rate=args.lr, batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size, epochs=1, warmup_ratio=0.0, lr_scheduler="linear",
         mixed_precision="bf16" if args.dtype == "bf16" else "no", gradient_checkpointing=gradient_checkpointing,
-        seed=args.seed,
+        seed=args.seed, dtype=args.weights,
     )
     sync = device_sync(args.device)
     sync()
@@ -324,8 +330,13 @@ def run_worker(args) -> dict[str, Any]:
     make_inputs, train = (trl_inputs, train_trl) if library == "trl" else (selfalign_inputs, train_selfalign)
     inputs = make_inputs(pairs, vocab_size)
 
-    policy = build_policy(args.model_size, args.seq_len, args.seed).to(args.device)
-    reference = build_policy(args.model_size, args.seq_len, args.seed).to(args.device)
+    # Both libraries get the models selfalign's train.dtype would load (selfalign.memory): like with like.
+    from selfalign.memory import frozen_dtype, policy_dtype
+    from selfalign.train import TrainConfig
+
+    weights = TrainConfig(dtype=args.weights)
+    policy = build_policy(args.model_size, args.seq_len, args.seed).to(args.device, policy_dtype(weights))
+    reference = build_policy(args.model_size, args.seq_len, args.seed).to(args.device, frozen_dtype(weights))
     if args.device == "cuda":
         warm_up_cuda(policy)
     meter = MemoryMeter(args.device)
@@ -352,8 +363,8 @@ def warm_up_cuda(model) -> None:
 # --------------------------------------------------------------------------- the parent: repeats and table
 def worker_command(args, name: str) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
-    for key in ("device", "dtype", "model_size", "seq_len", "pairs", "batch_size", "micro_batch_size", "lr", "beta",
-                "seed", "threads"):
+    for key in ("device", "dtype", "weights", "model_size", "seq_len", "pairs", "batch_size", "micro_batch_size",
+                "lr", "beta", "seed", "threads"):
         cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
     return cmd
 
@@ -409,7 +420,7 @@ def render_table(args, summary, ratio_rows, n_params: int) -> str:
     spec = MODEL_SIZES[args.model_size]
     lines = [
         f"Model {args.model_size} (hidden {spec['hidden_size']}, {spec['num_layers']} layers, vocab "
-        f"{spec['vocab_size']}, {n_params / 1e6:.1f}M matmul params), {args.device} {args.dtype}; "
+        f"{spec['vocab_size']}, {n_params / 1e6:.1f}M matmul params), {args.device} {args.dtype} (weights: {args.weights}); "
         f"{args.pairs} pairs, seq-len <= {args.seq_len}, batch {args.batch_size} / micro {args.micro_batch_size}, "
         f"{args.repeats} repeat(s), medians.",
         "",
@@ -549,8 +560,12 @@ def run_profile(args) -> None:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     pairs = make_pairs(args.pairs, args.seq_len, MODEL_SIZES[args.model_size]["vocab_size"], args.seed)
-    policy = build_policy(args.model_size, args.seq_len, args.seed).to(args.device)
-    reference = build_policy(args.model_size, args.seq_len, args.seed).to(args.device)
+    # Both libraries get the models selfalign's train.dtype would load (selfalign.memory): like with like.
+    from selfalign.memory import frozen_dtype, policy_dtype
+
+    weights = TrainConfig(dtype=args.weights)
+    policy = build_policy(args.model_size, args.seq_len, args.seed).to(args.device, policy_dtype(weights))
+    reference = build_policy(args.model_size, args.seq_len, args.seed).to(args.device, frozen_dtype(weights))
     if args.device == "cuda":
         warm_up_cuda(policy)
     config = TrainConfig(
@@ -614,6 +629,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                    help="fp32, or bf16 autocast with fp32 weights (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--weights", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="the weights' dtype as selfalign's train.dtype loads them, given to BOTH libraries: auto is "
+                        "an fp32 policy and a bf16 reference on a GPU (fp32 on CPU); bf16 loads both in bf16")
     p.add_argument("--model-size", choices=list(MODEL_SIZES), default=None,
                    help="default: cpu-small on CPU (cpu-tiny with --quick), qwen2-0.5b on CUDA")
     p.add_argument("--seq-len", type=int, default=None,

@@ -32,6 +32,8 @@ def check_pretrained(key: str, path: str | Path) -> None:
         if not p.is_dir():
             raise ConfigError(f"{key}: '{text}' is a file, not a model directory (one written by save_pretrained, "
                               "with config.json)")
+        if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+            return  # a LoRA adapter (an iterate of a LoRA run): load_causal_lm merges it into its base
         if not (p / "config.json").is_file():
             raise ConfigError(f"{key}: '{text}' has no config.json, so it is not a saved model (give the directory "
                               "save_pretrained wrote, or a hub name such as org/name)")

@@ -105,6 +105,7 @@ def run_train(cfg: TrainRunConfig, progress: bool = True) -> dict[str, float]:
 
 
 def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
+    from .memory import frozen_dtype, policy_dtype
     from .models import load_causal_lm, load_tokenizer, save_policy
 
     tokenizer = load_tokenizer(cfg.model)
@@ -114,10 +115,10 @@ def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
     n_eval = int(len(examples) * cfg.data.eval_fraction)
     heldout, train_set = examples[:n_eval], examples[n_eval:]
 
-    policy = load_causal_lm(cfg.model)
+    policy = load_causal_lm(cfg.model, dtype=policy_dtype(cfg.train))
     reference = None
-    if not cfg.train.lora.enabled:
-        reference = load_causal_lm(cfg.reference or cfg.model)
+    if not cfg.train.lora.enabled:  # LoRA: the reference is the policy with its adapter disabled
+        reference = load_causal_lm(cfg.reference or cfg.model, dtype=frozen_dtype(cfg.train))
     pad = pad_token_id(tokenizer)
     trainer = PreferenceTrainer(policy, cfg.train, pad_token_id=pad, reference=reference)
 
@@ -216,11 +217,36 @@ def cmd_run(args: argparse.Namespace) -> None:
     cfg = load_config(RunConfig, recipe_path(args.recipe), args.overrides)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"selfalign: {cfg.method} on {cfg.model}, {cfg.iterations} iteration(s), run directory {cfg.output_dir}")
+        print_estimate(cfg)
     history = run(cfg, progress=not args.no_progress)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         print(iteration_table(Path(cfg.output_dir), history))
+
+
+def cmd_estimate(args: argparse.Namespace) -> None:
+    from .estimate import report
+    from .run_config import RunConfig
+
+    cfg = load_config(RunConfig, recipe_path(args.recipe), args.overrides)
+    text, fits = report(cfg, args.sharding, args.processes, args.device)
+    print(text)
+    if not fits:
+        raise UsageError(f"{args.recipe} does not fit its stated hardware by this estimate: shard it "
+                         "(--sharding zero3 / fsdp2 with more processes), use LoRA, or lower the batch sizes")
+
+
+def print_estimate(cfg) -> None:
+    """The memory estimate a run prints before it starts; a model whose config is out of reach only says so."""
+    from .estimate import report
+
+    try:
+        text, _ = report(cfg, device="cuda" if torch.cuda.is_available() else "cpu",
+                         processes=int(os.environ.get("WORLD_SIZE", "0")) or None)
+    except Exception as e:  # informational: a model the estimate cannot size never stops the run
+        text = f"memory estimate: not available ({str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__})"
+    print(text)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -256,11 +282,12 @@ def _eval_target(target: Path, overrides: list[str]):
         if not policies:
             raise UsageError(f"{target}: no iteration has finished yet (no iter_*/policy); run it first")
         policy = policies[-1]
-    elif (target / "config.json").is_file():
+    elif (target / "config.json").is_file() or (target / "adapter_config.json").is_file():  # a model or a LoRA iterate
         policy = target
         run_dir = next((d for d in (target.parent, target.parent.parent) if (d / "config.yaml").is_file()), None)
     else:
-        raise UsageError(f"{target}: neither a policy directory (config.json) nor a run directory (config.yaml)")
+        raise UsageError(f"{target}: neither a policy directory (config.json, or a LoRA adapter's adapter_config.json) "
+                         "nor a run directory (config.yaml)")
     saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir is not None else None
     if isinstance(saved, dict) and "method" in saved:  # an online run: its settings, its pi_0
         return load_config(RunConfig, run_dir / "config.yaml", overrides), policy, run_dir / "config.yaml", None
@@ -424,6 +451,15 @@ def main(argv: list[str] | None = None) -> int:
     runp.add_argument("recipe", help="YAML recipe, or a bundled one: quickstart, selm_llama3_8b, ...")
     runp.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     runp.set_defaults(func=cmd_run)
+    est = sub.add_parser("estimate", help="memory per GPU of a recipe, from the model config (nothing loaded or run)")
+    est.add_argument("recipe", help="YAML recipe, or a bundled one")
+    est.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    est.add_argument("--sharding", choices=["none", "ddp", "fsdp2", "zero2", "zero3"],
+                     help="how training is spread (default: the recipe's hardware.sharding)")
+    est.add_argument("--processes", type=int, help="processes, one per GPU (default: the recipe's hardware.gpus)")
+    est.add_argument("--device", choices=["cuda", "cpu"],
+                     help="where it runs (default: cuda when the recipe states a GPU, else cpu)")
+    est.set_defaults(func=cmd_estimate)
     ev = sub.add_parser("eval", help="evaluate a policy (or a run's final policy) on held-out prompts")
     ev.add_argument("target", help="a policy directory, or a run directory (its last iteration, its settings)")
     ev.add_argument("overrides", nargs="*", help="run-config overrides key.sub=value (eval.samples=8, seed=1, ...)")

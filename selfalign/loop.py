@@ -36,8 +36,9 @@ from .generation.hf import HFBackend
 from .judges import Judge, Prompt
 from .judges.function import FunctionJudge
 from .logprobs import head_scale
+from .memory import iteration_models, reference_view
 from .methods import Method
-from .models import save_policy
+from .models import resolve_dtype, save_policy
 from .pairs import SELECTORS, Pair, selm_three_way
 from .records import LabelCounts, PreferenceExample, Route, Row
 from .run_config import (  # noqa: F401  (re-exported: callers import the run config from selfalign.loop)
@@ -123,7 +124,7 @@ def run(cfg: RunConfig, progress: bool = True, backend: Backend | None = None) -
 def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[str, Any]]:
     from transformers import AutoConfig
 
-    from .models import is_gguf, load_causal_lm, load_tokenizer, materialize
+    from .models import is_gguf, load_tokenizer, materialize
 
     out = Path(cfg.output_dir)
     method = cfg.method_spec
@@ -184,8 +185,8 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
 
         # Done only when all three are there: the policy is renamed into place last.
         if not all((it / name).exists() for name in ("policy", "labels.json", "train.json")):
-            policy = load_causal_lm(prev).to(accelerator.device)
-            reference = load_causal_lm(ref_path)
+            # LoRA: one base model, the reference is its adapter disabled (selfalign.memory).
+            policy, reference = iteration_models(cfg.train, prev, pi0_path, ref_path, accelerator.device)
             trainer = PreferenceTrainer(policy, cfg.train_config(t), pad_id, reference=reference, accelerator=accelerator)
             rounds = round_bounds(len(rows), cfg)
             done = trainer.begin(sum(math.ceil((b - a) / cfg.train.batch_size) for a, b in rounds) * cfg.train.epochs,
@@ -296,6 +297,24 @@ def round_bounds(n_rows: int, cfg: RunConfig) -> list[tuple[int, int]]:
     return [(a, min(a + size, n_rows)) for a in range(0, n_rows, size)]
 
 
+def judge_called(cfg: RunConfig) -> bool:
+    """Whether any row of the run is labelled by the judge: all but SAIL without its PR route (DP and PP rows
+    are labelled by the policy, offline rows by the dataset)."""
+    return not cfg.method_spec.is_sail or cfg.sail.g > 0
+
+
+class UncalledJudge:
+    """Stands in for a reward model the method never calls (sail_dp, sail_pp), so it is never loaded."""
+
+    labels = 0
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+    def score(self, prompts, candidates, key=None):
+        raise RuntimeError(f"{self.method} does not call the judge, yet it was asked to score")
+
+
 def reference_policy(cfg: RunConfig, method: Method) -> str:
     return method.reference if cfg.reference == "method" else cfg.reference
 
@@ -309,8 +328,11 @@ def build_judge(cfg: RunConfig, reward_fn: str) -> Judge:
         if not cfg.judge.reward_model:
             raise ConfigError("judge.reward_model: required with judge.kind=reward_model (a model directory)")
         check_pretrained("judge.reward_model", cfg.judge.reward_model)
+        if not judge_called(cfg):
+            return UncalledJudge(cfg.method)  # the method never asks: the reward model is not loaded
         with loading("judge.reward_model", cfg.judge.reward_model):
-            judge: Judge = RewardModelJudge(cfg.judge.reward_model)
+            judge: Judge = RewardModelJudge(cfg.judge.reward_model, batch_size=cfg.judge.batch_size,
+                                            dtype=resolve_dtype(cfg.judge.dtype), offload=cfg.judge.offload)
     elif cfg.judge.kind == "pairwise":
         from .judges.pairwise import PairwiseJudge
 
@@ -412,8 +434,9 @@ def stage_generate(ctx: RunContext, rd: Path, models: Models, ids: list[list[int
         greedy = method.ref_sample == "greedy"
         ref_cfg = dataclasses.replace(cfg.generation, num_samples=1,
                                       temperature=0.0 if greedy else cfg.generation.temperature)
-        ref_samples = [r[0] for r in generate_sharded(models.reference, ids, ref_cfg, seed + 1, tokenizer, accelerator,
-                                                      ctx.show, ctx.backend)]
+        with reference_view(models.policy, models.reference, cfg.train.offload_reference) as reference:
+            ref_samples = [r[0] for r in generate_sharded(reference, ids, ref_cfg, seed + 1, tokenizer, accelerator,
+                                                          ctx.show, ctx.backend)]
     rows = []
     for i, policy in enumerate(samples):
         ref = ref_samples[i] if ref_samples is not None else None

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import faults
 from .config import ConfigError
 
 if TYPE_CHECKING:
@@ -36,6 +35,8 @@ if TYPE_CHECKING:
     from .train import PreferenceTrainer
 
 GGUF_SUFFIX = ".gguf"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's save_pretrained output: a LoRA adapter over a named base model
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class ModelLoadError(ConfigError):
@@ -57,6 +58,30 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
+def resolve_dtype(name: str) -> torch.dtype:
+    """The weights' dtype for a config value auto|bf16|fp16|fp32: auto is bf16 on a GPU that supports it, else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
+def is_adapter_dir(source: str | os.PathLike) -> bool:
+    """A directory holding a peft adapter (adapter_config.json) and no full model of its own."""
+    path = Path(os.path.expanduser(str(source)))
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def adapter_base(source: str | os.PathLike) -> str:
+    """The base model an adapter directory was trained on (its adapter_config.json's base_model_name_or_path)."""
+    import json
+
+    path = Path(os.path.expanduser(str(source)))
+    base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
+    if not base:
+        raise ModelLoadError(f"{path / ADAPTER_CONFIG}: names no base_model_name_or_path; set it to the base model")
+    return base
+
+
 def check_source(source: str | os.PathLike) -> Path | str:
     """The source as a Path (local) or str (hub name); ModelLoadError for a local path that cannot be a model."""
     text = os.path.expanduser(str(source))
@@ -64,7 +89,7 @@ def check_source(source: str | os.PathLike) -> Path | str:
         raise ModelLoadError("model path is empty: give a model directory, a hub name or a .gguf file")
     path = Path(text)
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
             ggufs = sorted(p.name for p in path.glob(f"*{GGUF_SUFFIX}"))
             hint = (f"it holds {', '.join(ggufs)}: give that file's path" if ggufs else
                     "give a directory written by save_pretrained, a hub name, or a .gguf file")
@@ -128,7 +153,23 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, au
 
 
 def load_causal_lm(source: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs: Any):
-    """A causal LM from a directory, hub name or .gguf file (see load_model)."""
+    """A causal LM from a directory, hub name or .gguf file (see load_model).
+
+    A LoRA adapter directory (peft's save_pretrained output, as LoRA runs save their iterates)
+    loads as its base model with the adapter merged in: a plain model of the iterate's weights.
+    The base may itself be an adapter directory (an iterate trained on the previous one), so
+    the chain is merged one adapter at a time and one full model is held throughout.
+    """
+    if is_adapter_dir(source):
+        from peft import PeftModel
+
+        base = load_causal_lm(adapter_base(source), dtype=dtype, **kwargs)
+        try:
+            merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
+        except Exception as e:
+            raise ModelLoadError(f"{source}: cannot load the LoRA adapter ({_first_line(e)})") from None
+        merged.config._name_or_path = str(source)
+        return merged
     return load_model(source, dtype=dtype, **kwargs)
 
 
@@ -180,18 +221,12 @@ def materialize(source: str | os.PathLike, directory: str | os.PathLike, tokeniz
 
 
 def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: Accelerator) -> None:
-    """The trained policy (LoRA merged in) and its tokenizer, renamed into `path` last: its arrival marks training done."""
+    """The trained policy (LoRA: its adapter, see memory.save_iterate) and its tokenizer, renamed into `path` last:
+    its arrival marks training done."""
+    from . import memory
+
     accelerator.wait_for_everyone()
     policy = trainer.saved_policy()  # collective under FSDP2 / ZeRO-3: the full state dict is gathered
     if accelerator.is_main_process:
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = policy.merge_and_unload() if trainer.config.lora.enabled else policy
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        faults.before_rename()
-        if path.exists():  # a run from before stage files were ordered left a policy without its stage files
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        faults.after_write(path)
+        memory.save_iterate(trainer, tokenizer, path, policy)  # LoRA: the adapter
     accelerator.wait_for_everyone()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from .config import check, field
+from .estimate import HardwareConfig
 from .generation import GenerationConfig
 from .methods import METHODS, Method
 from .train_config import PAPER_ALPHA, SailConfig, TrainConfig, needs_ref_sample, resolve_alpha
@@ -46,10 +47,17 @@ class JudgeConfig:
     noise: float = field(0.0, help="Bradley-Terry temperature of a simulated annotator over the scores; 0 = noiseless.")
     chunk_size: int = field(64, help="Prompts per judge call, journaled as soon as the call returns: a kill re-pays "
                                      "at most one call's labels (chunk_size x K); 1 for a paid judge.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        "auto", help="Reward model weights' dtype (kind=reward_model): auto is bf16 on a GPU that supports it, fp32 "
+                     "on a CPU. Loaded only when the method calls the judge (not by sail_dp, sail_pp).")
+    batch_size: int = field(16, help="Sequences per reward-model forward pass (kind=reward_model).")
+    offload: bool = field(False, help="Keep the reward model in CPU memory between judge calls, on the GPU only "
+                                      "while it scores (kind=reward_model): training then has its memory.")
 
     def __post_init__(self) -> None:
         check(self.noise >= 0, "judge.noise", f"must be >= 0, got {self.noise}")
         check(self.chunk_size >= 1, "judge.chunk_size", f"must be >= 1, got {self.chunk_size}")
+        check(self.batch_size >= 1, "judge.batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -106,6 +114,8 @@ class RunConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig, help="Labelling.")
     train: RunTrainConfig = field(default_factory=RunTrainConfig, help="The preference update of each iteration.")
     eval: EvalConfig = field(default_factory=EvalConfig, help="Held-out evaluation.")
+    hardware: HardwareConfig = field(default_factory=HardwareConfig,
+                                     help="The GPUs the recipe is meant for (selfalign estimate checks the fit).")
 
     def __post_init__(self) -> None:
         check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")

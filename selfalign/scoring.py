@@ -43,6 +43,19 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: torch.device | str, offloaded: bool) -> Iterator[None]:
+    """An offloaded model (train.offload_reference, kept in CPU memory) on `device` for the block."""
+    if not offloaded:
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
+
+
 @dataclass
 class PairScorer:
     """The two models of an update and how to run them: policy, and reference (None: the peft policy's adapter off).
@@ -75,7 +88,8 @@ class PairScorer:
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[nn.Module]:
         if self.reference is not None:
-            yield self.reference
+            with on_device(self.reference, self.accelerator.device, self.config.offload_reference):
+                yield self.reference
         else:
             with self.policy.disable_adapter():
                 yield self.policy

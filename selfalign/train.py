@@ -268,7 +268,8 @@ def prepare_models(policy: nn.Module, reference: nn.Module | None, config: Train
     if reference is not None:
         reference.requires_grad_(False)
         reference.eval()
-        reference.to(device)
+        if not config.offload_reference:  # else it visits the device only while it is used (scoring.py)
+            reference.to(device)
     return policy
 
 

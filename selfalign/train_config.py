@@ -24,13 +24,20 @@ class LoraSettings:
     r: int = cfield(64, help="LoRA rank (SAIL's official setting: 64).")
     alpha: int = cfield(16, help="LoRA scaling alpha (SAIL's official setting: 16).")
     dropout: float = cfield(0.0, help="Dropout on the LoRA input; 0 keeps policy and reference forwards comparable.")
-    target_modules: list[str] = cfield(
-        default_factory=lambda: list(DEFAULT_LORA_TARGETS), help="Names of the linear layers that get adapters."
+    target_modules: list[str] | str = cfield(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        help="Names of the linear layers that get adapters, or 'all-linear' (every linear layer but the LM head)."
     )
+    merge: bool = cfield(
+        False, help="Online loop: save each iterate merged into a full model (policy/ is then an ordinary "
+                    "from_pretrained directory; the adapter goes to policy/adapter/). false: policy/ is the adapter.")
 
     def __post_init__(self) -> None:
         check(self.r > 0, "lora.r", f"must be a positive integer, got {self.r}")
         check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, str):
+            check(self.target_modules == "all-linear", "lora.target_modules",
+                  f"must be a list of module names or 'all-linear', got {self.target_modules!r}")
         check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
 
 
@@ -128,7 +135,15 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16"] = cfield(
         "auto", help="'auto' is bf16 autocast on a GPU that supports it, full precision otherwise."
     )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = cfield(
+        "auto", help="Weights' dtype as loaded. auto: bf16 on a GPU that supports it for the reference and a LoRA "
+                     "base, while the weights a full fine-tune trains stay fp32 under bf16 autocast (bf16 weights "
+                     "lose updates under ~1/256 of their size, e.g. lr 5e-7); fp32 on a CPU. bf16/fp16/fp32: every "
+                     "model in that dtype (bf16 full fine-tuning keeps no fp32 master copy unless ZeRO/FSDP2 does).")
     gradient_checkpointing: bool = cfield(False, help="Recompute activations in backward to save memory.")
+    offload_reference: bool = cfield(
+        False, help="Keep a separate reference model in CPU memory, moved to the GPU only while its log-probs or "
+                    "y_ref are computed (no effect with LoRA, whose reference is the base with the adapter off).")
     disable_dropout: bool = cfield(True, help="Set every dropout probability to 0 (as DPO implementations do).")
     seed: int = cfield(0, help="Seed for the example order.")
     checkpoint_every: int = cfield(0, help="Save a resumable checkpoint every N optimizer steps (counted across "

@@ -67,7 +67,8 @@ def full_state_dict(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
     deltas = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and not module.merged:
+        # Under disable_adapter() (pi_ref of a LoRA run) the layers compute the base weights alone.
+        if isinstance(module, LoraLayer) and not module.merged and not module.disable_adapters:
             adapters = [a for a in module.active_adapters if a in module.lora_A]
             if adapters:
                 deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(a) for a in adapters)

@@ -29,7 +29,7 @@ class RewardModelJudge:
 
     def __init__(
         self, path: str | Path, batch_size: int = 16, max_length: int = 2048, device: str | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32, offload: bool = False,
     ) -> None:
         from transformers import AutoModelForSequenceClassification
 
@@ -42,17 +42,25 @@ class RewardModelJudge:
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device).eval()
+        # offload: the weights wait in CPU memory between calls, so training has the GPU's.
+        self.offload = offload and self.device != "cpu"
+        self.model.to("cpu" if self.offload else self.device).eval()
         self.batch_size, self.max_length = batch_size, max_length
         self.labels = 0
 
     @torch.no_grad()
     def score_texts(self, texts: list[str]) -> list[float]:
         out: list[float] = []
-        for s in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[s : s + self.batch_size], return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_length, add_special_tokens=False).to(self.device)
-            out += self.model(**enc).logits[:, 0].float().cpu().tolist()
+        if self.offload:
+            self.model.to(self.device)
+        try:
+            for s in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[s : s + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                                     max_length=self.max_length, add_special_tokens=False).to(self.device)
+                out += self.model(**enc).logits[:, 0].float().cpu().tolist()
+        finally:
+            if self.offload:
+                self.model.to("cpu")
         return out
 
     def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]],
