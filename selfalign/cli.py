@@ -316,7 +316,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if not prompts_file:
         raise UsageError("no held-out prompts: pass --prompts FILE.jsonl (or set eval_prompts in the run's config)")
     tokenizer = load_tokenizer(policy)
-    prompts = load_prompts(prompts_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: args.limit or None]
+    split = ("", cfg.subset, cfg.chosen_field) if args.prompts else cfg.source_split("eval_prompts")[:3]
+    prompts = load_prompts(prompts_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens, *split)[: args.limit or None]
     if args.reward_model:
         from .judges.reward_model import RewardModelJudge
 

@@ -114,10 +114,16 @@ class RunConfig:
                      "file's pair (SELM's code); xpo pairs a policy sample with a pi_0 sample (XPO's paper).")
     model: str = field(BUILTIN, help="pi_0: 'builtin' (the built-in task's SFT model), 'constraints' (SmolLM2-135M-Instruct on "
                                      "the constraints task), or a model directory, hub name or .gguf file.")
-    prompts: str = field("", help="JSONL training prompts ({'prompt': text or messages}); empty with the built-in task.")
-    eval_prompts: str = field("", help="JSONL held-out prompts; empty with the built-in task.")
-    preferences: str = field("", help="JSONL preference dataset (prompt, chosen, rejected) for SAIL's offline and DP "
-                                      "routes; its prompts are the run's prompts. Empty with the built-in task.")
+    prompts: str = field("", help="Training prompts ({'prompt': text or messages}): a JSONL/JSON/Parquet/Arrow file, a "
+                                  "save_to_disk folder or a Hugging Face dataset name; empty with the built-in task.")
+    eval_prompts: str = field("", help="Held-out prompts (any source prompts takes); empty with the built-in task.")
+    preferences: str = field("", help="Preference dataset (prompt, chosen, rejected; any source prompts takes) for SAIL's "
+                                      "offline and DP routes; its prompts are the run's prompts. Empty with the built-in task.")
+    prompts_split: str = field("", help="Split of prompts= when it has several (e.g. train_prefs; HF slicing such as "
+                                        "train[:1000] works); empty: its only split, or train.")
+    eval_prompts_split: str = field("", help="Split of eval_prompts= (e.g. test_prefs); empty: its only split, or train.")
+    preferences_split: str = field("", help="Split of preferences=; empty: its only split, or train.")
+    subset: str = field("", help="Configuration (subset) of a Hub dataset that has several; empty: its default.")
     prompt_field: str = field("prompt", help="Column holding the prompt in the prompt and preference files.")
     chosen_field: str = field("chosen", help="Column holding the preferred response in the preference file.")
     rejected_field: str = field("rejected", help="Column holding the dispreferred response in the preference file.")
@@ -195,6 +201,10 @@ class RunConfig:
               f"{loss} has no optimism term, so alpha={self.train.alpha:g} would be unused; set train.alpha=0 "
               f"(or drop train.loss to train {method.loss})")
 
+    def source_split(self, key: str) -> tuple[str, str, str, str]:
+        """(split, subset, chosen column, split key) of data source `key` (prompts, eval_prompts, preferences)."""
+        return getattr(self, f"{key}_split"), self.subset, self.chosen_field, f"{key}_split"
+
     @property
     def method_spec(self) -> Method:
         return METHODS[self.method]
@@ -229,14 +239,16 @@ def load_jsonl(path: Path) -> list[dict[str, Any]]:
     return [row for _, row in read_jsonl(path)]
 
 
-def load_prompts(path: str, field_name: str, tokenizer, max_tokens: int) -> list[Prompt]:
-    """Prompts from JSONL; DataError names the file, line and field of anything unusable."""
+def load_prompts(path: str, field_name: str, tokenizer, max_tokens: int, split: str = "", subset: str = "",
+                 chosen_field: str = "chosen", split_key: str = "split") -> list[Prompt]:
+    """Prompts from any selfalign.sources source; DataError names the file, line (or row) and field of anything unusable."""
     from .data import located, prompt_ids
+    from .sources import chat_prompt, read_rows
 
     prompts = []
-    for lineno, row in read_jsonl(path):
-        where = f"{path} line {lineno}"
+    for where, row in read_rows(path, split, subset, split_key=split_key):
         value = text_or_messages(row, field_name, where, hint="set prompt_field=... if the column differs")
+        value = chat_prompt(row, value, chosen_field, tokenizer)
         n = len(located(where, prompt_ids, tokenizer, value))
         if n > max_tokens:
             raise DataError(f"{where}: prompt has {n} tokens, over max_prompt_tokens={max_tokens} "
@@ -294,7 +306,8 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
     if not is_gguf(task.policy):  # refuse a logit scaling log-probs cannot reproduce, up front (GGUF: once converted)
         head_scale(AutoConfig.from_pretrained(task.policy))
     data = load_dataset(cfg, task, tokenizer)
-    eval_prompts = load_prompts(task.eval_prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: cfg.eval.prompts] \
+    eval_prompts = load_prompts(task.eval_prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens,
+                                *cfg.source_split("eval_prompts"))[: cfg.eval.prompts] \
         if task.eval_prompts and cfg.eval.prompts else []
     slices = prompt_slices(len(data.prompts), cfg)
     judge = build_judge(cfg, task.judge_fn)
@@ -434,12 +447,14 @@ def load_dataset(cfg: RunConfig, task: Task, tokenizer) -> Dataset:
     from .data import PreferenceDataConfig, load_preferences, prompt_ids
 
     if cfg.needs_dataset:
-        prompts = load_prompts(task.preferences, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)
+        prompts = load_prompts(task.preferences, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens,
+                               *cfg.source_split("preferences"))
         pairs = load_preferences(PreferenceDataConfig(
             path=task.preferences, prompt_field=cfg.prompt_field, chosen_field=cfg.chosen_field,
-            rejected_field=cfg.rejected_field, max_prompt_tokens=cfg.max_prompt_tokens), tokenizer)
+            rejected_field=cfg.rejected_field, max_prompt_tokens=cfg.max_prompt_tokens,
+            split=cfg.preferences_split, subset=cfg.subset), tokenizer)
         return Dataset(prompts, [ex.prompt_ids for ex in pairs], pairs)
-    prompts = load_prompts(task.prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)
+    prompts = load_prompts(task.prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens, *cfg.source_split("prompts"))
     return Dataset(prompts, [prompt_ids(tokenizer, p) for p in prompts])
 
 
