@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from . import logs
 from .checks import check_pretrained, loading
 from .config import ConfigError, check_same_config, describe, dump_yaml, field, load_config
 from .data import DataError, PreferenceDataConfig, load_preferences, pad_token_id, write_atomic, write_jsonl
@@ -216,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     cfg = load_config(RunConfig, recipe_path(args.recipe), args.overrides)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"selfalign: {cfg.method} on {cfg.model}, {cfg.iterations} iteration(s), run directory {cfg.output_dir}")
+        logs.info("%s on %s, %d iteration(s), run directory %s", cfg.method, cfg.model, cfg.iterations, cfg.output_dir)
     history = run(cfg, progress=not args.no_progress)
     from accelerate import PartialState
 
@@ -455,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     # transformers' own bars (loading and writing weights: sub-second on the tasks here) only interleave
     # with selfalign's bars for generation, judging and training; --no-progress silences those too.
     from transformers.utils import logging as hf_logging
+
+    logs.setup()
 
     hf_logging.disable_progress_bar()
     in_main_thread = threading.current_thread() is threading.main_thread()

@@ -24,20 +24,22 @@ from typing import Any, Literal
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from . import faults
 from .checks import check_pretrained, loading
-from .config import ConfigError, check, check_same_config, dump_yaml, field
+from .config import ConfigError, check, check_same_config, dump_yaml, field, to_dict
 from .data import DataError, pad_token_id, read_jsonl, text_or_messages, write_atomic, write_jsonl
 from .generation import Backend, GenerationConfig, build_backend, load_generation_config, stop_token_ids
 from .generation.hf import HFBackend
 from .judges import Judge, Prompt
 from .judges.function import FunctionJudge
 from .logprobs import head_scale
+from .logs import duration, progress_bar
+from .logs import info as log
 from .methods import METHODS, Method
 from .pairs import SELECTORS, Pair, selm_three_way
 from .rundir import RunLock
+from .tracking import RunTracker, accelerator_kwargs, parse_report_to
 from .train import (
     ROUTES,
     NonFiniteError,
@@ -142,6 +144,9 @@ class RunConfig:
         default_factory=list, help="Peak learning rate of each iteration (SELM's papers decay it); empty: train.learning_rate."
     )
     seed: int = field(0, help="Seed for prompt order, routing, generation and annotator noise.")
+    report_to: str = field("none", help="Experiment trackers, through accelerate: none, or one or more (comma-separated) "
+                                        "of tensorboard (RUN/tensorboard/), wandb, trackio, mlflow, ...; per-step metrics "
+                                        "also go to RUN/steps.jsonl whatever this says.")
     generation: SamplingConfig = field(default_factory=SamplingConfig, help="Sampling of the K responses.")
     judge: JudgeConfig = field(default_factory=JudgeConfig, help="Labelling.")
     train: RunTrainConfig = field(default_factory=RunTrainConfig, help="The preference update of each iteration.")
@@ -151,6 +156,7 @@ class RunConfig:
         check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
         check(self.prompts_per_iteration >= 1, "prompts_per_iteration", f"must be >= 1, got {self.prompts_per_iteration}")
         check(self.generate_every >= 0, "generate_every", f"must be >= 0, got {self.generate_every}")
+        parse_report_to(self.report_to)
         check(self.generation.num_samples >= 2, "generation.num_samples", "must be >= 2 to form a pair")
         check(not self.iteration_learning_rates or len(self.iteration_learning_rates) == self.iterations,
               "iteration_learning_rates", f"needs one value per iteration ({self.iterations}), "
@@ -295,7 +301,7 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
     out = Path(cfg.output_dir)
     method = cfg.method_spec
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-                              cpu=not torch.cuda.is_available())
+                              cpu=not torch.cuda.is_available(), **accelerator_kwargs(cfg.report_to, out))
     show = progress and accelerator.is_main_process
 
     # Build: pi_0, prompts (and dataset pairs), judge, gold reward.
@@ -313,6 +319,9 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
     judge = build_judge(cfg, task.judge_fn)
     gold = FunctionJudge(task.gold_fn) if task.gold_fn else None
     check_run_dir(out, cfg, accelerator)
+    tracker = RunTracker(out, accelerator, to_dict(cfg))
+    log("%s: %s on %d prompts (%d iteration(s) x %d), %d held-out prompts; per-step metrics in %s",
+        out, cfg.method, len(data.prompts), len(slices), len(slices[0]), len(eval_prompts), out / "steps.jsonl")
     pi0_path = task.policy
     if is_gguf(pi0_path):
         # Dequantise a GGUF pi_0 once into RUN/pi0: the reference, evaluation and iteration 0 all load it.
@@ -335,14 +344,18 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
         write_atomic(out / "pi0_eval_rewards.json", json.dumps(result.pop("rewards")))
         write_atomic(out / "pi0_metrics.json", json.dumps(
             {"iteration": "pi_0", "labels_total": 0, "labelled_pairs_total": 0, **result}, indent=1))
+        tracker.log_iteration(result, steps=0)
+        log("pi_0: %s", summary_line(result))
     accelerator.wait_for_everyone()
 
     history = []
+    durations: list[float] = []  # seconds of each iteration run in this process: the ETA's pace
     for t in range(len(slices)):
         it = out / f"iter_{t:03d}"
         if (it / "metrics.json").exists():
             history.append(json.loads((it / "metrics.json").read_text()))
             continue
+        started = time.perf_counter()
         prev = pi0_path if t == 0 else out / f"iter_{t - 1:03d}" / "policy"
         ref_path = prev if reference_policy(cfg, method) == "previous" else pi0_path
         rows = route_rows(cfg, slices[t], t)
@@ -358,6 +371,8 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
             train_cfg = dataclasses.replace(cfg.train, loss=cfg.loss, alpha=cfg.alpha, learning_rate=lr,
                                             seed=cfg.train.seed + t, sail=cfg.sail)
             trainer = PreferenceTrainer(policy, train_cfg, pad_id, reference=reference, accelerator=accelerator)
+            tracker.begin_iteration(t)
+            trainer.on_step = tracker.on_step
             rounds = round_bounds(len(rows), cfg)
             done = trainer.begin(sum(math.ceil((b - a) / cfg.train.batch_size) for a, b in rounds) * cfg.train.epochs,
                                  checkpoint_dir=it / "train_state")
@@ -371,10 +386,10 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
                 backend.sleep()  # a GPU engine gives its memory to training until the next round's push
                 # 5. Train on them; the optimizer and schedule carry over from round to round. The schedule
                 # is sized from the examples left after ties (later rounds: at this round's share).
-                with timed(timings, "reference_logprobs"):
+                with timed(timings, "reference_logprobs", stage_key(rd)):
                     trainer.compute_reference_logps(examples, progress=show)
                 later = sum(len(trainer.plan(round((d - c) * len(examples) / (b - a)))) for c, d in rounds[k + 1:])
-                with timed(timings, "update"):
+                with timed(timings, "update", stage_key(rd)):
                     result = trainer.train_round(examples, last=k == len(rounds) - 1, progress=show, later_steps=later)
             if accelerator.is_main_process:
                 counts = [json.loads((round_dir(it, k, len(rounds)) / "labels.json").read_text())
@@ -399,11 +414,32 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
             metrics = stage_eval(it, cfg, t, pi0_path, eval_prompts, tokenizer, gold, accelerator, show, backend)
             write_jsonl(out / "metrics.jsonl", [*history, metrics])
             write_atomic(it / "metrics.json", json.dumps(metrics, indent=1))  # last: the iteration is done
+            tracker.begin_iteration(t)
+            tracker.log_iteration(metrics, steps=len(json.loads((it / "train.json").read_text())["steps"]))
         accelerator.wait_for_everyone()
         history.append(json.loads((it / "metrics.json").read_text()))
+        durations.append(time.perf_counter() - started)
+        left = len(slices) - t - 1
+        eta = f"{left} iteration(s) left, ETA {duration(sum(durations) / len(durations) * left)}" if left else "run done"
+        log("%s done in %s: %s; %s", it.name, duration(durations[-1]), summary_line(history[-1]), eta)
     if own_backend:
         backend.close()
+    tracker.close()
     return history
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """The numbers of an iteration a person checks first, as one line."""
+    parts = []
+    if "labels" in metrics:
+        parts.append(f"{metrics['labels']} judge labels, {metrics['pairs']} pairs")
+    if "train/loss" in metrics:
+        parts.append(f"loss {metrics['train/loss']:.4f}, accuracy {metrics['train/rewards/accuracies']:.2f}")
+    for key, name in (("gold/greedy", "gold greedy"), ("gold/sampled", "sampled"), ("win_rate", "win vs pi_0"),
+                      ("kl_to_pi0", "KL")):
+        if key in metrics:
+            parts.append(f"{name} {metrics[key]:.3f}")
+    return ", ".join(parts) or "no evaluation"
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -543,17 +579,21 @@ def check_run_dir(out: Path, cfg: RunConfig, accelerator: Accelerator) -> None:
 
 
 class timed:
-    """`with timed(timings, "generation"):` adds the block's wall-clock seconds to timings["generation"]."""
+    """`with timed(timings, "generation", "iter_000"):` adds the block's wall-clock seconds to timings["generation"]
+    and, given where it runs, logs a line with them when the block ends."""
 
-    def __init__(self, timings: dict[str, float] | None, key: str) -> None:
-        self.timings, self.key = timings, key
+    def __init__(self, timings: dict[str, float] | None, key: str, where: str = "") -> None:
+        self.timings, self.key, self.where = timings, key, where
 
     def __enter__(self) -> None:
         self.start = time.perf_counter()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type | None, *exc: object) -> None:
+        seconds = time.perf_counter() - self.start
         if self.timings is not None:
-            self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.start
+            self.timings[self.key] = self.timings.get(self.key, 0.0) + seconds
+        if self.where and kind is None:
+            log("%s: %s %s", self.where, self.key.replace("_", " ").replace("logprobs", "log-probs"), duration(seconds))
 
 
 def generate_sharded(model, ids: list[list[int]], gen_cfg: GenerationConfig, seed: int, tokenizer,
@@ -649,7 +689,7 @@ def stage_judge(rd: Path, cfg: RunConfig, judge: Judge, prompts: list[Prompt], r
             for line in text.splitlines():
                 done.update({int(k): v for k, v in json.loads(line)["scores"].items()})
         size = cfg.judge.chunk_size
-        bar = tqdm(total=len(prompts), initial=len(done), desc="judge", disable=not show, leave=False)
+        bar = progress_bar(total=len(prompts), initial=len(done), desc="judge", disable=not show, leave=False)
         rd.mkdir(parents=True, exist_ok=True)
         with open(journal, "a") as f:
             for s in range(0, len(prompts), size):
@@ -696,11 +736,11 @@ def stage_round(rd: Path, cfg: RunConfig, method: Method, trainer: PreferenceTra
     online = [j for j, (_, route) in enumerate(rows) if route in (None, "pp", "pr")]
     dataset_pairs = [(data.pairs[rows[j][0]].chosen_ids, data.pairs[rows[j][0]].rejected_ids) for j in online] \
         if method.ranks_dataset_pair else None
-    with timed(timings, "generation"):
+    with timed(timings, "generation", stage_key(rd)):
         gens = dict(zip(online, stage_generate(rd, cfg, method, trainer, [data.ids[rows[j][0]] for j in online],
                                                tokenizer, accelerator, seed, show, dataset_pairs, backend)))
     judged = [j for j in online if rows[j][1] != "pp"]
-    with timed(timings, "judging"):
+    with timed(timings, "judging", stage_key(rd)):
         scores, judge_labels = stage_judge(rd, cfg, judge, [data.prompts[rows[j][0]] for j in judged],
                                            [gens[j]["responses"] for j in judged], accelerator, show,
                                            truncated=[gens[j]["truncated"] for j in judged])
@@ -843,5 +883,6 @@ def stage_eval(it: Path, cfg: RunConfig, t: int, pi0_path: Path, eval_prompts: l
         write_atomic(it / "eval_rewards.json", json.dumps(result.pop("rewards")))
         metrics.update(result)
         timings["eval"] = time.perf_counter() - start
+        log("%s: eval %s", it.name, duration(timings["eval"]))
     metrics.update({f"time/{k}": round(v, 3) for k, v in timings.items()})
     return metrics

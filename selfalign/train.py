@@ -28,12 +28,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import faults, losses
 from .config import check, to_dict
 from .config import field as cfield
 from .logprobs import LogprobModel, collate, sequence_logprobs
+from .logs import progress_bar
 
 Tensor = torch.Tensor
 
@@ -427,6 +427,8 @@ class PreferenceTrainer:
             reference.eval()
             reference.to(self.accelerator.device)
         self.model = self.accelerator.prepare_model(LogprobModel(policy, config.logprob_chunk_size))
+        # Called after every optimizer step with (step within the update, its metrics): the run's live record.
+        self.on_step: Callable[[int, dict[str, float]], None] | None = None
 
     @property
     def needs_ref_sample(self) -> bool:
@@ -466,7 +468,7 @@ class PreferenceTrainer:
         results: list[tuple[int, int, float]] = []
         was_training = self.policy.training
         self.policy.eval()
-        bar = tqdm(total=len(mine), desc="reference log-probs", disable=not (progress and acc.is_main_process), leave=False)
+        bar = progress_bar(total=len(mine), desc="reference log-probs", disable=not (progress and acc.is_main_process), leave=False)
         for s in range(0, len(mine), size):
             chunk = mine[s : s + size]
             lp = self._reference_logps([r[2] for r in chunk], [r[3] for r in chunk]).float().cpu().tolist()
@@ -664,10 +666,12 @@ class PreferenceTrainer:
 
         end = len(steps) if stop_after_steps is None else min(len(steps), start + stop_after_steps)
         desc = f"{cfg.loss} update" + (f" round {k}" if k or not last else "")
-        bar = tqdm(range(start, end), desc=desc, disable=not (progress and acc.is_main_process), leave=False)
+        bar = progress_bar(range(start, end), desc=desc, disable=not (progress and acc.is_main_process), leave=False)
         for j in bar:
             metrics = self._step(steps[j], examples, key=f"{cfg.seed}:{k}:{j}")
             result.steps.append(metrics)
+            if self.on_step is not None:
+                self.on_step(len(result.steps), metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
             done = j + 1
             if self._ckpt_path is not None and done < len(steps) and (self._checkpoint_due() or done == end):
