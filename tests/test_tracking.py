@@ -156,3 +156,18 @@ def test_progress_is_plain_lines_off_a_terminal(capsys, monkeypatch):
         [f"[RANK 0] judge: {n}/4 ({25 * n}%)" for n in range(1, 5)]
     assert all(STAMP.match(line) for line in out)
     assert logs.duration(42.06) == "42.1 s" and logs.duration(185) == "3 min 05 s" and logs.duration(7440) == "2 h 04 min"
+
+
+def test_steps_reach_disk_while_the_iteration_trains(tmp_path, capsys, monkeypatch, builtin_task):
+    """A run stopped inside its first update (a NaN injected at optimizer step 3) has steps 1 and 2 in
+    RUN/steps.jsonl already, with the trainer's numbers, though the iteration never finished (no train.json)."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("SELFALIGN_NAN_AT_STEP", "3")
+    code = main(["run", "quickstart", "iterations=1", "prompts_per_iteration=16", "generation.num_samples=2",
+                 "generation.max_new_tokens=6", "train.batch_size=4", "train.micro_batch_size=4", "eval.prompts=0",
+                 "judge.noise=0", f"output_dir={out}", "--no-progress"])
+    assert code == 2, capsys.readouterr().err
+    assert not (out / "iter_000" / "train.json").exists()
+    steps = [json.loads(line) for line in (out / STEPS_FILE).read_text().splitlines()]
+    assert [(s["iteration"], s["step"], s["global_step"]) for s in steps] == [(0, 1, 1), (0, 2, 2)]
+    assert all(s["loss"] > 0 and s["learning_rate"] > 0 and "rewards/margins" in s for s in steps)
