@@ -36,6 +36,7 @@ from .data import DataError, PreferenceDataConfig, load_preferences, pad_token_i
 from .judges import JudgeError
 from .report import ReportError
 from .rundir import RunLock
+from .tracking import RunTracker
 from .train import NonFiniteError, PreferenceExample, PreferenceTrainer, TrainConfig
 
 
@@ -97,7 +98,8 @@ def run_train(cfg: TrainRunConfig, progress: bool = True) -> dict[str, float]:
     if not cfg.model:
         raise ConfigError("model: required (a local model directory or hub name)")
     if not cfg.data.path:
-        raise ConfigError("data.path: required (a JSONL file of prompt/chosen/rejected rows)")
+        raise ConfigError("data.path: required (prompt/chosen/rejected rows: a JSONL or Parquet file, a save_to_disk "
+                          "folder or a dataset name)")
     check_pretrained("model", cfg.model)
     if cfg.reference:
         check_pretrained("reference", cfg.reference)
@@ -124,6 +126,9 @@ def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
     trainer = PreferenceTrainer(policy, cfg.train, pad_token_id=pad, reference=reference)
 
     before = heldout_accuracy(trainer, heldout) if heldout else {}
+    steps = RunTracker(out, trainer.accelerator, {})  # RUN/steps.jsonl as training runs, as in `selfalign run`
+    steps.begin_iteration(0)
+    trainer.on_step = steps.on_step
     result = trainer.update(train_set, checkpoint_dir=out / "checkpoint", progress=progress)
     after = heldout_accuracy(trainer, heldout) if heldout else {}
     write_jsonl(out / "metrics.jsonl", [{"step": i + 1, **s} for i, s in enumerate(result.steps)])
