@@ -34,10 +34,11 @@ from .checks import check_pretrained, loading
 from .config import ConfigError, check_same_config, describe, dump_yaml, field, load_config
 from .data import DataError, PreferenceDataConfig, load_preferences, pad_token_id, write_atomic, write_jsonl
 from .judges import JudgeError
+from .records import PreferenceExample
 from .report import ReportError
 from .rundir import RunLock
 from .tracking import RunTracker
-from .train import NonFiniteError, PreferenceExample, PreferenceTrainer, TrainConfig
+from .train import NonFiniteError, PreferenceTrainer, TrainConfig
 
 
 @dataclass
@@ -74,6 +75,7 @@ def _prepare_run_dir(cfg: TrainRunConfig) -> Path:
 def heldout_accuracy(trainer: PreferenceTrainer, examples: list[PreferenceExample]) -> dict[str, float]:
     """Implicit-reward accuracy and margin, and plain log-prob accuracy, on held-out pairs."""
     from .logprobs import collate, sequence_logprobs
+    from .losses import preference_logits
 
     trainer.compute_reference_logps(examples, progress=False)
     batch = collate([e.prompt_ids for e in examples] * 2, [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples],
@@ -85,7 +87,7 @@ def heldout_accuracy(trainer: PreferenceTrainer, examples: list[PreferenceExampl
     chosen, rejected = lp[:n], lp[n:]
     ref_c = torch.tensor([e.ref_chosen for e in examples])
     ref_r = torch.tensor([e.ref_rejected for e in examples])
-    margin = trainer.config.beta * ((chosen - ref_c) - (rejected - ref_r))
+    margin = preference_logits(chosen, rejected, ref_c, ref_r, trainer.config.beta)
     return {
         "eval/rewards/accuracies": (margin > 0).float().mean().item(),
         "eval/rewards/margins": margin.mean().item(),
@@ -108,8 +110,7 @@ def run_train(cfg: TrainRunConfig, progress: bool = True) -> dict[str, float]:
 
 
 def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
-    from .loop import save_policy
-    from .models import load_causal_lm, load_tokenizer
+    from .models import load_causal_lm, load_tokenizer, save_policy
 
     tokenizer = load_tokenizer(cfg.model)
     examples = load_preferences(cfg.data, tokenizer)
@@ -255,7 +256,7 @@ def _eval_target(target: Path, overrides: list[str]):
     """
     import yaml
 
-    from .loop import RunConfig
+    from .run_config import RunConfig
 
     if (target / "config.yaml").is_file():
         run_dir = target
@@ -296,10 +297,11 @@ def _check_tokenizer(policy: Path, other: Path, flag: str) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a policy directory, or a run's final policy with the run's own settings."""
+    from .data import load_prompts
     from .evaluate import evaluate_policy
     from .judges.function import FunctionJudge
-    from .loop import load_prompts, resolve_task
     from .models import load_tokenizer
+    from .run_config import resolve_task
 
     target = Path(args.target)
     cfg, policy, run_config, base = _eval_target(target, args.overrides)
@@ -368,7 +370,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from .loop import RunConfig
+    from .run_config import RunConfig
 
     schema = RunConfig if args.which == "run" else TrainRunConfig
     print(f"# keys of `selfalign {args.which}` recipes (override any with key.sub=value)")
@@ -462,9 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     # with selfalign's bars for generation, judging and training; --no-progress silences those too.
     from transformers.utils import logging as hf_logging
 
-    logs.setup()
-
     hf_logging.disable_progress_bar()
+    logs.setup()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main_thread else None
     try:

@@ -17,7 +17,8 @@ from typing import Any
 
 from . import faults
 from .config import field
-from .train import PreferenceExample
+from .judges import Prompt
+from .records import PreferenceExample
 
 
 class DataError(ValueError):
@@ -174,3 +175,26 @@ def load_preferences(config: PreferenceDataConfig, tokenizer) -> list[Preference
     if not examples:
         raise DataError(f"{config.path}: no rows")
     return examples
+
+
+def load_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [row for _, row in read_jsonl(path)]
+
+
+def load_prompts(path: str, field_name: str, tokenizer, max_tokens: int, split: str = "", subset: str = "",
+                 chosen_field: str = "chosen", split_key: str = "split") -> list[Prompt]:
+    """Prompts from any selfalign.sources source; DataError names the file, line (or row) and field of anything unusable."""
+    from .sources import chat_prompt, read_rows
+
+    prompts = []
+    for where, row in read_rows(path, split, subset, split_key=split_key):
+        value = text_or_messages(row, field_name, where, hint="set prompt_field=... if the column differs")
+        value = chat_prompt(row, value, chosen_field, tokenizer)
+        n = len(located(where, prompt_ids, tokenizer, value))
+        if n > max_tokens:
+            raise DataError(f"{where}: prompt has {n} tokens, over max_prompt_tokens={max_tokens} "
+                            "(shorten it or raise max_prompt_tokens)")
+        prompts.append(value)
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts

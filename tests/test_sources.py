@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from selfalign.data import DataError, PreferenceDataConfig, load_preferences
-from selfalign.loop import load_prompts
+from selfalign.data import DataError, PreferenceDataConfig, load_preferences, load_prompts
 from selfalign.models import load_tokenizer
 from selfalign.sources import read_rows
 

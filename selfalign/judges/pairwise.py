@@ -31,7 +31,8 @@ class PairwiseJudge:
             raise JudgeError(f"pairwise comparator '{self.name}' returned {p}, not a probability in [0, 1]")
         return p
 
-    def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+    def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]],
+              key: str = "") -> list[list[float]]:
         out = []
         for prompt, cands in zip(prompts, candidates):
             k = len(cands)
