@@ -51,13 +51,18 @@ def setup(level: int = logging.INFO) -> None:
 
 
 def info(message: str, *args: Any) -> None:
-    """Log one line from the main process only (accelerate's logger; the process state is set up if needed)."""
+    """Log one line from the main process only (accelerate's logger, which tags the rank).
+
+    Before the run sets up accelerate's process state (which joins the process group, a
+    collective), the launcher's RANK decides instead: starting the state here, on one rank
+    only, would put the ranks' collectives out of step."""
     from accelerate import PartialState
     from accelerate.logging import get_logger
 
-    if not PartialState._shared_state:
-        PartialState()
-    get_logger(NAME).info(message, *args)
+    if PartialState._shared_state:
+        get_logger(NAME).info(message, *args)
+    elif int(os.environ.get("RANK", "0")) == 0:
+        logging.getLogger(NAME).info("[RANK 0] " + message, *args)
 
 
 def duration(seconds: float) -> str:
