@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from . import logs
 from .checks import check_pretrained, loading
 from .config import ConfigError, check_same_config, describe, dump_yaml, field, load_config
 from .data import DataError, PreferenceDataConfig, load_preferences, pad_token_id, write_atomic, write_jsonl
@@ -36,6 +37,7 @@ from .judges import JudgeError
 from .records import PreferenceExample
 from .report import ReportError
 from .rundir import RunLock
+from .tracking import RunTracker
 from .train import NonFiniteError, PreferenceTrainer, TrainConfig
 
 
@@ -96,7 +98,8 @@ def run_train(cfg: TrainRunConfig, progress: bool = True) -> dict[str, float]:
     if not cfg.model:
         raise ConfigError("model: required (a local model directory or hub name)")
     if not cfg.data.path:
-        raise ConfigError("data.path: required (a JSONL file of prompt/chosen/rejected rows)")
+        raise ConfigError("data.path: required (prompt/chosen/rejected rows: a JSONL or Parquet file, a save_to_disk "
+                          "folder or a dataset name)")
     check_pretrained("model", cfg.model)
     if cfg.reference:
         check_pretrained("reference", cfg.reference)
@@ -123,6 +126,9 @@ def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
     trainer = PreferenceTrainer(policy, cfg.train, pad_token_id=pad, reference=reference)
 
     before = heldout_accuracy(trainer, heldout) if heldout else {}
+    steps = RunTracker(out, trainer.accelerator, {})  # RUN/steps.jsonl as training runs, as in `selfalign run`
+    steps.begin_iteration(0)
+    trainer.on_step = steps.on_step
     result = trainer.update(train_set, checkpoint_dir=out / "checkpoint", progress=progress)
     after = heldout_accuracy(trainer, heldout) if heldout else {}
     write_jsonl(out / "metrics.jsonl", [{"step": i + 1, **s} for i, s in enumerate(result.steps)])
@@ -216,7 +222,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     cfg = load_config(RunConfig, recipe_path(args.recipe), args.overrides)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"selfalign: {cfg.method} on {cfg.model}, {cfg.iterations} iteration(s), run directory {cfg.output_dir}")
+        logs.info("%s on %s, %d iteration(s), run directory %s", cfg.method, cfg.model, cfg.iterations, cfg.output_dir)
         print_estimate(cfg)
     history = run(cfg, progress=not args.no_progress)
     from accelerate import PartialState
@@ -343,7 +349,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if not prompts_file:
         raise UsageError("no held-out prompts: pass --prompts FILE.jsonl (or set eval_prompts in the run's config)")
     tokenizer = load_tokenizer(policy)
-    prompts = load_prompts(prompts_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: args.limit or None]
+    split = ("", cfg.subset, cfg.chosen_field) if args.prompts else cfg.source_split("eval_prompts")[:3]
+    prompts = load_prompts(prompts_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens, *split)[: args.limit or None]
     if args.reward_model:
         from .judges.reward_model import RewardModelJudge
 
@@ -506,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    logs.setup()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if in_main_thread else None
     try:

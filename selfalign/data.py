@@ -29,7 +29,10 @@ class DataError(ValueError):
 class PreferenceDataConfig:
     """Where the preference pairs come from and how they are read."""
 
-    path: str = field("", help="JSONL file of preference rows (prompt, chosen, rejected).")
+    path: str = field("", help="Preference rows (prompt, chosen, rejected): a JSONL/JSON/Parquet/Arrow file, a "
+                               "save_to_disk folder or a Hugging Face dataset name (selfalign.sources).")
+    split: str = field("", help="Split of a source with several (e.g. train_prefs); empty: its only split, or train.")
+    subset: str = field("", help="Configuration (subset) of a Hub dataset that has several; empty: the default.")
     prompt_field: str = field("prompt", help="Column holding the prompt (text or chat messages).")
     chosen_field: str = field("chosen", help="Column holding the preferred response.")
     rejected_field: str = field("rejected", help="Column holding the dispreferred response.")
@@ -150,12 +153,13 @@ def response_ids(tokenizer, response: str | list[dict[str, str]], end_id: int | 
 
 
 def load_preferences(config: PreferenceDataConfig, tokenizer) -> list[PreferenceExample]:
-    """Read and tokenize every row of config.path into PreferenceExamples."""
+    """Read and tokenize every row of config.path (any selfalign.sources source) into PreferenceExamples."""
+    from .sources import chat_prompt, read_rows
+
     examples = []
     ends = {True: response_end_id(tokenizer, chat=True), False: response_end_id(tokenizer, chat=False)}
-    for lineno, row in read_jsonl(config.path):
-        where = f"{config.path} line {lineno}"
-        raw_prompt = text_or_messages(row, config.prompt_field, where)
+    for where, row in read_rows(config.path, config.split, config.subset, split_key="data.split"):
+        raw_prompt = chat_prompt(row, text_or_messages(row, config.prompt_field, where), config.chosen_field, tokenizer)
         prompt = located(where, prompt_ids, tokenizer, raw_prompt)
         if len(prompt) > config.max_prompt_tokens:
             raise DataError(
@@ -177,12 +181,15 @@ def load_jsonl(path: Path) -> list[dict[str, Any]]:
     return [row for _, row in read_jsonl(path)]
 
 
-def load_prompts(path: str, field_name: str, tokenizer, max_tokens: int) -> list[Prompt]:
-    """Prompts from JSONL; DataError names the file, line and field of anything unusable."""
+def load_prompts(path: str, field_name: str, tokenizer, max_tokens: int, split: str = "", subset: str = "",
+                 chosen_field: str = "chosen", split_key: str = "split") -> list[Prompt]:
+    """Prompts from any selfalign.sources source; DataError names the file, line (or row) and field of anything unusable."""
+    from .sources import chat_prompt, read_rows
+
     prompts = []
-    for lineno, row in read_jsonl(path):
-        where = f"{path} line {lineno}"
+    for where, row in read_rows(path, split, subset, split_key=split_key):
         value = text_or_messages(row, field_name, where, hint="set prompt_field=... if the column differs")
+        value = chat_prompt(row, value, chosen_field, tokenizer)
         n = len(located(where, prompt_ids, tokenizer, value))
         if n > max_tokens:
             raise DataError(f"{where}: prompt has {n} tokens, over max_prompt_tokens={max_tokens} "

@@ -59,9 +59,11 @@ def config_path(name: str) -> Path:
     return CONFIG_DIR / f"{name}.yaml"
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    """The run's Accelerator, with FSDP honoured on CPU (see the module docstring) and FSDP1 refused."""
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+def make_accelerator(mixed_precision: str, **kwargs) -> Accelerator:
+    """The run's Accelerator, with FSDP honoured on CPU (see the module docstring) and FSDP1 refused.
+
+    kwargs go to Accelerator (the trackers: tracking.accelerator_kwargs)."""
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
     if (accelerator.distributed_type == DistributedType.MULTI_CPU
             and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
         from accelerate.utils import FullyShardedDataParallelPlugin

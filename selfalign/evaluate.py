@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .data import pad_token_id, prompt_ids, write_atomic, write_jsonl
 from .generation import Backend, GenerationConfig, Generator, build_backend, load_generation_config
 from .judges import Prompt
 from .logprobs import collate, sequence_logprobs
+from .logs import progress_bar
 from .losses import preference_logits
 from .truncation import end_token_ids, is_truncated
 
@@ -49,7 +49,7 @@ def _generate(gen: Generator, ids, base: GenerationConfig, num_samples: int, tem
 def _logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad: int, progress: bool = False,
               desc: str = "log-probs") -> torch.Tensor:
     out = []
-    for s in tqdm(range(0, len(prompts), 64), desc=desc, disable=not progress, leave=False):
+    for s in progress_bar(range(0, len(prompts), 64), desc=desc, disable=not progress, leave=False):
         batch = collate(prompts[s : s + 64], responses[s : s + 64], pad)
         out.append(sequence_logprobs(model, batch.to(next(model.parameters()).device)).cpu())
     return torch.cat(out) if out else torch.zeros(0)
@@ -127,7 +127,7 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
     before pi_0 and the policy load. responses_path, if given, receives one JSON line per prompt:
     the greedy, baseline and sampled texts with their rewards and truncation flags.
     """
-    stages = tqdm(total=6, desc="eval", disable=not progress, leave=False)
+    stages = progress_bar(total=6, desc="eval", disable=not progress, leave=False)
 
     def stage(name: str) -> None:
         stages.set_postfix_str(name)

@@ -24,11 +24,10 @@ from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from . import faults
 from .checks import check_pretrained, loading
-from .config import ConfigError, check_same_config, dump_yaml
+from .config import ConfigError, check_same_config, dump_yaml, to_dict
 from .data import load_jsonl, load_prompts, pad_token_id, write_atomic, write_jsonl
 from .distributed import make_accelerator
 from .generation import Backend, GenerationConfig, build_backend, load_generation_config, stop_token_ids
@@ -36,6 +35,8 @@ from .generation.hf import HFBackend
 from .judges import Judge, Prompt
 from .judges.function import FunctionJudge
 from .logprobs import head_scale
+from .logs import duration, progress_bar
+from .logs import info as log
 from .memory import iteration_models, reference_view
 from .methods import Method
 from .models import resolve_dtype, save_policy
@@ -54,6 +55,7 @@ from .run_config import (  # noqa: F401  (re-exported: callers import the run co
     resolve_task,
 )
 from .rundir import RunLock
+from .tracking import RunTracker, accelerator_kwargs
 from .train import NonFiniteError, PreferenceTrainer, resolve_mixed_precision
 from .truncation import end_token_ids, finished, is_truncated, penalized_scores
 
@@ -128,7 +130,8 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
 
     out = Path(cfg.output_dir)
     method = cfg.method_spec
-    accelerator = make_accelerator(resolve_mixed_precision(cfg.train.mixed_precision))
+    accelerator = make_accelerator(resolve_mixed_precision(cfg.train.mixed_precision),
+                                   **accelerator_kwargs(cfg.report_to, out))
     show = progress and accelerator.is_main_process
 
     # Build: pi_0, prompts (and dataset pairs), judge, gold reward.
@@ -139,12 +142,16 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
     if not is_gguf(task.policy):  # refuse a logit scaling log-probs cannot reproduce, up front (GGUF: once converted)
         head_scale(AutoConfig.from_pretrained(task.policy))
     data = load_dataset(cfg, task, tokenizer)
-    eval_prompts = load_prompts(task.eval_prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: cfg.eval.prompts] \
+    eval_prompts = load_prompts(task.eval_prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens,
+                                *cfg.source_split("eval_prompts"))[: cfg.eval.prompts] \
         if task.eval_prompts and cfg.eval.prompts else []
     slices = prompt_slices(len(data.prompts), cfg)
     judge = build_judge(cfg, task.judge_fn)
     gold = FunctionJudge(task.gold_fn) if task.gold_fn else None
     check_run_dir(out, cfg, accelerator)
+    tracker = RunTracker(out, accelerator, to_dict(cfg))
+    log("%s: %s on %d prompts (%d iteration(s) x %d), %d held-out prompts; per-step metrics in %s",
+        out, cfg.method, len(data.prompts), len(slices), len(slices[0]), len(eval_prompts), out / "steps.jsonl")
     pi0_path = task.policy
     if is_gguf(pi0_path):
         # Dequantise a GGUF pi_0 once into RUN/pi0: the reference, evaluation and iteration 0 all load it.
@@ -168,14 +175,18 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
         write_atomic(out / "pi0_eval_rewards.json", json.dumps(result.pop("rewards")))
         write_atomic(out / "pi0_metrics.json", json.dumps(
             {"iteration": "pi_0", "labels_total": 0, "labelled_pairs_total": 0, **result}, indent=1))
+        tracker.log_iteration(result, steps=0)
+        log("pi_0: %s", summary_line(result))
     accelerator.wait_for_everyone()
 
     history = []
+    durations: list[float] = []  # seconds of each iteration run in this process: the ETA's pace
     for t in range(len(slices)):
         it = out / f"iter_{t:03d}"
         if (it / "metrics.json").exists():
             history.append(json.loads((it / "metrics.json").read_text()))
             continue
+        started = time.perf_counter()
         prev = pi0_path if t == 0 else out / f"iter_{t - 1:03d}" / "policy"
         ref_path = prev if reference_policy(cfg, method) == "previous" else pi0_path
         rows = route_rows(cfg, slices[t], t)
@@ -188,6 +199,8 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
             # LoRA: one base model, the reference is its adapter disabled (selfalign.memory).
             policy, reference = iteration_models(cfg.train, prev, pi0_path, ref_path, accelerator.device)
             trainer = PreferenceTrainer(policy, cfg.train_config(t), pad_id, reference=reference, accelerator=accelerator)
+            tracker.begin_iteration(t)
+            trainer.on_step = tracker.on_step
             rounds = round_bounds(len(rows), cfg)
             done = trainer.begin(sum(math.ceil((b - a) / cfg.train.batch_size) for a, b in rounds) * cfg.train.epochs,
                                  checkpoint_dir=it / "train_state")
@@ -200,10 +213,10 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
                 backend.sleep()  # a GPU engine gives its memory to training until the next round's push
                 # 5. Train on them; the optimizer and schedule carry over from round to round. The schedule
                 # is sized from the examples left after ties (later rounds: at this round's share).
-                with timed(timings, "reference_logprobs"):
+                with timed(timings, "reference_logprobs", stage_key(rd)):
                     trainer.compute_reference_logps(examples, progress=show)
                 later = sum(len(trainer.plan(round((d - c) * len(examples) / (b - a)))) for c, d in rounds[k + 1:])
-                with timed(timings, "update"):
+                with timed(timings, "update", stage_key(rd)):
                     result = trainer.train_round(examples, last=k == len(rounds) - 1, progress=show, later_steps=later)
             if accelerator.is_main_process:
                 labels = LabelCounts.total([
@@ -225,11 +238,32 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
             metrics = stage_eval(ctx, it, t)
             write_jsonl(out / "metrics.jsonl", [*history, metrics])
             write_atomic(it / "metrics.json", json.dumps(metrics, indent=1))  # last: the iteration is done
+            tracker.begin_iteration(t)
+            tracker.log_iteration(metrics, steps=len(json.loads((it / "train.json").read_text())["steps"]))
         accelerator.wait_for_everyone()
         history.append(json.loads((it / "metrics.json").read_text()))
+        durations.append(time.perf_counter() - started)
+        left = len(slices) - t - 1
+        eta = f"{left} iteration(s) left, ETA {duration(sum(durations) / len(durations) * left)}" if left else "run done"
+        log("%s done in %s: %s; %s", it.name, duration(durations[-1]), summary_line(history[-1]), eta)
     if own_backend:
         backend.close()
+    tracker.close()
     return history
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """The numbers of an iteration a person checks first, as one line."""
+    parts = []
+    if "labels" in metrics:
+        parts.append(f"{metrics['labels']} judge labels, {metrics['pairs']} pairs")
+    if "train/loss" in metrics:
+        parts.append(f"loss {metrics['train/loss']:.4f}, accuracy {metrics['train/rewards/accuracies']:.2f}")
+    for key, name in (("gold/greedy", "gold greedy"), ("gold/sampled", "sampled"), ("win_rate", "win vs pi_0"),
+                      ("kl_to_pi0", "KL")):
+        if key in metrics:
+            parts.append(f"{name} {metrics[key]:.3f}")
+    return ", ".join(parts) or "no evaluation"
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -238,12 +272,14 @@ def load_dataset(cfg: RunConfig, task: Task, tokenizer) -> Dataset:
     from .data import PreferenceDataConfig, load_preferences, prompt_ids
 
     if cfg.needs_dataset:
-        prompts = load_prompts(task.preferences, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)
+        prompts = load_prompts(task.preferences, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens,
+                               *cfg.source_split("preferences"))
         pairs = load_preferences(PreferenceDataConfig(
             path=task.preferences, prompt_field=cfg.prompt_field, chosen_field=cfg.chosen_field,
-            rejected_field=cfg.rejected_field, max_prompt_tokens=cfg.max_prompt_tokens), tokenizer)
+            rejected_field=cfg.rejected_field, max_prompt_tokens=cfg.max_prompt_tokens,
+            split=cfg.preferences_split, subset=cfg.subset), tokenizer)
         return Dataset(prompts, [ex.prompt_ids for ex in pairs], pairs)
-    prompts = load_prompts(task.prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)
+    prompts = load_prompts(task.prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens, *cfg.source_split("prompts"))
     return Dataset(prompts, [prompt_ids(tokenizer, p) for p in prompts])
 
 
@@ -354,17 +390,21 @@ def check_run_dir(out: Path, cfg: RunConfig, accelerator: Accelerator) -> None:
 
 
 class timed:
-    """`with timed(timings, "generation"):` adds the block's wall-clock seconds to timings["generation"]."""
+    """`with timed(timings, "generation", "iter_000"):` adds the block's wall-clock seconds to timings["generation"]
+    and, given where it runs, logs a line with them when the block ends."""
 
-    def __init__(self, timings: dict[str, float] | None, key: str) -> None:
-        self.timings, self.key = timings, key
+    def __init__(self, timings: dict[str, float] | None, key: str, where: str = "") -> None:
+        self.timings, self.key, self.where = timings, key, where
 
     def __enter__(self) -> None:
         self.start = time.perf_counter()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type | None, *exc: object) -> None:
+        seconds = time.perf_counter() - self.start
         if self.timings is not None:
-            self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.start
+            self.timings[self.key] = self.timings.get(self.key, 0.0) + seconds
+        if self.where and kind is None:
+            log("%s: %s %s", self.where, self.key.replace("_", " ").replace("logprobs", "log-probs"), duration(seconds))
 
 
 def generate_sharded(model, ids: list[list[int]], gen_cfg: GenerationConfig, seed: int, tokenizer,
@@ -482,7 +522,7 @@ def stage_judge(ctx: RunContext, rd: Path, prompts: list[Prompt], responses: lis
                 done.update({int(k): v for k, v in json.loads(line)["scores"].items()})
         size, rank, world = ctx.cfg.judge.chunk_size, accelerator.process_index, accelerator.num_processes
         starts = list(range(0, len(prompts), size))
-        bar = tqdm(total=len(prompts), initial=len(done), desc="judge", disable=not ctx.show, leave=False)
+        bar = progress_bar(total=len(prompts), initial=len(done), desc="judge", disable=not ctx.show, leave=False)
         if main:
             rd.mkdir(parents=True, exist_ok=True)
         with open(journal, "a") if main else contextlib.nullcontext() as f:
@@ -535,11 +575,11 @@ def stage_round(ctx: RunContext, rd: Path, trainer: PreferenceTrainer, rows: lis
     online = [j for j, row in enumerate(rows) if row.generated]
     dataset_pairs = [(data.pairs[rows[j].prompt].chosen_ids, data.pairs[rows[j].prompt].rejected_ids)
                      for j in online] if method.ranks_dataset_pair else None
-    with timed(timings, "generation"), generation_models(ctx, rd, trainer) as models:
+    with timed(timings, "generation", stage_key(rd)), generation_models(ctx, rd, trainer) as models:
         gens = dict(zip(online, stage_generate(ctx, rd, models, [data.ids[rows[j].prompt] for j in online], seed,
                                                dataset_pairs)))
     judged = [j for j in online if rows[j].judged]
-    with timed(timings, "judging"):
+    with timed(timings, "judging", stage_key(rd)):
         scores, judge_labels = stage_judge(ctx, rd, [data.prompts[rows[j].prompt] for j in judged],
                                            [gens[j]["responses"] for j in judged],
                                            truncated=[gens[j]["truncated"] for j in judged])
@@ -661,5 +701,6 @@ def stage_eval(ctx: RunContext, it: Path, t: int) -> dict[str, Any]:
         write_atomic(it / "eval_rewards.json", json.dumps(result.pop("rewards")))
         metrics.update(result)
         timings["eval"] = time.perf_counter() - start
+        log("%s: eval %s", it.name, duration(timings["eval"]))
     metrics.update({f"time/{k}": round(v, 3) for k, v in timings.items()})
     return metrics

@@ -15,6 +15,7 @@ from .config import check, field
 from .estimate import HardwareConfig
 from .generation import GenerationConfig
 from .methods import METHODS, Method
+from .tracking import parse_report_to
 from .train_config import PAPER_ALPHA, SailConfig, TrainConfig, needs_ref_sample, resolve_alpha
 
 BUILTIN = "builtin"
@@ -88,10 +89,16 @@ class RunConfig:
                      "file's pair (SELM's code); xpo pairs a policy sample with a pi_0 sample (XPO's paper).")
     model: str = field(BUILTIN, help="pi_0: 'builtin' (the built-in task's SFT model), 'constraints' (SmolLM2-135M-Instruct on "
                                      "the constraints task), or a model directory, hub name or .gguf file.")
-    prompts: str = field("", help="JSONL training prompts ({'prompt': text or messages}); empty with the built-in task.")
-    eval_prompts: str = field("", help="JSONL held-out prompts; empty with the built-in task.")
-    preferences: str = field("", help="JSONL preference dataset (prompt, chosen, rejected) for SAIL's offline and DP "
-                                      "routes; its prompts are the run's prompts. Empty with the built-in task.")
+    prompts: str = field("", help="Training prompts ({'prompt': text or messages}): a JSONL/JSON/Parquet/Arrow file, a "
+                                  "save_to_disk folder or a Hugging Face dataset name; empty with the built-in task.")
+    eval_prompts: str = field("", help="Held-out prompts (any source prompts takes); empty with the built-in task.")
+    preferences: str = field("", help="Preference dataset (prompt, chosen, rejected; any source prompts takes) for SAIL's "
+                                      "offline and DP routes; its prompts are the run's prompts. Empty with the built-in task.")
+    prompts_split: str = field("", help="Split of prompts= when it has several (e.g. train_prefs; HF slicing such as "
+                                        "train[:1000] works); empty: its only split, or train.")
+    eval_prompts_split: str = field("", help="Split of eval_prompts= (e.g. test_prefs); empty: its only split, or train.")
+    preferences_split: str = field("", help="Split of preferences=; empty: its only split, or train.")
+    subset: str = field("", help="Configuration (subset) of a Hub dataset that has several; empty: its default.")
     prompt_field: str = field("prompt", help="Column holding the prompt in the prompt and preference files.")
     chosen_field: str = field("chosen", help="Column holding the preferred response in the preference file.")
     rejected_field: str = field("rejected", help="Column holding the dispreferred response in the preference file.")
@@ -110,6 +117,9 @@ class RunConfig:
         default_factory=list, help="Peak learning rate of each iteration (SELM's papers decay it); empty: train.learning_rate."
     )
     seed: int = field(0, help="Seed for prompt order, routing, generation and annotator noise.")
+    report_to: str = field("none", help="Experiment trackers, through accelerate: none, or one or more (comma-separated) "
+                                        "of tensorboard (RUN/tensorboard/), wandb, trackio, mlflow, ...; per-step metrics "
+                                        "also go to RUN/steps.jsonl whatever this says.")
     generation: SamplingConfig = field(default_factory=SamplingConfig, help="Sampling of the K responses.")
     judge: JudgeConfig = field(default_factory=JudgeConfig, help="Labelling.")
     train: RunTrainConfig = field(default_factory=RunTrainConfig, help="The preference update of each iteration.")
@@ -121,6 +131,7 @@ class RunConfig:
         check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
         check(self.prompts_per_iteration >= 1, "prompts_per_iteration", f"must be >= 1, got {self.prompts_per_iteration}")
         check(self.generate_every >= 0, "generate_every", f"must be >= 0, got {self.generate_every}")
+        parse_report_to(self.report_to)
         check(self.generation.num_samples >= 2, "generation.num_samples", "must be >= 2 to form a pair")
         check(not self.iteration_learning_rates or len(self.iteration_learning_rates) == self.iterations,
               "iteration_learning_rates", f"needs one value per iteration ({self.iterations}), "
@@ -170,6 +181,10 @@ class RunConfig:
         check(not self.train.alpha, "train.alpha",
               f"{loss} has no optimism term, so alpha={self.train.alpha:g} would be unused; set train.alpha=0 "
               f"(or drop train.loss to train {method.loss})")
+
+    def source_split(self, key: str) -> tuple[str, str, str, str]:
+        """(split, subset, chosen column, split key) of data source `key` (prompts, eval_prompts, preferences)."""
+        return getattr(self, f"{key}_split"), self.subset, self.chosen_field, f"{key}_split"
 
     @property
     def method_spec(self) -> Method:

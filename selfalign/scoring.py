@@ -15,10 +15,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
-from tqdm.auto import tqdm
 
 from .distributed import Sharding
 from .logprobs import SequenceBatch, collate, sequence_logprobs
+from .logs import progress_bar
 from .records import PreferenceExample
 from .train_config import TrainConfig
 
@@ -120,7 +120,7 @@ class PairScorer:
         mine = rows[acc.process_index :: acc.num_processes]
         size = 2 * self.config.ref_batch_size
         results: list[tuple[int, int, float]] = []
-        bar = tqdm(total=len(mine), desc="reference log-probs", disable=not (progress and acc.is_main_process),
+        bar = progress_bar(total=len(mine), desc="reference log-probs", disable=not (progress and acc.is_main_process),
                    leave=False)
         batches = self.sharding.lockstep_batches(len(rows), size) if self.sharding else -(-len(mine) // size)
         with eval_mode(self.policy):

@@ -22,12 +22,12 @@ from typing import Literal
 import torch
 from accelerate import Accelerator
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import faults, losses
 from .checkpoint import UpdateCheckpoint, fingerprint, trainable_state
 from .distributed import Sharding, make_accelerator
 from .logprobs import LogprobModel, SequenceBatch, collate
+from .logs import progress_bar
 from .records import PreferenceExample, Route
 from .scoring import PairScorer, ReferenceLogps
 from .train_config import (  # noqa: F401  (re-exported: callers import these from selfalign.train)
@@ -356,6 +356,8 @@ class PreferenceTrainer:
                     LogprobModel(reference, config.logprob_chunk_size))
         else:
             self.model = self.accelerator.prepare_model(LogprobModel(self.policy, config.logprob_chunk_size))
+        # Called after every optimizer step with (step within the update, its metrics): the run's live record.
+        self.on_step: Callable[[int, dict[str, float]], None] | None = None
 
     @contextlib.contextmanager
     def whole(self, which: Literal["policy", "reference"] = "policy") -> Iterator[nn.Module | None]:
@@ -547,10 +549,12 @@ class PreferenceTrainer:
 
         end = len(steps) if stop_after_steps is None else min(len(steps), start + stop_after_steps)
         desc = f"{cfg.loss} update" + (f" round {k}" if k or not last else "")
-        bar = tqdm(range(start, end), desc=desc, disable=not (progress and acc.is_main_process), leave=False)
+        bar = progress_bar(range(start, end), desc=desc, disable=not (progress and acc.is_main_process), leave=False)
         for j in bar:
             metrics = self._step(steps[j], examples, key=f"{cfg.seed}:{k}:{j}")
             result.steps.append(metrics)
+            if self.on_step is not None:
+                self.on_step(len(result.steps), metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
             done = j + 1
             if self.checkpoint.enabled and done < len(steps) and (self._checkpoint_due() or done == end):

@@ -7,6 +7,7 @@ import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: the tests never reach the hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # and `datasets` loads Hub names from its local cache only
 
 import random
 import signal

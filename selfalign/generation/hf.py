@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..logprobs import collate
+from ..logs import progress_bar
 from . import GenerationConfig
 
 
@@ -62,7 +62,7 @@ class HFGenerator:
         k = config.num_samples
         out: list[list[list[int]]] = []
         sample = config.temperature > 0
-        for s in tqdm(range(0, len(prompts), config.batch_size), desc="generate", disable=not progress, leave=False):
+        for s in progress_bar(range(0, len(prompts), config.batch_size), desc="generate", disable=not progress, leave=False):
             chunk = prompts[s : s + config.batch_size]
             batch = collate(chunk, [[] for _ in chunk], self.pad_token_id, padding_side="left")
             ids = batch.input_ids.repeat_interleave(k, dim=0).to(device)

