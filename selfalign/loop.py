@@ -27,6 +27,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from . import faults
+from .card import check_repo_id, push_folder, run_card
 from .checks import check_pretrained, loading
 from .config import ConfigError, check, check_same_config, dump_yaml, field
 from .data import DataError, pad_token_id, read_jsonl, text_or_messages, write_atomic, write_jsonl
@@ -34,6 +35,8 @@ from .generation import Backend, GenerationConfig, build_backend, load_generatio
 from .generation.hf import HFBackend
 from .judges import Judge, Prompt
 from .judges.function import FunctionJudge
+from .judges.gold import eval_reward
+from .judges.llm import LLMJudgeConfig
 from .logprobs import head_scale
 from .methods import METHODS, Method
 from .pairs import SELECTORS, Pair, selm_three_way
@@ -71,15 +74,19 @@ class SamplingConfig(GenerationConfig):
 class JudgeConfig:
     """Who labels the generations."""
 
-    kind: Literal["function", "reward_model", "pairwise"] = field(
-        "function", help="A reward function, a reward model, or a pairwise ranker (mean win probability, like PairRM)."
+    kind: Literal["function", "reward_model", "pairwise", "llm"] = field(
+        "function", help="A reward function, a reward model, a pairwise ranker (mean win probability, like PairRM), "
+                         "or an LLM behind an OpenAI-compatible server (judge.llm.*)."
     )
     function: str = field("", help="'pkg.module:function': fn(prompts, responses) -> scores (kind=function; empty: "
-                                   "the built-in task's), or fn(prompt, a, b) -> P(a better than b) (kind=pairwise).")
+                                   "the built-in task's), or fn(prompts, responses_a, responses_b) -> P(a better "
+                                   "than b) per pair, called on batches (kind=pairwise).")
     reward_model: str = field("", help="Sequence-classification reward model directory or hub name (kind=reward_model).")
     noise: float = field(0.0, help="Bradley-Terry temperature of a simulated annotator over the scores; 0 = noiseless.")
     chunk_size: int = field(64, help="Prompts per judge call, journaled as soon as the call returns: a kill re-pays "
                                      "at most one call's labels (chunk_size x K); 1 for a paid judge.")
+    llm: LLMJudgeConfig = field(default_factory=LLMJudgeConfig, help="The LLM judge (kind=llm): endpoint, model, "
+                                "prompts, concurrency, retries; every answer journaled in RUN/judge_answers.jsonl.")
 
     def __post_init__(self) -> None:
         check(self.noise >= 0, "judge.noise", f"must be >= 0, got {self.noise}")
@@ -92,7 +99,14 @@ class EvalConfig:
 
     prompts: int = field(64, help="Held-out prompts to evaluate on; 0 disables evaluation.")
     samples: int = field(2, help="Sampled responses per prompt (for reward of samples and the KL estimate).")
-    reward: str = field("", help="'pkg.module:function' gold reward; empty: the judge function without noise.")
+    reward: str = field("", help="'pkg.module:function' gold reward; empty: the built-in task's, else the judge "
+                                 "function, else the judge's reward model (without noise).")
+    reward_model: str = field("", help="Sequence-classification reward model (directory, hub name or .gguf) that "
+                                       "scores the held-out answers instead of a function.")
+
+    def __post_init__(self) -> None:
+        check(not (self.reward and self.reward_model), "eval.reward_model",
+              "set eval.reward or eval.reward_model, not both (one reward scores the held-out answers)")
 
 
 @dataclass
@@ -123,6 +137,8 @@ class RunConfig:
     rejected_field: str = field("rejected", help="Column holding the dispreferred response in the preference file.")
     max_prompt_tokens: int = field(512, help="A longer prompt is an error naming its file and line.")
     output_dir: str = field("runs/run", help="Run directory (the unit of resume).")
+    push_to_hub: str = field("", help="Hub repository (user/name) to upload the final policy and its model card to "
+                                      "when the run ends; needs network and a token (HF_TOKEN). Empty: no upload.")
     iterations: int = field(3, help="Online iterations, each on a fresh disjoint slice of prompts.")
     prompts_per_iteration: int = field(256, help="Prompts in each iteration's slice.")
     generate_every: int = field(
@@ -146,6 +162,7 @@ class RunConfig:
         check(self.prompts_per_iteration >= 1, "prompts_per_iteration", f"must be >= 1, got {self.prompts_per_iteration}")
         check(self.generate_every >= 0, "generate_every", f"must be >= 0, got {self.generate_every}")
         check(self.generation.num_samples >= 2, "generation.num_samples", "must be >= 2 to form a pair")
+        check_repo_id("push_to_hub", self.push_to_hub)
         check(not self.iteration_learning_rates or len(self.iteration_learning_rates) == self.iterations,
               "iteration_learning_rates", f"needs one value per iteration ({self.iterations}), "
               f"got {len(self.iteration_learning_rates)}")
@@ -178,7 +195,7 @@ class RunConfig:
                   f"{self.method} pairs the best and worst of y_ref, chosen and rejected, as SELM's code does; "
                   f"set pair_selector=best_worst (got {self.pair_selector})")
         if self.model not in TASKS and not (method.loss == "sail" and self.sail.g == 0):
-            check(bool(self.judge.function or self.judge.reward_model), "judge",
+            check(bool(self.judge.function or self.judge.reward_model or self.judge.kind == "llm"), "judge",
                   "set judge.function='pkg.module:fn' or judge.reward_model=PATH for a model other than 'builtin'")
 
     def _check_loss(self, method: Method) -> None:
@@ -269,10 +286,23 @@ def run(cfg: RunConfig, progress: bool = True, backend: Backend | None = None) -
     out = Path(cfg.output_dir)
     with RunLock(out, enabled=int(os.environ.get("RANK", "0")) == 0):
         try:
-            return _run(cfg, progress, backend)
+            history = _run(cfg, progress, backend)
+            finish(cfg, out, history)
+            return history
         except NonFiniteError as e:
             unfinished = next((p.name for p in sorted(out.glob("iter_*")) if not (p / "metrics.json").exists()), "?")
             raise NonFiniteError(f"{unfinished}: {e}; every judge label paid so far is kept in {out}") from e
+
+
+def finish(cfg: RunConfig, out: Path, history: list[dict[str, Any]]) -> None:
+    """The model card beside the final policy (RUN/iter_NNN/policy/README.md), then the upload if asked for."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    policy = out / f"iter_{len(history) - 1:03d}" / "policy"
+    pi0 = json.loads((out / "pi0_metrics.json").read_text()) if (out / "pi0_metrics.json").exists() else None
+    write_atomic(policy / "README.md", run_card(cfg, history, pi0))
+    if cfg.push_to_hub:
+        print(f"selfalign: uploaded {policy} to {push_folder(cfg.push_to_hub, policy, out)}")
 
 
 def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[str, Any]]:
@@ -298,7 +328,7 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
         if task.eval_prompts and cfg.eval.prompts else []
     slices = prompt_slices(len(data.prompts), cfg)
     judge = build_judge(cfg, task.judge_fn)
-    gold = FunctionJudge(task.gold_fn) if task.gold_fn else None
+    gold = eval_reward(cfg, task.gold_fn, judge, bool(eval_prompts))
     check_run_dir(out, cfg, accelerator)
     pi0_path = task.policy
     if is_gguf(pi0_path):
@@ -419,8 +449,9 @@ def resolve_task(cfg: RunConfig, progress: bool) -> Task:
         return Task(real.policy_dir, cfg.prompts or str(real.train_prompts), cfg.eval_prompts or str(real.eval_prompts),
                     cfg.preferences, cfg.judge.function or real.reward_fn, cfg.eval.reward or real.reward_fn)
     if cfg.model != BUILTIN:
+        # A pairwise judge's function compares two responses: it is no reward to evaluate with.
         return Task(Path(cfg.model), cfg.prompts, cfg.eval_prompts, cfg.preferences, cfg.judge.function,
-                    cfg.eval.reward or cfg.judge.function)
+                    cfg.eval.reward or (cfg.judge.function if cfg.judge.kind == "function" else ""))
     from .tasks.builtin import build_task
 
     task = build_task(progress=progress)
@@ -511,8 +542,16 @@ def build_judge(cfg: RunConfig, reward_fn: str) -> Judge:
         from .judges.pairwise import PairwiseJudge
 
         if not cfg.judge.function:
-            raise ConfigError("judge.function: required with judge.kind=pairwise ('pkg.module:fn', fn(prompt, a, b) -> P)")
+            raise ConfigError("judge.function: required with judge.kind=pairwise ('pkg.module:fn', "
+                              "fn(prompts, responses_a, responses_b) -> one P(a better than b) per pair)")
         judge = PairwiseJudge(cfg.judge.function)
+    elif cfg.judge.kind == "llm":
+        from .judges.llm import LLMJudge
+        from .judges.pairwise import PairwiseJudge
+
+        # Every answer paid for is kept in the run directory, so a resumed run never asks twice.
+        llm = LLMJudge(cfg.judge.llm, journal=Path(cfg.output_dir) / "judge_answers.jsonl")
+        judge = llm if cfg.judge.llm.mode == "pointwise" else PairwiseJudge(llm.compare)
     else:
         judge = FunctionJudge(reward_fn)
     return NoisyJudge(judge, cfg.judge.noise, seed=cfg.seed) if cfg.judge.noise > 0 else judge
@@ -773,7 +812,9 @@ def label_by_policy(trainer: PreferenceTrainer, examples: dict[int, PreferenceEx
     return probs
 
 
-def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: Accelerator) -> None:
+def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: Accelerator,
+                card: str | None = None) -> None:
+    """save_pretrained into a temporary renamed into place (with `card` as its README.md when given)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
@@ -781,6 +822,8 @@ def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: 
         model = trainer.policy.merge_and_unload() if trainer.config.lora.enabled else trainer.policy
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
         faults.before_rename()
         if path.exists():  # a run from before stage files were ordered left a policy without its stage files
             shutil.rmtree(path)
