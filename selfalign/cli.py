@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .card import PushError, check_repo_id, push_folder, train_card
-from .checks import check_pretrained, loading
+from .checks import check_pretrained
 from .config import ConfigError, check_same_config, describe, dump_yaml, field, load_config
 from .data import DataError, PreferenceDataConfig, load_preferences, pad_token_id, write_atomic, write_jsonl
 from .judges import JudgeError
@@ -299,10 +299,25 @@ def _check_tokenizer(policy: Path, other: Path, flag: str) -> None:
                          f"pass {flag} DIR with a model sharing the policy's tokenizer (the model it was trained from)")
 
 
+def _eval_reward_model(args: argparse.Namespace, cfg, gold_fn: str) -> tuple[str, str]:
+    """(key, path) of the reward model `selfalign eval` scores with, or ("", ""): --reward-model, else (without
+    --reward) the run's eval.reward_model, else, where no gold function exists, the run judge's reward model."""
+    if args.reward_model:
+        return "--reward-model", args.reward_model
+    if args.reward:
+        return "", ""
+    if cfg.eval.reward_model:
+        return "eval.reward_model", cfg.eval.reward_model
+    if not gold_fn and cfg.judge.kind == "reward_model" and cfg.judge.reward_model:
+        return "judge.reward_model", cfg.judge.reward_model
+    return "", ""
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a policy directory, or a run's final policy with the run's own settings."""
     from .evaluate import evaluate_policy
     from .judges.function import FunctionJudge
+    from .judges.gold import load_reward_model
     from .loop import load_prompts, resolve_task
     from .models import load_tokenizer
 
@@ -328,13 +343,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UsageError("no held-out prompts: pass --prompts FILE.jsonl (or set eval_prompts in the run's config)")
     tokenizer = load_tokenizer(policy)
     prompts = load_prompts(prompts_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: args.limit or None]
-    if args.reward_model:
-        from .judges.reward_model import RewardModelJudge
-
-        check_pretrained("--reward-model", args.reward_model)
-        with loading("--reward-model", args.reward_model):
-            gold = RewardModelJudge(args.reward_model)
-        scorer = f"reward model {args.reward_model}"
+    rm_key, rm_path = _eval_reward_model(args, cfg, task.gold_fn)
+    if rm_path:
+        gold = load_reward_model(rm_key, rm_path)
+        scorer = f"reward model {rm_path}"
     else:
         spec = args.reward or task.gold_fn
         if not spec:

@@ -73,7 +73,7 @@ class LLMJudgeConfig:
                                           "two requests per comparison).")
     temperature: float = field(0.0, help="Sampling temperature of the judge's answers.")
     max_tokens: int = field(16, help="Longest answer, in tokens (raise it for a judge that reasons first).")
-    extra_body: dict = field(default_factory=dict, help="Extra request fields, sent as they are: e.g. vLLM's "
+    extra_body: dict[str, Any] = field(default_factory=dict, help="Extra request fields, sent as they are: e.g. vLLM's "
                              "{structured_outputs: {choice: [A, B]}} or llama.cpp's {grammar: ...}.")
     concurrency: int = field(8, help="Requests in flight at once.")
     timeout: float = field(60.0, help="Seconds before a request is abandoned (then retried).")
@@ -92,10 +92,11 @@ class LLMJudgeConfig:
               f"must be above score_min ({self.score_min:g}), got {self.score_max:g}")
         names = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None} \
             if self.template else set()
-        unknown = names - FIELDS[self.mode]
-        check(not unknown, "judge.llm.template", f"unknown placeholder {{{sorted(unknown)[0]}}} for mode={self.mode} "
-              f"(allowed: {', '.join('{' + f + '}' for f in sorted(FIELDS[self.mode]))}; write a literal brace as "
-              "{{ or }})")
+        unknown = sorted(names - FIELDS[self.mode])
+        if unknown:
+            allowed = ", ".join("{" + f + "}" for f in sorted(FIELDS[self.mode]))
+            raise ConfigError(f"judge.llm.template: unknown placeholder {{{unknown[0]}}} for mode={self.mode} "
+                              f"(allowed: {allowed}; write a literal brace as {{{{ or }}}})")
         if self.score_pattern:
             try:
                 groups = re.compile(self.score_pattern).groups
@@ -127,8 +128,8 @@ def parse_choice(answer: str) -> str | None:
     "**B**", "Response A is better", "Answer: B."). Anything else is not a verdict."""
     text = re.sub(r"<think>.*?</think>", "", answer, flags=re.S).strip()
     bracketed = set(re.findall(r"\[\[([AB])\]\]", text))
-    if len(bracketed) == 1:
-        return bracketed.pop()
+    if bracketed:
+        return bracketed.pop() if len(bracketed) == 1 else None  # both named: no verdict
     match = re.match(r"^[\s*_(\[\"'`]*(?:(?:the\s+)?(?:better\s+)?(?:response|answer|output|verdict|choice)\s*:?\s*)?"
                      r"[*_(\[\"'`]*([AB])(?![A-Za-z0-9])", text, flags=re.I)
     return match.group(1).upper() if match else None
@@ -205,7 +206,7 @@ class LLMJudge:
         messages = [self._messages(template, prompt=prompt_text(p), response=r, score_min=cfg.score_min,
                                    score_max=cfg.score_max) for p, r in items]
         flat = self._ask_parsed(messages, lambda a: parse_score(a, cfg.score_min, cfg.score_max, cfg.score_pattern),
-                                f"a score from {cfg.score_min:g} to {cfg.score_max:g}")
+                                f"score from {cfg.score_min:g} to {cfg.score_max:g}")
         self.labels += len(flat)
         out, i = [], 0
         for cands in candidates:
@@ -222,7 +223,7 @@ class LLMJudge:
         if cfg.both_orders:
             messages += [self._messages(template, prompt=prompt_text(p), response_a=b, response_b=a)
                          for p, a, b in zip(prompts, responses_a, responses_b)]
-        verdicts = self._ask_parsed(messages, parse_choice, "the letter A or B")
+        verdicts = self._ask_parsed(messages, parse_choice, "verdict (A or B)")
         first = [1.0 if v == "A" else 0.0 for v in verdicts[: len(prompts)]]
         if not cfg.both_orders:
             return first
@@ -256,7 +257,7 @@ class LLMJudge:
         i = todo[0]
         tries = self.config.parse_retries + 1
         raise JudgeError(f"LLM judge '{self.config.model}' at {self.where}: {len(todo)} of {len(messages)} answers hold "
-                         f"no {wanted} after {tries} tr{'y' if tries == 1 else 'ies'}, e.g. {answers[i][:120]!r}; "
+                         f"no valid {wanted} after {tries} tr{'y' if tries == 1 else 'ies'}, e.g. {answers[i][:120]!r}; "
                          "every answer is kept in judge_answers.jsonl. Constrain the answer (judge.llm.extra_body, "
                          "e.g. vLLM's structured_outputs), change judge.llm.template, or set judge.llm.score_pattern")
 
