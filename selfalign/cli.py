@@ -343,7 +343,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UsageError("no held-out prompts: pass --prompts FILE.jsonl (or set eval_prompts in the run's config)")
     tokenizer = load_tokenizer(policy)
     prompts = load_prompts(prompts_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens)[: args.limit or None]
-    rm_key, rm_path = _eval_reward_model(args, cfg, task.gold_fn)
+    rm_key, rm_path = _eval_reward_model(args, cfg, task.gold_fn if task is not None else "")
     if rm_path:
         gold = load_reward_model(rm_key, rm_path)
         scorer = f"reward model {rm_path}"
