@@ -196,8 +196,9 @@ class LLMJudge:
         self._count = threading.Lock()
 
     # ---------------------------------------------------------------- the two modes
-    def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
-        """Pointwise: one score per candidate (mode=pointwise)."""
+    def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]],
+              key: str = "") -> list[list[float]]:
+        """Pointwise: one score per candidate (mode=pointwise). key: unused (the answers are keyed by request)."""
         cfg = self.config
         if cfg.mode != "pointwise":
             raise JudgeError("LLMJudge.score needs judge.llm.mode=pointwise (pairwise runs through PairwiseJudge)")

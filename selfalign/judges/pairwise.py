@@ -45,7 +45,8 @@ class PairwiseJudge:
             raise JudgeError(f"pairwise comparator '{self.name}' returned {bad}, not a probability in [0, 1]")
         return probs
 
-    def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+    def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]],
+              key: str = "") -> list[list[float]]:
         where = [(n, i, j) for n, cands in enumerate(candidates) for i, j in combinations(range(len(cands)), 2)]
         probs = self._probs([prompts[n] for n, _, _ in where], [candidates[n][i] for n, i, _ in where],
                             [candidates[n][j] for n, _, j in where]) if where else []
