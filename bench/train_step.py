@@ -542,6 +542,7 @@ def run_profile(args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import selfalign.logprobs as logprobs
+    import selfalign.scoring as scoring
     import selfalign.train as train
     from selfalign.train import PreferenceTrainer, TrainConfig
 
@@ -574,7 +575,7 @@ def run_profile(args) -> None:
         padding[phase][1] += batch.input_ids.numel()
         return batch
 
-    train.collate = counting_collate
+    train.collate = scoring.collate = counting_collate  # the policy's micro-batches and the reference pass
     timer.time_module(policy.get_decoder(), "decoder forward")
     timer.time_module(reference.get_decoder(), "decoder forward")
     timer.wrap(logprobs._ChunkedTokenLogprob, "forward", "LM head forward (chunked log-softmax)", static=True)

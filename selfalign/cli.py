@@ -35,9 +35,10 @@ from .checks import check_pretrained
 from .config import ConfigError, check_same_config, describe, dump_yaml, field, load_config
 from .data import DataError, PreferenceDataConfig, load_preferences, pad_token_id, write_atomic, write_jsonl
 from .judges import JudgeError
+from .records import PreferenceExample
 from .report import ReportError
 from .rundir import RunLock
-from .train import NonFiniteError, PreferenceExample, PreferenceTrainer, TrainConfig
+from .train import NonFiniteError, PreferenceTrainer, TrainConfig
 
 
 @dataclass
@@ -77,6 +78,7 @@ def _prepare_run_dir(cfg: TrainRunConfig) -> Path:
 def heldout_accuracy(trainer: PreferenceTrainer, examples: list[PreferenceExample]) -> dict[str, float]:
     """Implicit-reward accuracy and margin, and plain log-prob accuracy, on held-out pairs."""
     from .logprobs import collate, sequence_logprobs
+    from .losses import preference_logits
 
     trainer.compute_reference_logps(examples, progress=False)
     batch = collate([e.prompt_ids for e in examples] * 2, [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples],
@@ -88,7 +90,7 @@ def heldout_accuracy(trainer: PreferenceTrainer, examples: list[PreferenceExampl
     chosen, rejected = lp[:n], lp[n:]
     ref_c = torch.tensor([e.ref_chosen for e in examples])
     ref_r = torch.tensor([e.ref_rejected for e in examples])
-    margin = trainer.config.beta * ((chosen - ref_c) - (rejected - ref_r))
+    margin = preference_logits(chosen, rejected, ref_c, ref_r, trainer.config.beta)
     return {
         "eval/rewards/accuracies": (margin > 0).float().mean().item(),
         "eval/rewards/margins": margin.mean().item(),
@@ -110,8 +112,7 @@ def run_train(cfg: TrainRunConfig, progress: bool = True) -> dict[str, float]:
 
 
 def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
-    from .loop import save_policy
-    from .models import load_causal_lm, load_tokenizer
+    from .models import load_causal_lm, load_tokenizer, save_policy
 
     tokenizer = load_tokenizer(cfg.model)
     examples = load_preferences(cfg.data, tokenizer)
@@ -260,7 +261,7 @@ def _eval_target(target: Path, overrides: list[str]):
     """
     import yaml
 
-    from .loop import RunConfig
+    from .run_config import RunConfig
 
     if (target / "config.yaml").is_file():
         run_dir = target
@@ -315,11 +316,12 @@ def _eval_reward_model(args: argparse.Namespace, cfg, gold_fn: str) -> tuple[str
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a policy directory, or a run's final policy with the run's own settings."""
+    from .data import load_prompts
     from .evaluate import evaluate_policy
     from .judges.function import FunctionJudge
     from .judges.gold import load_reward_model
-    from .loop import load_prompts, resolve_task
     from .models import load_tokenizer
+    from .run_config import resolve_task
 
     target = Path(args.target)
     cfg, policy, run_config, base = _eval_target(target, args.overrides)
@@ -384,7 +386,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from .loop import RunConfig
+    from .run_config import RunConfig
 
     schema = RunConfig if args.which == "run" else TrainRunConfig
     print(f"# keys of `selfalign {args.which}` recipes (override any with key.sub=value)")
@@ -406,7 +408,7 @@ COMMON_TRAIN_KEYS = ["model", "reference", "output_dir", "data.path", "data.eval
 
 def keys_text(which: str, only: list[str] | None) -> str:
     """Config keys with their defaults and meaning: `only` those (in that order), or every key."""
-    from .loop import RunConfig
+    from .run_config import RunConfig
 
     rows = {key: (default, help_text) for key, default, help_text in
             describe(RunConfig if which == "run" else TrainRunConfig)}

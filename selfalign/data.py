@@ -17,7 +17,8 @@ from typing import Any
 
 from . import faults
 from .config import field
-from .train import PreferenceExample
+from .judges import Prompt
+from .records import PreferenceExample
 
 
 class DataError(ValueError):
@@ -170,3 +171,23 @@ def load_preferences(config: PreferenceDataConfig, tokenizer) -> list[Preference
     if not examples:
         raise DataError(f"{config.path}: no rows")
     return examples
+
+
+def load_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [row for _, row in read_jsonl(path)]
+
+
+def load_prompts(path: str, field_name: str, tokenizer, max_tokens: int) -> list[Prompt]:
+    """Prompts from JSONL; DataError names the file, line and field of anything unusable."""
+    prompts = []
+    for lineno, row in read_jsonl(path):
+        where = f"{path} line {lineno}"
+        value = text_or_messages(row, field_name, where, hint="set prompt_field=... if the column differs")
+        n = len(located(where, prompt_ids, tokenizer, value))
+        if n > max_tokens:
+            raise DataError(f"{where}: prompt has {n} tokens, over max_prompt_tokens={max_tokens} "
+                            "(shorten it or raise max_prompt_tokens)")
+        prompts.append(value)
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts

@@ -33,6 +33,7 @@ from .data import pad_token_id, prompt_ids, write_atomic, write_jsonl
 from .generation import Backend, GenerationConfig, Generator, build_backend, load_generation_config
 from .judges import Prompt
 from .logprobs import collate, sequence_logprobs
+from .losses import preference_logits
 from .truncation import end_token_ids, is_truncated
 
 HIGH_REWARD = 0.999
@@ -104,10 +105,10 @@ def implicit_reward_gap(policy, reference, pairs: list[tuple[list[int], list[int
         return {}
     prompts = [p for p, _, _ in pairs] * 2
     responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
-    ratio = (_logprobs(policy, prompts, responses, pad, progress, "implicit reward: policy")
-             - _logprobs(reference, prompts, responses, pad, progress, "implicit reward: reference"))
+    policy_lp = _logprobs(policy, prompts, responses, pad, progress, "implicit reward: policy")
+    ref_lp = _logprobs(reference, prompts, responses, pad, progress, "implicit reward: reference")
     n = len(pairs)
-    gap = beta * (ratio[:n] - ratio[n:])
+    gap = preference_logits(policy_lp[:n], policy_lp[n:], ref_lp[:n], ref_lp[n:], beta)
     return {"implicit/gap": gap.mean().item(), "implicit/accuracy": (gap > 0).float().mean().item()}
 
 

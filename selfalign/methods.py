@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .train_config import SailConfig
+
 
 @dataclass(frozen=True)
 class Method:
@@ -37,12 +39,13 @@ class Method:
     ref_sample: Literal["greedy", "sample"] | None
     reference: Literal["previous", "initial"]
     offline: bool = False
-    sail: dict[str, float] | None = None
+    sail: SailConfig | None = None
     pairing: Literal["policy_samples", "policy_vs_ref", "ref_vs_dataset"] = "policy_samples"
 
     @property
-    def needs_ref_sample(self) -> bool:
-        return self.ref_sample is not None
+    def is_sail(self) -> bool:
+        """Whether rows are routed (SAIL's offline, DP, PP and PR) and trained with the sail loss."""
+        return self.sail is not None
 
     @property
     def ranks_ref_sample(self) -> bool:
@@ -83,9 +86,9 @@ METHODS: dict[str, Method] = {
     # SAIL's official code trains once against the fixed SFT model: the reference stays pi_0.
     # Its defaults per variant (ALGORITHMS.md); sail_mix uses all three routes at once, so
     # no example is left to plain offline DPO.
-    "sail_dp": Method("sail_dp", "sail", None, "initial", sail=dict(r=0.4, p=0.0, g=0.0, rho=0.2, pi=0.0, gamma=0.0)),
-    "sail_pp": Method("sail_pp", "sail", None, "initial", sail=dict(r=0.0, p=0.3, g=0.0, rho=0.0, pi=0.2, gamma=0.0)),
-    "sail_pr": Method("sail_pr", "sail", None, "initial", sail=dict(r=0.0, p=0.0, g=0.3, rho=0.0, pi=0.0, gamma=0.3)),
+    "sail_dp": Method("sail_dp", "sail", None, "initial", sail=SailConfig(r=0.4, p=0.0, g=0.0, rho=0.2, pi=0.0, gamma=0.0)),
+    "sail_pp": Method("sail_pp", "sail", None, "initial", sail=SailConfig(r=0.0, p=0.3, g=0.0, rho=0.0, pi=0.2, gamma=0.0)),
+    "sail_pr": Method("sail_pr", "sail", None, "initial", sail=SailConfig(r=0.0, p=0.0, g=0.3, rho=0.0, pi=0.0, gamma=0.3)),
     "sail_mix": Method("sail_mix", "sail", None, "initial",
-                       sail=dict(r=0.4, p=0.3, g=0.3, rho=0.2, pi=0.2, gamma=0.3)),
+                       sail=SailConfig(r=0.4, p=0.3, g=0.3, rho=0.2, pi=0.2, gamma=0.3)),
 }

@@ -23,11 +23,17 @@ import copy
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import faults
 from .config import ConfigError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from .train import PreferenceTrainer
 
 GGUF_SUFFIX = ".gguf"
 
@@ -171,3 +177,25 @@ def materialize(source: str | os.PathLike, directory: str | os.PathLike, tokeniz
     directory.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, directory)
     return directory
+
+
+def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: Accelerator,
+                card: str | None = None) -> None:
+    """The trained policy (LoRA merged in) and its tokenizer, renamed into `path` last: its arrival marks training done.
+
+    card: a model card, written into the directory as README.md before the rename."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = trainer.policy.merge_and_unload() if trainer.config.lora.enabled else trainer.policy
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
+        faults.before_rename()
+        if path.exists():  # a run from before stage files were ordered left a policy without its stage files
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        faults.after_write(path)
+    accelerator.wait_for_everyone()

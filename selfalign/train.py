@@ -12,186 +12,36 @@ padding is computed.
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
-import json
 import math
-import os
 import random
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import faults, losses
-from .config import check, to_dict
-from .config import field as cfield
-from .logprobs import LogprobModel, collate, sequence_logprobs
+from .checkpoint import UpdateCheckpoint, fingerprint, trainable_state
+from .logprobs import LogprobModel, collate
+from .records import PreferenceExample, Route
+from .scoring import PairScorer, ReferenceLogps
+from .train_config import (  # noqa: F401  (re-exported: callers import these from selfalign.train)
+    DEFAULT_LORA_TARGETS,
+    PAPER_ALPHA,
+    LoraSettings,
+    SailConfig,
+    TrainConfig,
+    needs_ref_sample,
+    resolve_alpha,
+)
 
 Tensor = torch.Tensor
 
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapters through peft; the reference is then the same model with the adapter disabled."""
-
-    enabled: bool = cfield(False, help="Train LoRA adapters instead of all weights.")
-    r: int = cfield(64, help="LoRA rank (SAIL's official setting: 64).")
-    alpha: int = cfield(16, help="LoRA scaling alpha (SAIL's official setting: 16).")
-    dropout: float = cfield(0.0, help="Dropout on the LoRA input; 0 keeps policy and reference forwards comparable.")
-    target_modules: list[str] = cfield(
-        default_factory=lambda: list(DEFAULT_LORA_TARGETS), help="Names of the linear layers that get adapters."
-    )
-
-    def __post_init__(self) -> None:
-        check(self.r > 0, "lora.r", f"must be a positive integer, got {self.r}")
-        check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
-        check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
-
-
-ROUTES = ("offline", "dp", "pp", "pr")
-
-
-@dataclass
-class SailConfig:
-    """SAIL (Ding et al., arXiv 2406.15567): how examples are routed, and its extra gradient terms.
-
-    Each example goes to SAIL-DP with probability r (a dataset pair whose label is redrawn
-    from the policy's own preference every step; label term rho), SAIL-PP with p (two policy
-    samples labelled by the policy when generated; label and response terms, pi), SAIL-PR
-    with g (two policy samples labelled by the judge; response term, gamma), and plain offline
-    DPO on its dataset pair otherwise. Unset values (null) take the method preset's.
-    """
-
-    r: float | None = cfield(None, help="Probability of the SAIL-DP route (preset sail_dp: 0.4).")
-    p: float | None = cfield(None, help="Probability of the SAIL-PP route (preset sail_pp: 0.3).")
-    g: float | None = cfield(None, help="Probability of the SAIL-PR route (preset sail_pr: 0.3).")
-    rho: float | None = cfield(None, help="Label-term coefficient of SAIL-DP (official 0.2).")
-    pi: float | None = cfield(None, help="Label- and response-term coefficient of SAIL-PP (official 0.2).")
-    gamma: float | None = cfield(None, help="Response-term coefficient of SAIL-PR (official 0.3).")
-    baseline: bool = cfield(
-        False, help="Subtract a running mean of F (over earlier steps) in the response term: less variance, same "
-                    "expected gradient."
-    )
-    official_response_term: bool = cfield(
-        False, help="Reproduce the official code's gradient hook -c*sg(F)/sg(logp(y)) instead of the paper's "
-                    "score-function term (opposite sign, divided by the log-prob); for reproduction only."
-    )
-    stretch_epochs: bool = cfield(
-        False, help="Visit each iteration's rows 1/(1-r-p-g) times (re-routed each visit), as the official code "
-                    "stretches epochs so the offline pairs seen stay the same."
-    )
-
-    def __post_init__(self) -> None:
-        for key in ("r", "p", "g", "rho", "pi", "gamma"):
-            value = getattr(self, key)
-            check(value is None or value >= 0, f"train.sail.{key}", f"must be >= 0, got {value}")
-        for key in ("r", "p", "g"):
-            value = getattr(self, key)
-            check(value is None or value <= 1, f"train.sail.{key}", f"is a probability, must be <= 1, got {value}")
-        total = sum(getattr(self, k) or 0.0 for k in ("r", "p", "g"))
-        check(total <= 1 + 1e-9, "train.sail", f"r + p + g = {total:g} must be <= 1 (the rest is offline DPO)")
-
-    @property
-    def online_share(self) -> float:
-        return (self.r or 0.0) + (self.p or 0.0) + (self.g or 0.0)
-
-    def coefficient(self, name: str) -> float:
-        value = getattr(self, name)
-        if value is None:
-            raise ValueError(f"train.sail.{name} is unset: choose a sail_* method preset or set it")
-        return value
-
-
-@dataclass
-class TrainConfig:
-    """Everything one preference update needs."""
-
-    loss: Literal["dpo", "ipo", "selm", "xpo", "sail"] = cfield("dpo", help="Preference loss (see selfalign.losses).")
-    beta: float = cfield(0.1, help="KL strength beta in h = beta * (log-ratio difference).")
-    alpha: float | None = cfield(
-        None, help="Optimism coefficient for selm (alpha*beta*...) and xpo (alpha*...); null: the paper's value for the "
-                   "loss (selm 0.001, paired there with beta 0.01; xpo 1e-5), 0 for other losses. 0 trains DPO exactly.")
-    label_smoothing: float = cfield(0.0, help="Probability a label is flipped (conservative DPO); 0 is plain DPO.")
-    optimizer: Literal["adamw", "rmsprop"] = cfield("adamw", help="AdamW, or RMSprop (SAIL's official choice).")
-    learning_rate: float = cfield(1e-6, help="Peak learning rate.")
-    weight_decay: float = cfield(0.0, help="Weight decay (decoupled for AdamW).")
-    adam_beta1: float = cfield(0.9, help="AdamW beta1.")
-    adam_beta2: float = cfield(0.999, help="AdamW beta2; RMSprop's smoothing constant alpha.")
-    adam_epsilon: float = cfield(1e-8, help="Epsilon of AdamW and RMSprop.")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = cfield("cosine", help="Decay after warmup.")
-    warmup_ratio: float = cfield(0.1, help="Fraction of the update's optimizer steps spent in linear warmup.")
-    max_grad_norm: float = cfield(1.0, help="Clip the global gradient norm to this value; 0 disables clipping.")
-    batch_size: int = cfield(8, help="Examples per optimizer step, over all processes (the global batch).")
-    micro_batch_size: int = cfield(2, help="Examples per forward pass on one process (chosen+rejected = 2x rows).")
-    epochs: int = cfield(1, help="Passes over the update's examples.")
-    ref_batch_size: int = cfield(16, help="Examples per forward pass when precomputing reference log-probs.")
-    logprob_chunk_size: int = cfield(1024, help="Tokens per LM-head chunk; bounds the logits held in memory.")
-    mixed_precision: Literal["auto", "no", "bf16"] = cfield(
-        "auto", help="'auto' is bf16 autocast on a GPU that supports it, full precision otherwise."
-    )
-    gradient_checkpointing: bool = cfield(False, help="Recompute activations in backward to save memory.")
-    disable_dropout: bool = cfield(True, help="Set every dropout probability to 0 (as DPO implementations do).")
-    seed: int = cfield(0, help="Seed for the example order.")
-    checkpoint_every: int = cfield(0, help="Save a resumable checkpoint every N optimizer steps (counted across "
-                                           "generation rounds); 0 disables.")
-    lora: LoraSettings = cfield(default_factory=LoraSettings, help="LoRA settings.")
-    sail: SailConfig = cfield(default_factory=SailConfig, help="SAIL routing and extra terms (loss=sail).")
-
-    def __post_init__(self) -> None:
-        check(self.beta > 0, "train.beta", f"must be > 0, got {self.beta}")
-        check(self.alpha is None or self.alpha >= 0, "train.alpha", f"must be >= 0, got {self.alpha}")
-        check(0.0 <= self.label_smoothing < 0.5, "train.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
-        check(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
-        check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        check(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
-        for key in ("batch_size", "micro_batch_size", "epochs", "ref_batch_size", "logprob_chunk_size"):
-            check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
-        check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
-
-
-# The papers' optimism coefficients (ALGORITHMS.md): SELM's Zephyr/Phi-3 setting and XPO's; an unset
-# train.alpha takes these, so method=selm or xpo never trains plain DPO by omission.
-PAPER_ALPHA: dict[str, float] = {"selm": 1e-3, "xpo": 1e-5}
-
-
-def resolve_alpha(loss: str, alpha: float | None) -> float:
-    """train.alpha as set, or the paper's value for `loss` when unset (null); 0 for losses without the term."""
-    return alpha if alpha is not None else PAPER_ALPHA.get(loss, 0.0)
-
-
-@dataclass
-class PreferenceExample:
-    """One training pair in token ids; ref_* fields are filled by the trainer.
-
-    prompt_ids, chosen_ids, rejected_ids: token ids (the response ids exclude the prompt).
-    ref_sample_ids: y_ref, a response drawn from pi_ref (needed by selm and xpo).
-    route: the SAIL route ("offline", "dp", "pp", "pr"); None trains it with the plain loss.
-    ref_chosen, ref_rejected, ref_ref_sample: reference log-probs, computed once per update.
-    """
-
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    ref_sample_ids: list[int] | None = None
-    route: str | None = None
-    ref_chosen: float | None = None
-    ref_rejected: float | None = None
-    ref_ref_sample: float | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        extra = len(self.prompt_ids) + len(self.ref_sample_ids) if self.ref_sample_ids is not None else 0
-        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids) + extra
+# Route values in Route's order (Logps.route indexes it); kept for callers that index by name.
+ROUTES = tuple(route.value for route in Route)
 
 
 @dataclass
@@ -200,7 +50,7 @@ class Logps:
 
     chosen, rejected: policy (with gradient); ref_chosen, ref_rejected: reference (constants).
     ref_sample / ref_ref_sample: policy / reference log-probs of y_ref, or None.
-    route: [B] index into ROUTES (loss=sail); uniform: [B] draws in [0, 1) for SAIL-DP's
+    route: [B] Route.index of each example (loss=sail); uniform: [B] draws in [0, 1) for SAIL-DP's
     per-step relabelling; f_baseline: the running mean of F for SAIL's response term.
     """
 
@@ -217,10 +67,13 @@ class Logps:
 
 @dataclass(frozen=True)
 class Objective:
-    """A training loss and what it needs from the data."""
+    """A training loss and what it needs from the data (y_ref: TrainConfig.needs_ref_sample).
+
+    routed: the loss reads each example's SAIL route and SAIL-DP's per-step label draws.
+    """
 
     name: str
-    needs_ref_sample: bool
+    routed: bool
     compute: Callable[[Logps, TrainConfig], losses.PairLoss]
 
 
@@ -238,7 +91,7 @@ def _sail(lp: Logps, c: TrainConfig) -> losses.PairLoss:
     """
     s = c.sail
     route = lp.route if lp.route is not None else torch.zeros_like(lp.chosen, dtype=torch.long)
-    dp, pp, pr = (route == ROUTES.index(name) for name in ("dp", "pp", "pr"))
+    dp, pp, pr = (route == r.index for r in (Route.DP, Route.PP, Route.PR))
     h = losses.preference_logits(lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, c.beta)
     swap = dp & (lp.uniform >= torch.sigmoid(h.detach())) if bool(dp.any()) else torch.zeros_like(dp)
     chosen, rejected = torch.where(swap, lp.rejected, lp.chosen), torch.where(swap, lp.chosen, lp.rejected)
@@ -268,26 +121,26 @@ def _sail(lp: Logps, c: TrainConfig) -> losses.PairLoss:
     return losses.PairLoss(loss, out.chosen_rewards, out.rejected_rewards, extras)
 
 
-# selm and xpo fall back to DPO only when alpha = 0 (the trainer then leaves y_ref out).
+# selm and xpo are DPO when alpha = 0: TrainConfig.needs_ref_sample is then False and y_ref is left out.
 OBJECTIVES: dict[str, Objective] = {
     "dpo": Objective("dpo", False, _dpo),
     "ipo": Objective(
         "ipo", False, lambda lp, c: losses.ipo_loss(lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, c.beta)
     ),
     "selm": Objective(
-        "selm", True,
-        lambda lp, c: _dpo(lp, c) if lp.ref_sample is None else losses.selm_loss(
+        "selm", False,
+        lambda lp, c: _dpo(lp, c) if not c.needs_ref_sample else losses.selm_loss(
             lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, lp.ref_sample, lp.ref_ref_sample,
             c.beta, c.alpha, c.label_smoothing,
         ),
     ),
     "xpo": Objective(
-        "xpo", True,
-        lambda lp, c: _dpo(lp, c) if lp.ref_sample is None else losses.xpo_loss(
+        "xpo", False,
+        lambda lp, c: _dpo(lp, c) if not c.needs_ref_sample else losses.xpo_loss(
             lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, lp.ref_sample, c.beta, c.alpha, c.label_smoothing
         ),
     ),
-    "sail": Objective("sail", False, _sail),
+    "sail": Objective("sail", True, _sail),
 }
 
 
@@ -355,20 +208,102 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return fn
 
 
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        try:
-            torch.save(obj, f)
-        except RuntimeError as e:  # torch reports a full disk as a failed zip write
-            if shutil.disk_usage(tmp.parent).free < 1 << 20:
-                raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from e
-            raise
-        f.flush()
-        os.fsync(f.fileno())
-    faults.before_rename()
-    os.replace(tmp, path)
-    faults.after_write(path)
+def plan_steps(cfg: TrainConfig, n_examples: int, round_index: int, num_processes: int) -> list[list[int]]:
+    """Example indices of each optimizer step: a seeded shuffle per epoch, cut into global batches."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * round_index)
+    steps = []
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n_examples, generator=gen).tolist()
+        steps += [order[s : s + cfg.batch_size] for s in range(0, n_examples, cfg.batch_size)]
+    # Every process must take part in each step's gradient all-reduce.
+    return [s for s in steps if len(s) >= num_processes]
+
+
+def resize_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig, total_steps: int) -> None:
+    """Re-size the warmup and decay to total_steps, keeping the step count (and the current step's lr)."""
+    optimizer = scheduler.optimizer
+    fn = lr_lambda(cfg.lr_scheduler, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    scheduler.lr_lambdas = [fn] * len(optimizer.param_groups)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW, or RMSprop with adam_beta2 as its smoothing constant (SAIL's official choice)."""
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(
+            params, lr=cfg.learning_rate, alpha=cfg.adam_beta2, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(
+        params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def prepare_models(policy: nn.Module, reference: nn.Module | None, config: TrainConfig,
+                   device: torch.device) -> nn.Module:
+    """LoRA (when enabled), dropout off, activation checkpointing, a frozen reference on `device`; returns the policy."""
+    if config.lora.enabled and not is_peft_model(policy):
+        policy = apply_lora(policy, config.lora)
+    if reference is None and not is_peft_model(policy):
+        raise ValueError(
+            "no reference model: pass reference=<frozen model>, or train LoRA adapters "
+            "(train.lora.enabled=true) so the reference is the policy with its adapter disabled"
+        )
+    if config.disable_dropout:
+        disable_dropout(policy)
+        if reference is not None:
+            disable_dropout(reference)
+    if config.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.x
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if is_peft_model(policy):
+            policy.enable_input_require_grads()
+    policy.train()
+    if reference is not None:
+        reference.requires_grad_(False)
+        reference.eval()
+        reference.to(device)
+    return policy
+
+
+# What one optimizer step sums over its micro-batches (and processes) before dividing by the example count.
+SUMS = ("loss", "chosen_rewards", "rejected_rewards", "correct", "logps_chosen", "logps_rejected", "examples",
+        "tokens", "dp", "dp_swapped", "on_policy", "on_policy_f")
+
+
+def micro_batch_sums(out: losses.PairLoss, lp: Logps, chunk: Sequence[PreferenceExample]) -> Tensor:
+    """One micro-batch's SUMS, in that order, as a float64 vector (one all-reduce sums every process's)."""
+    device = lp.chosen.device
+    extras = out.extras or {}
+    zero = torch.zeros((), device=device)
+    return torch.stack([
+        out.loss.detach().sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
+        (out.chosen_rewards > out.rejected_rewards).float().sum(), lp.chosen.detach().sum(),
+        lp.rejected.detach().sum(), torch.tensor(float(len(chunk)), device=device),
+        torch.tensor(float(sum(ex.num_tokens for ex in chunk)), device=device),
+        *(extras.get(name, zero).float() for name in SUMS[8:]),
+    ]).double()
+
+
+def step_metrics(sums: dict[str, float], grad_norm: float, lr: float) -> dict[str, float]:
+    """The step's metrics (TRL's names) from its named sums."""
+    n = sums["examples"]
+    return {
+        "loss": sums["loss"] / n,
+        "rewards/chosen": sums["chosen_rewards"] / n,
+        "rewards/rejected": sums["rejected_rewards"] / n,
+        "rewards/margins": (sums["chosen_rewards"] - sums["rejected_rewards"]) / n,
+        "rewards/accuracies": sums["correct"] / n,
+        "logps/chosen": sums["logps_chosen"] / n,
+        "logps/rejected": sums["logps_rejected"] / n,
+        "grad_norm": grad_norm,
+        "learning_rate": lr,
+        "num_tokens": sums["tokens"],
+    }
 
 
 class NonFiniteError(RuntimeError):
@@ -381,6 +316,8 @@ class PreferenceTrainer:
     reference: a separate frozen model, or None when the policy is a peft model (then the
     reference is the policy with its adapter disabled). With `config.lora.enabled` a plain
     policy is wrapped with fresh LoRA adapters here; read the wrapped model from `.policy`.
+    Reference scoring lives in scoring.PairScorer (`.scorer`), the mid-update checkpoint in
+    checkpoint.UpdateCheckpoint.
     """
 
     def __init__(
@@ -396,134 +333,49 @@ class PreferenceTrainer:
         self.config = config
         self.objective = OBJECTIVES[config.loss]
         self.pad_token_id = pad_token_id
-        if config.lora.enabled and not is_peft_model(policy):
-            policy = apply_lora(policy, config.lora)
-        if reference is None and not is_peft_model(policy):
-            raise ValueError(
-                "no reference model: pass reference=<frozen model>, or train LoRA adapters "
-                "(train.lora.enabled=true) so the reference is the policy with its adapter disabled"
-            )
         # Without a GPU, cpu=True lets a torchrun / accelerate-launched job run data-parallel on gloo.
         self.accelerator = accelerator or Accelerator(
             mixed_precision=resolve_mixed_precision(config.mixed_precision), cpu=not torch.cuda.is_available()
         )
-        if config.disable_dropout:
-            disable_dropout(policy)
-            if reference is not None:
-                disable_dropout(reference)
-        if config.gradient_checkpointing:
-            kwargs = {"use_reentrant": False}
-            if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.x
-                policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            if is_peft_model(policy):
-                policy.enable_input_require_grads()
-        policy.train()
-        self.policy = policy
+        self.policy = prepare_models(policy, reference, config, self.accelerator.device)
         self.reference = reference
-        if reference is not None:
-            reference.requires_grad_(False)
-            reference.eval()
-            reference.to(self.accelerator.device)
-        self.model = self.accelerator.prepare_model(LogprobModel(policy, config.logprob_chunk_size))
+        self.scorer = PairScorer(self.policy, reference, pad_token_id, config, self.accelerator)
+        self.model = self.accelerator.prepare_model(LogprobModel(self.policy, config.logprob_chunk_size))
 
     @property
     def needs_ref_sample(self) -> bool:
-        """Whether y_ref goes through the policy. With alpha = 0 the optimism term vanishes, so
-        y_ref is left out of the forward and selm/xpo train exactly as DPO does, bit for bit."""
-        return self.objective.needs_ref_sample and self.config.alpha != 0
+        """Whether y_ref goes through the policy (TrainConfig.needs_ref_sample decides)."""
+        return self.config.needs_ref_sample
 
     # ------------------------------------------------------------------ reference log-probs
-    @torch.no_grad()
-    def _reference_logps(self, prompts: list[list[int]], responses: list[list[int]]) -> Tensor:
-        batch = collate(prompts, responses, self.pad_token_id).to(self.accelerator.device)
-        with self.accelerator.autocast():
-            if self.reference is not None:
-                return sequence_logprobs(self.reference, batch, self.config.logprob_chunk_size)
-            with self.policy.disable_adapter():
-                return sequence_logprobs(self.policy, batch, self.config.logprob_chunk_size)
-
     def compute_reference_logps(self, examples: Sequence[PreferenceExample], progress: bool = True) -> None:
         """Fill ref_chosen / ref_rejected / ref_ref_sample of every example that lacks them.
 
-        Values already present are kept: clear them when the reference policy changes. Every
-        sequence (chosen, rejected, y_ref) is a row of its own; rows are sorted by length so
-        batches carry little padding, sharded across processes, and gathered.
+        Values already present are kept: clear them when the reference policy changes. The
+        update reads them from the examples, and a checkpoint stores them.
         """
-        rows = []  # (example index, slot, prompt, response); slot 0 chosen, 1 rejected, 2 y_ref
-        for i, ex in enumerate(examples):
-            if ex.ref_chosen is None:
-                rows += [(i, 0, ex.prompt_ids, ex.chosen_ids), (i, 1, ex.prompt_ids, ex.rejected_ids)]
-                if ex.ref_sample_ids is not None and self.needs_ref_sample:
-                    rows.append((i, 2, ex.prompt_ids, ex.ref_sample_ids))
-        if not rows:
-            return
-        acc = self.accelerator
-        rows.sort(key=lambda r: -(len(r[2]) + len(r[3])))
-        mine = rows[acc.process_index :: acc.num_processes]
-        size = 2 * self.config.ref_batch_size
-        results: list[tuple[int, int, float]] = []
-        was_training = self.policy.training
-        self.policy.eval()
-        bar = tqdm(total=len(mine), desc="reference log-probs", disable=not (progress and acc.is_main_process), leave=False)
-        for s in range(0, len(mine), size):
-            chunk = mine[s : s + size]
-            lp = self._reference_logps([r[2] for r in chunk], [r[3] for r in chunk]).float().cpu().tolist()
-            results += [(r[0], r[1], v) for r, v in zip(chunk, lp)]
-            bar.update(len(chunk))
-        bar.close()
-        self.policy.train(was_training)
-        if acc.num_processes > 1:
-            results = gather_object(results)
-        names = ("ref_chosen", "ref_rejected", "ref_ref_sample")
-        for i, slot, value in results:
-            setattr(examples[i], names[slot], value)
+        todo = [ex for ex in examples if ex.ref_chosen is None]
+        for ex, ref in zip(todo, self.scorer.reference_logps(todo, self.needs_ref_sample, progress)):
+            ex.ref_chosen, ex.ref_rejected = ref.chosen, ref.rejected
+            if ref.ref_sample is not None:
+                ex.ref_ref_sample = ref.ref_sample
 
-    @torch.no_grad()
     def policy_preference(self, examples: Sequence[PreferenceExample], progress: bool = False) -> list[float]:
-        """h of each example under the current policy: its implicit preference of chosen over rejected.
+        """h of each example under the current policy (scoring.PairScorer.policy_preference); SAIL-PP's labels.
 
-        SAIL-PP labels its two policy samples with Bernoulli(sigmoid(h)). Reference log-probs
-        are computed (and kept on the examples) first.
+        Reference log-probs are computed (and kept on the examples) first.
         """
         self.compute_reference_logps(examples, progress=progress)
-        was_training = self.policy.training
-        self.policy.eval()
-        h = []
-        size = self.config.ref_batch_size
-        for s in range(0, len(examples), size):
-            chunk = examples[s : s + size]
-            batch = collate([ex.prompt_ids for ex in chunk] * 2, [ex.chosen_ids for ex in chunk] +
-                            [ex.rejected_ids for ex in chunk], self.pad_token_id).to(self.accelerator.device)
-            with self.accelerator.autocast():
-                lp = sequence_logprobs(self.policy, batch, self.config.logprob_chunk_size).float().cpu()
-            n = len(chunk)
-            h += [self.config.beta * ((lp[i] - ex.ref_chosen) - (lp[n + i] - ex.ref_rejected)).item()
-                  for i, ex in enumerate(chunk)]
-        self.policy.train(was_training)
-        return h
+        return self.scorer.policy_preference(examples, [ReferenceLogps(ex.ref_chosen, ex.ref_rejected)
+                                                        for ex in examples])
 
     # ------------------------------------------------------------------ the update
     def plan(self, n_examples: int, round_index: int = 0) -> list[list[int]]:
-        """Example indices of each optimizer step: a seeded shuffle per epoch, cut into global batches."""
-        gen = torch.Generator().manual_seed(self.config.seed + 1_000_003 * round_index)
-        steps = []
-        for _ in range(self.config.epochs):
-            order = torch.randperm(n_examples, generator=gen).tolist()
-            steps += [order[s : s + self.config.batch_size] for s in range(0, n_examples, self.config.batch_size)]
-        # Every process must take part in each step's gradient all-reduce.
-        return [s for s in steps if len(s) >= self.accelerator.num_processes]
+        """Example indices of each optimizer step (plan_steps())."""
+        return plan_steps(self.config, n_examples, round_index, self.accelerator.num_processes)
 
     def _fingerprint(self, examples: Sequence[PreferenceExample]) -> str:
-        digest = hashlib.sha256(json.dumps(to_dict(self.config), sort_keys=True).encode())
-        for ex in examples:
-            digest.update(json.dumps([ex.prompt_ids, ex.chosen_ids, ex.rejected_ids, ex.ref_sample_ids,
-                                      ex.route]).encode())
-        return digest.hexdigest()
-
-    def _trainable_state(self) -> dict[str, Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
+        return fingerprint(self.config, examples)
 
     def _micro_logps(self, chunk: list[PreferenceExample], uniform: list[float]) -> Logps:
         device = self.accelerator.device
@@ -541,13 +393,14 @@ class PreferenceTrainer:
         def const(name: str) -> Tensor:
             return torch.tensor([getattr(ex, name) for ex in chunk], dtype=torch.float32, device=device)
 
-        sail = self.config.loss == "sail"
+        routed = self.objective.routed
         return Logps(
             chosen=lp[:n], rejected=lp[n : 2 * n], ref_chosen=const("ref_chosen"), ref_rejected=const("ref_rejected"),
             ref_sample=lp[2 * n :] if needs_sample else None,
             ref_ref_sample=const("ref_ref_sample") if needs_sample else None,
-            route=torch.tensor([ROUTES.index(ex.route or "offline") for ex in chunk], device=device) if sail else None,
-            uniform=torch.tensor(uniform, dtype=torch.float32, device=device) if sail else None,
+            route=torch.tensor([Route(ex.route or Route.OFFLINE).index for ex in chunk], device=device)
+            if routed else None,
+            uniform=torch.tensor(uniform, dtype=torch.float32, device=device) if routed else None,
             f_baseline=self._f_baseline,
         )
 
@@ -579,39 +432,27 @@ class PreferenceTrainer:
         and schedule are restored; returns the number of rounds it had finished.
         """
         cfg = self.config
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if cfg.optimizer == "rmsprop":
-            optimizer: torch.optim.Optimizer = torch.optim.RMSprop(
-                params, lr=cfg.learning_rate, alpha=cfg.adam_beta2, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(
-                params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                weight_decay=cfg.weight_decay,
-            )
         # Not acc.prepare_optimizer(): the accelerator would keep every update's optimizer (and
         # its state, 2x the trainable weights) alive for the life of the run. bf16 autocast and
         # DDP need nothing from a prepared optimizer.
+        self._optimizer = build_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
         warmup = math.ceil(cfg.warmup_ratio * total_steps)
-        self._optimizer = optimizer
-        self._scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, warmup, total_steps))
-        self._ckpt_path = Path(checkpoint_dir) / "update_state.pt" if checkpoint_dir is not None else None
+        self._scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer,
+                                                            lr_lambda(cfg.lr_scheduler, warmup, total_steps))
+        self.checkpoint = UpdateCheckpoint(checkpoint_dir, self.accelerator)
         self._history: list[dict[str, float]] = []
         self._rounds_done = 0
         self._resume: dict | None = None
         self._f_baseline: float | None = None
-        if self._ckpt_path is not None and self._ckpt_path.exists():
-            state = torch.load(self._ckpt_path, map_location="cpu", weights_only=False)
-            missing = set(self._trainable_state()) - set(state["trainable"])
-            if missing:
-                raise ValueError(f"{self._ckpt_path} lacks trainable parameters such as {sorted(missing)[0]}")
-            self.policy.load_state_dict(state["trainable"], strict=False)
-            optimizer.load_state_dict(state["optimizer"])
+        state = self.checkpoint.load(self.policy)
+        if state is not None:
+            self._optimizer.load_state_dict(state["optimizer"])
             self._scheduler.load_state_dict(state["scheduler"])
             self._history = list(state["history"])
             self._rounds_done = state["round"]
             self._f_baseline = state.get("f_baseline")
             self._resume = state if state["step"] > 0 else None
-        self._saved_at = len(self._history)
+        self.checkpoint.saved_at = len(self._history)
         return self._rounds_done
 
     def train_round(
@@ -649,13 +490,9 @@ class PreferenceTrainer:
         start = 0
         resumed = self._resume["step"] if self._resume is not None else 0
         if later_steps is not None or last:
-            self._resize_schedule(len(self._history) - resumed + len(steps) + (later_steps or 0))
+            resize_schedule(self._scheduler, cfg, len(self._history) - resumed + len(steps) + (later_steps or 0))
         if self._resume is not None:
-            if self._resume["fingerprint"] != fingerprint:
-                raise ValueError(
-                    f"{self._ckpt_path} belongs to a different update (other examples or config); "
-                    "delete it to start this update afresh"
-                )
+            self.checkpoint.check_fingerprint(self._resume, fingerprint)
             for ex, (rc, rr, rs) in zip(examples, self._resume["ref_logps"]):
                 ex.ref_chosen, ex.ref_rejected, ex.ref_ref_sample = rc, rr, rs
             start = result.resumed_from_step = self._resume["step"]
@@ -670,28 +507,19 @@ class PreferenceTrainer:
             result.steps.append(metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
             done = j + 1
-            if self._ckpt_path is not None and done < len(steps) and (self._checkpoint_due() or done == end):
+            if self.checkpoint.enabled and done < len(steps) and (self._checkpoint_due() or done == end):
                 self._save_checkpoint(k, done, fingerprint, examples)
         if end < len(steps):
             return result
         self._rounds_done = k + 1
         if last:
             self._optimizer = self._scheduler = None  # its state is as large as the trainable weights
-        if self._ckpt_path is not None:
+        if self.checkpoint.enabled:
             if not last and self._checkpoint_due():
                 self._save_checkpoint(k + 1, 0, None, [])
-            elif last and acc.is_main_process and self._ckpt_path.exists():
-                self._ckpt_path.unlink()  # the update finished; its caller saves the policy
+            elif last:
+                self.checkpoint.remove()  # the update finished; its caller saves the policy
         return result
-
-    def _resize_schedule(self, total_steps: int) -> None:
-        """Re-size the warmup and decay to total_steps, keeping the step count (and the current step's lr)."""
-        cfg, scheduler = self.config, self._scheduler
-        fn = lr_lambda(cfg.lr_scheduler, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
-        scheduler.lr_lambdas = [fn] * len(self._optimizer.param_groups)
-        for group, base in zip(self._optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base * fn(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in self._optimizer.param_groups]
 
     def _checkpoint_due(self) -> bool:
         """checkpoint_every optimizer steps (counted over rounds) have passed since the last save.
@@ -701,42 +529,21 @@ class PreferenceTrainer:
         rounds after its last checkpoint from their stored examples.
         """
         every = self.config.checkpoint_every
-        return bool(every) and len(self._history) - self._saved_at >= every
+        return bool(every) and len(self._history) - self.checkpoint.saved_at >= every
 
     def _save_checkpoint(self, round_index: int, step: int, fingerprint: str | None,
                          examples: Sequence[PreferenceExample]) -> None:
-        path = self._ckpt_path
-        self._saved_at = len(self._history)
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_torch_save(
-                {
-                    "fingerprint": fingerprint,
-                    "round": round_index,
-                    "step": step,
-                    "trainable": self._trainable_state(),
-                    "optimizer": self._optimizer.state_dict(),
-                    "scheduler": self._scheduler.state_dict(),
-                    "ref_logps": [(ex.ref_chosen, ex.ref_rejected, ex.ref_ref_sample) for ex in examples],
-                    "history": self._history,
-                    "f_baseline": self._f_baseline,
-                },
-                path,
-            )
-        self.accelerator.wait_for_everyone()
-
-    def _non_finite_message(self, loss: float, grad_norm: float) -> str:
-        """Which step diverged and what is kept: the line a user reads when training blows up."""
-        step = len(self._history) + 1
-        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-        if self._ckpt_path is not None and self._ckpt_path.exists():
-            kept = f"the last good checkpoint is {self._ckpt_path} (step {self._saved_at})"
-        else:
-            kept = "no mid-update checkpoint was saved (train.checkpoint_every=0 or none due yet)"
-        return (f"optimizer step {step} of the update (round {self._rounds_done}) has a non-finite {what}; "
-                f"stopped before applying it and {kept}; lower train.learning_rate, keep train.max_grad_norm > 0 "
-                "or check the data")
+        self.checkpoint.save(lambda: {
+            "fingerprint": fingerprint,
+            "round": round_index,
+            "step": step,
+            "trainable": trainable_state(self.policy),
+            "optimizer": self._optimizer.state_dict(),
+            "scheduler": self._scheduler.state_dict(),
+            "ref_logps": [(ex.ref_chosen, ex.ref_rejected, ex.ref_ref_sample) for ex in examples],
+            "history": self._history,
+            "f_baseline": self._f_baseline,
+        }, len(self._history))
 
     def _step(self, indices: list[int], examples: Sequence[PreferenceExample], key: str) -> dict[str, float]:
         cfg, acc = self.config, self.accelerator
@@ -750,7 +557,7 @@ class PreferenceTrainer:
         # global batch, whatever the micro-batch split: 8 x 1 equals 1 x 8.
         scale = acc.num_processes / len(order)
         micro = [mine[s : s + cfg.micro_batch_size] for s in range(0, len(mine), cfg.micro_batch_size)]
-        sums = torch.zeros(12, dtype=torch.float64, device=acc.device)
+        sums = torch.zeros(len(SUMS), dtype=torch.float64, device=acc.device)
         poison = faults.nan_at_step(len(self._history) + 1)
         for j, chunk_ids in enumerate(micro):
             chunk = [examples[i] for i in chunk_ids]
@@ -761,43 +568,31 @@ class PreferenceTrainer:
                 if poison:
                     out.loss = out.loss * float("nan")
                 acc.backward(out.loss.sum() * scale)
-            extras = out.extras or {}
-            zero = torch.zeros((), device=acc.device)
-            sums += torch.stack([
-                out.loss.detach().sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
-                (out.chosen_rewards > out.rejected_rewards).float().sum(), lp.chosen.detach().sum(),
-                lp.rejected.detach().sum(), torch.tensor(float(len(chunk)), device=acc.device),
-                torch.tensor(float(sum(ex.num_tokens for ex in chunk)), device=acc.device),
-                *(extras.get(name, zero).float() for name in ("dp", "dp_swapped", "on_policy", "on_policy_f")),
-            ]).double()
+            sums += micro_batch_sums(out, lp, chunk)
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         lr = scheduler.get_last_lr()[0]
         sums = acc.reduce(sums, reduction="sum") if acc.num_processes > 1 else sums
-        if not (math.isfinite(float(grad_norm)) and math.isfinite(sums[0].item())):
+        total = dict(zip(SUMS, sums.tolist()))
+        if not (math.isfinite(float(grad_norm)) and math.isfinite(total["loss"])):
             optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(self._non_finite_message(sums[0].item() / max(sums[6].item(), 1.0), float(grad_norm)))
+            raise NonFiniteError(self._non_finite_message(total["loss"] / max(total["examples"], 1.0), float(grad_norm)))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        n = sums[6].item()
-        metrics = {
-            "loss": sums[0].item() / n,
-            "rewards/chosen": sums[1].item() / n,
-            "rewards/rejected": sums[2].item() / n,
-            "rewards/margins": (sums[1] - sums[2]).item() / n,
-            "rewards/accuracies": sums[3].item() / n,
-            "logps/chosen": sums[4].item() / n,
-            "logps/rejected": sums[5].item() / n,
-            "grad_norm": float(grad_norm),
-            "learning_rate": lr,
-            "num_tokens": sums[7].item(),
-        }
-        if cfg.loss == "sail":
-            dp, swapped, on_policy, f_sum = (sums[i].item() for i in range(8, 12))
-            metrics["sail/dp_examples"] = dp
-            metrics["sail/dp_swapped"] = swapped
-            if on_policy:
-                f_mean = f_sum / on_policy
+        metrics = step_metrics(total, float(grad_norm), lr)
+        if self.objective.routed:
+            metrics["sail/dp_examples"] = total["dp"]
+            metrics["sail/dp_swapped"] = total["dp_swapped"]
+            if total["on_policy"]:
+                f_mean = total["on_policy_f"] / total["on_policy"]
                 # The baseline for later steps: a running mean, independent of their own samples.
                 self._f_baseline = f_mean if self._f_baseline is None else 0.9 * self._f_baseline + 0.1 * f_mean
         return metrics
+
+    def _non_finite_message(self, loss: float, grad_norm: float) -> str:
+        """Which step diverged and what is kept: the line a user reads when training blows up."""
+        step = len(self._history) + 1
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        return (f"optimizer step {step} of the update (round {self._rounds_done}) has a non-finite {what}; "
+                f"stopped before applying it and {self.checkpoint.kept()}; lower train.learning_rate, keep "
+                "train.max_grad_norm > 0 or check the data")

@@ -114,11 +114,11 @@ def test_routes_follow_the_probabilities_and_stretch():
     cfg = load_config(RunConfig, None, ["method=sail_mix", "generation.num_samples=2", "train.sail.r=0.2",
                                         "train.sail.p=0.2", "train.sail.g=0.1"])
     rows = route_rows(cfg, list(range(4000)), 0)
-    share = {r: sum(1 for _, x in rows if x == r) / len(rows) for r in ("dp", "pp", "pr", "offline")}
+    share = {r: sum(1 for row in rows if row.route == r) / len(rows) for r in ("dp", "pp", "pr", "offline")}
     assert share == pytest.approx({"dp": 0.2, "pp": 0.2, "pr": 0.1, "offline": 0.5}, abs=0.03)
     stretched = load_config(RunConfig, None, ["method=sail_dp", "generation.num_samples=2", "train.sail.stretch_epochs=true"])
     rows = route_rows(stretched, list(range(30)), 0)
-    assert len(rows) == 50 and sorted({i for i, _ in rows}) == list(range(30))  # 30 / (1 - 0.4)
+    assert len(rows) == 50 and sorted({row.prompt for row in rows}) == list(range(30))  # 30 / (1 - 0.4)
 
 
 def test_presets_fill_only_unset_values():

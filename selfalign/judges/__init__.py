@@ -22,8 +22,14 @@ class JudgeError(ValueError):
 class Judge(Protocol):
     labels: int
 
-    def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
-        """For each prompt, one score per candidate response."""
+    def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]],
+              key: str = "") -> list[list[float]]:
+        """For each prompt, one score per candidate response.
+
+        key: names this call's unit of work (the loop passes the stage and chunk); a judge with
+        randomness (NoisyJudge) seeds it from the key, so a resumed run gets the same labels.
+        A deterministic judge ignores it.
+        """
         ...
 
 

@@ -19,7 +19,8 @@ class FunctionJudge:
         self.fn = load_callable(fn) if isinstance(fn, str) else fn
         self.labels = 0
 
-    def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+    def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]],
+              key: str = "") -> list[list[float]]:
         flat_p, flat_r = flatten(prompts, candidates)
         if not flat_r:
             return [[] for _ in candidates]

@@ -5,8 +5,8 @@ a Bradley-Terry draw: P(a ranked above b) = sigmoid((s_a - s_b) / T), and the ra
 candidates a Plackett-Luce draw. T = 0 returns the scores unchanged (a noiseless annotator).
 
 The noise of candidate j of prompt i in a call is drawn from a generator seeded with
-(seed, salt, i, j), not from a running stream: a caller that sets `salt` per chunk of work
-gets the same labels whether or not the run was interrupted and resumed in between.
+(seed, key, i, j), not from a running stream: a caller that passes score(..., key=) per chunk of
+work gets the same labels whether or not the run was interrupted and resumed in between.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ class NoisyJudge:
         self.inner = inner
         self.temperature = temperature
         self.seed = seed
-        self.salt = ""
         self.calls = 0
 
     @property
@@ -38,12 +37,13 @@ class NoisyJudge:
         u = min(max(random.Random(key).random(), 1e-12), 1 - 1e-12)
         return -math.log(-math.log(u))
 
-    def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
-        scores = self.inner.score(prompts, candidates)
+    def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]],
+              key: str = "") -> list[list[float]]:
+        scores = self.inner.score(prompts, candidates, key=key)
         self.calls += 1
         if self.temperature == 0:
             return scores
-        # Without a salt, successive calls must still differ: the call count stands in.
-        salt = self.salt or f"call{self.calls}"
-        return [[s + self.temperature * self._gumbel(f"{self.seed}:{salt}:{i}:{j}") for j, s in enumerate(row)]
+        # Without a key, successive calls must still differ: the call count stands in.
+        key = key or f"call{self.calls}"
+        return [[s + self.temperature * self._gumbel(f"{self.seed}:{key}:{i}:{j}") for j, s in enumerate(row)]
                 for i, row in enumerate(scores)]

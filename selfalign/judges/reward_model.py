@@ -55,7 +55,8 @@ class RewardModelJudge:
             out += self.model(**enc).logits[:, 0].float().cpu().tolist()
         return out
 
-    def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+    def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]],
+              key: str = "") -> list[list[float]]:
         flat_p, flat_r = flatten(prompts, candidates)
         texts = [render(self.tokenizer, p, r) for p, r in zip(flat_p, flat_r)]
         scores = check_scores(self.score_texts(texts), len(texts), "reward model")
