@@ -49,7 +49,12 @@ def loading(key: str, path: str | Path) -> Iterator[None]:
     """Turn a from_pretrained failure inside the block into ConfigError('key: cannot load PATH (reason)')."""
     try:
         yield
-    except (ConfigError, DataError):
+    except ConfigError as e:
+        if str(e).startswith(f"{key}:"):
+            raise
+        # The loader names the path but not the key it came from (judge.reward_model, eval.reward_model, ...).
+        raise type(e)(f"{key}: {e}") from e
+    except DataError:
         raise
     except (OSError, ValueError) as e:  # transformers raises both for unusable paths and names
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]

@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -30,7 +31,8 @@ from pathlib import Path
 import torch
 
 from . import logs
-from .checks import check_pretrained, loading
+from .card import PushError, check_repo_id, push_folder, train_card
+from .checks import check_pretrained
 from .config import ConfigError, check_same_config, describe, dump_yaml, field, load_config
 from .data import DataError, PreferenceDataConfig, load_preferences, pad_token_id, write_atomic, write_jsonl
 from .judges import JudgeError
@@ -48,12 +50,15 @@ class TrainRunConfig:
     model: str = field("", help="Policy to train: a local directory, hub name or .gguf file (selfalign.models).")
     reference: str = field("", help="Frozen reference model; empty means a copy of `model` (pi_0).")
     output_dir: str = field("runs/train", help="Run directory: config.yaml, metrics.jsonl, policy/.")
+    push_to_hub: str = field("", help="Hub repository (user/name) to upload policy/ (with its model card) to at the "
+                                      "end; needs network and a token (HF_TOKEN). Empty: no upload.")
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig, help="Preference data.")
     train: TrainConfig = field(default_factory=TrainConfig, help="The preference update.")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.data.eval_fraction}")
+        check_repo_id("push_to_hub", self.push_to_hub)
 
 
 class UsageError(Exception):
@@ -134,9 +139,13 @@ def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
     write_jsonl(out / "metrics.jsonl", [{"step": i + 1, **s} for i, s in enumerate(result.steps)])
     summary = {"train_pairs": len(train_set), "heldout_pairs": len(heldout), **after}
     write_atomic(out / "summary.json", json.dumps({"before": before, "after": after, **summary}, indent=2))
-    save_policy(trainer, tokenizer, out / "policy", trainer.accelerator)  # last: its arrival marks the run done
+    card = train_card(cfg, {"before": before, "after": after, **summary})
+    # Last: its arrival marks the run done; the model card goes in with it.
+    save_policy(trainer, tokenizer, out / "policy", trainer.accelerator, card=card)
     _print_table(result.steps, before, after)
     print(f"policy saved to {out / 'policy'}")
+    if cfg.push_to_hub:
+        print(f"selfalign: uploaded {out / 'policy'} to {push_folder(cfg.push_to_hub, out / 'policy', out)}")
     return after
 
 
@@ -210,6 +219,8 @@ def iteration_table(out: Path, history: list[dict]) -> str:
             ("win_rate", "win vs pi_0", "{:>12.3f}"), ("tie_rate", "ties", "{:>6.3f}"), ("kl_to_pi0", "KL(pi|pi_0)", "{:>12.3f}"),
             # Share of the iteration's sampled responses cut off at max_new_tokens (generation.truncated).
             ("truncated_share", "truncated", "{:>10.3f}")]
+    # A column no row has (no held-out evaluation, no win rate) is left out rather than printed empty.
+    cols = [c for c in cols if c[0] == "labels_total" or any(c[0] in r for r in rows)]
     lines = [f"{'iteration':>9} " + " ".join(f"{title:>{len(fmt.format(0))}}" for _, title, fmt in cols)]
     for r in rows:
         cells = [fmt.format(r[key]) if key in r else " " * len(fmt.format(0)) for key, _, fmt in cols]
@@ -320,11 +331,26 @@ def _check_tokenizer(policy: Path, other: Path, flag: str) -> None:
                          f"pass {flag} DIR with a model sharing the policy's tokenizer (the model it was trained from)")
 
 
+def _eval_reward_model(args: argparse.Namespace, cfg, gold_fn: str) -> tuple[str, str]:
+    """(key, path) of the reward model `selfalign eval` scores with, or ("", ""): --reward-model, else (without
+    --reward) the run's eval.reward_model, else, where no gold function exists, the run judge's reward model."""
+    if args.reward_model:
+        return "--reward-model", args.reward_model
+    if args.reward:
+        return "", ""
+    if cfg.eval.reward_model:
+        return "eval.reward_model", cfg.eval.reward_model
+    if not gold_fn and cfg.judge.kind == "reward_model" and cfg.judge.reward_model:
+        return "judge.reward_model", cfg.judge.reward_model
+    return "", ""
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a policy directory, or a run's final policy with the run's own settings."""
     from .data import load_prompts
     from .evaluate import evaluate_policy
     from .judges.function import FunctionJudge
+    from .judges.gold import load_reward_model
     from .models import load_tokenizer
     from .run_config import resolve_task
 
@@ -351,13 +377,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(policy)
     split = ("", cfg.subset, cfg.chosen_field) if args.prompts else cfg.source_split("eval_prompts")[:3]
     prompts = load_prompts(prompts_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens, *split)[: args.limit or None]
-    if args.reward_model:
-        from .judges.reward_model import RewardModelJudge
-
-        check_pretrained("--reward-model", args.reward_model)
-        with loading("--reward-model", args.reward_model):
-            gold = RewardModelJudge(args.reward_model)
-        scorer = f"reward model {args.reward_model}"
+    rm_key, rm_path = _eval_reward_model(args, cfg, task.gold_fn if task is not None else "")
+    if rm_path:
+        gold = load_reward_model(rm_key, rm_path)
+        scorer = f"reward model {rm_path}"
     else:
         spec = args.reward or task.gold_fn
         if not spec:
@@ -413,7 +436,73 @@ def cmd_accelerate_config(args: argparse.Namespace) -> None:
     print(config_path(args.name))
 
 
-USER_ERRORS = (ConfigError, DataError, JudgeError, ReportError, UsageError, NonFiniteError)
+# The keys `run --help` shows (every key: `selfalign config run` or `run --help-all`).
+COMMON_RUN_KEYS = ["method", "model", "prompts", "eval_prompts", "preferences", "output_dir", "iterations",
+                   "prompts_per_iteration", "generate_every", "generation.num_samples", "generation.max_new_tokens",
+                   "generation.temperature", "generation.backend", "judge.kind", "judge.function", "judge.reward_model",
+                   "judge.llm.base_url", "judge.llm.model", "judge.llm.mode", "judge.noise", "train.beta", "train.alpha",
+                   "train.learning_rate", "train.batch_size", "train.lora.enabled", "eval.prompts", "eval.reward",
+                   "eval.reward_model", "seed", "push_to_hub"]
+COMMON_TRAIN_KEYS = ["model", "reference", "output_dir", "data.path", "data.eval_fraction", "train.loss", "train.beta",
+                     "train.learning_rate", "train.batch_size", "train.micro_batch_size", "train.epochs",
+                     "train.lora.enabled", "train.checkpoint_every", "push_to_hub"]
+
+
+def keys_text(which: str, only: list[str] | None) -> str:
+    """Config keys with their defaults and meaning: `only` those (in that order), or every key."""
+    from .run_config import RunConfig
+
+    rows = {key: (default, help_text) for key, default, help_text in
+            describe(RunConfig if which == "run" else TrainRunConfig)}
+    keys = [k for k in only if k in rows] if only else list(rows)
+    width = max(len(k) for k in keys) + 1
+    lines = []
+    for key in keys:
+        default, help_text = rows[key]
+        first = re.split(r"(?<!e\.g)\.\s", help_text)[0].rstrip(".")
+        lines.append(f"  {key:<{width}} {default:<12} {first if only else help_text}")
+    return "\n".join(lines)
+
+
+class KeysHelp(argparse.Action):
+    """-h / --help-all of a subcommand: its usage plus the most used config keys, or every key."""
+
+    def __init__(self, option_strings, dest, which: str, every: bool, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.which, self.every = which, every
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if self.every:
+            print(f"# every key of `selfalign {self.which}` recipes, its default and meaning (set with key.sub=value)")
+            print(keys_text(self.which, None))
+            parser.exit()
+        common = COMMON_RUN_KEYS if self.which == "run" else COMMON_TRAIN_KEYS
+        parser.epilog = (f"most used config keys (override any with key.sub=value; all of them: --help-all or "
+                         f"`selfalign config {self.which}`):\n{keys_text(self.which, common)}")
+        parser.print_help()
+        parser.exit()
+
+
+def add_key_help(parser: argparse.ArgumentParser, which: str) -> None:
+    parser.add_argument("-h", "--help", action=KeysHelp, which=which, every=False,
+                        help="show this help, with the most used config keys and their defaults, and exit")
+    parser.add_argument("--help-all", action=KeysHelp, which=which, every=True,
+                        help="list every config key, its default and meaning, and exit")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("selfalign")
+    except PackageNotFoundError:  # run from a checkout without installing
+        from . import __version__
+
+        return __version__
+
+
+USER_ERRORS = (ConfigError, DataError, JudgeError, ReportError, UsageError, NonFiniteError, PushError)
 # OS errors a user fixes (a full disk, a read-only or unwritable place, a file where a directory goes).
 USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
                errno.ENAMETOOLONG}
@@ -442,19 +531,25 @@ def _describe_os_error(e: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfalign", description="Online preference alignment: SELM, SAIL, DPO.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action="version", version=f"selfalign {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build the tiny sorting task offline and train on it (CPU, ~1 minute)")
     demo.add_argument("--output-dir", default="runs/demo", help="where the task and the run go (default runs/demo)")
     demo.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     demo.set_defaults(func=cmd_demo)
-    train = sub.add_parser("train", help="offline preference training from a YAML recipe")
+    keyed = dict(add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train = sub.add_parser("train", help="offline preference training from a YAML recipe", **keyed)
+    add_key_help(train, "train")
     train.add_argument("recipe", help="YAML recipe (see `selfalign config` for the keys)")
     train.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     train.set_defaults(func=cmd_train)
-    quick = sub.add_parser("quickstart", help="SELM on the built-in task, a few iterations on a CPU (a few minutes)")
+    quick = sub.add_parser("quickstart", help="SELM on the built-in task, a few iterations on a CPU (a few minutes)",
+                           **keyed)
+    add_key_help(quick, "run")
     quick.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     quick.set_defaults(func=cmd_quickstart)
-    runp = sub.add_parser("run", help="an online alignment run from a recipe (a YAML file or a bundled name)")
+    runp = sub.add_parser("run", help="an online alignment run from a recipe (a YAML file or a bundled name)", **keyed)
+    add_key_help(runp, "run")
     runp.add_argument("recipe", help="YAML recipe, or a bundled one: quickstart, selm_llama3_8b, ...")
     runp.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     runp.set_defaults(func=cmd_run)

@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from . import faults
+from .card import push_folder, run_card
 from .checks import check_pretrained, loading
 from .config import ConfigError, check_same_config, dump_yaml, to_dict
 from .data import load_jsonl, load_prompts, pad_token_id, write_atomic, write_jsonl
@@ -34,6 +35,7 @@ from .generation import Backend, GenerationConfig, build_backend, load_generatio
 from .generation.hf import HFBackend
 from .judges import Judge, Prompt
 from .judges.function import FunctionJudge
+from .judges.gold import eval_reward
 from .logprobs import head_scale
 from .logs import duration, progress_bar
 from .logs import info as log
@@ -117,10 +119,23 @@ def run(cfg: RunConfig, progress: bool = True, backend: Backend | None = None) -
     out = Path(cfg.output_dir)
     with RunLock(out, enabled=int(os.environ.get("RANK", "0")) == 0):
         try:
-            return _run(cfg, progress, backend)
+            history = _run(cfg, progress, backend)
+            finish(cfg, out, history)
+            return history
         except NonFiniteError as e:
             unfinished = next((p.name for p in sorted(out.glob("iter_*")) if not (p / "metrics.json").exists()), "?")
             raise NonFiniteError(f"{unfinished}: {e}; every judge label paid so far is kept in {out}") from e
+
+
+def finish(cfg: RunConfig, out: Path, history: list[dict[str, Any]]) -> None:
+    """The model card beside the final policy (RUN/iter_NNN/policy/README.md), then the upload if asked for."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    policy = out / f"iter_{len(history) - 1:03d}" / "policy"
+    pi0 = json.loads((out / "pi0_metrics.json").read_text()) if (out / "pi0_metrics.json").exists() else None
+    write_atomic(policy / "README.md", run_card(cfg, history, pi0))
+    if cfg.push_to_hub:
+        print(f"selfalign: uploaded {policy} to {push_folder(cfg.push_to_hub, policy, out)}")
 
 
 def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[str, Any]]:
@@ -147,7 +162,7 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
         if task.eval_prompts and cfg.eval.prompts else []
     slices = prompt_slices(len(data.prompts), cfg)
     judge = build_judge(cfg, task.judge_fn)
-    gold = FunctionJudge(task.gold_fn) if task.gold_fn else None
+    gold = eval_reward(cfg, task.gold_fn, judge, bool(eval_prompts))
     check_run_dir(out, cfg, accelerator)
     tracker = RunTracker(out, accelerator, to_dict(cfg))
     log("%s: %s on %d prompts (%d iteration(s) x %d), %d held-out prompts; per-step metrics in %s",
@@ -373,8 +388,16 @@ def build_judge(cfg: RunConfig, reward_fn: str) -> Judge:
         from .judges.pairwise import PairwiseJudge
 
         if not cfg.judge.function:
-            raise ConfigError("judge.function: required with judge.kind=pairwise ('pkg.module:fn', fn(prompt, a, b) -> P)")
+            raise ConfigError("judge.function: required with judge.kind=pairwise ('pkg.module:fn', "
+                              "fn(prompts, responses_a, responses_b) -> one P(a better than b) per pair)")
         judge = PairwiseJudge(cfg.judge.function)
+    elif cfg.judge.kind == "llm":
+        from .judges.llm import LLMJudge
+        from .judges.pairwise import PairwiseJudge
+
+        # Every answer paid for is kept in the run directory, so a resumed run never asks twice.
+        llm = LLMJudge(cfg.judge.llm, journal=Path(cfg.output_dir) / "judge_answers.jsonl")
+        judge = llm if cfg.judge.llm.mode == "pointwise" else PairwiseJudge(llm.compare)
     else:
         judge = FunctionJudge(reward_fn)
     return NoisyJudge(judge, cfg.judge.noise, seed=cfg.seed) if cfg.judge.noise > 0 else judge

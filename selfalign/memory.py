@@ -110,11 +110,12 @@ def reference_view(policy: nn.Module, reference: nn.Module | None, offloaded: bo
         policy.train(was_training)
 
 
-def save_iterate(trainer: PreferenceTrainer, tokenizer, path: Path, policy: nn.Module | None = None) -> None:
+def save_iterate(trainer: PreferenceTrainer, tokenizer, path: Path, policy: nn.Module | None = None,
+                 card: str | None = None) -> None:
     """Write the trained policy to `path` atomically: a full model, or (LoRA) its adapter, or both (lora.merge).
 
     policy: the model to save (default trainer.policy; under sharding, a replica gathered from
-    the full state dict). With lora.merge peft's merge_and_unload changes the model in place,
+    the full state dict). card: a model card, written as README.md. With lora.merge peft's merge_and_unload changes the model in place,
     which is fine here: the iteration is over when its policy is saved.
     """
     tmp = path.with_name(path.name + ".tmp")
@@ -129,6 +130,8 @@ def save_iterate(trainer: PreferenceTrainer, tokenizer, path: Path, policy: nn.M
     else:
         policy.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if card is not None:
+        (tmp / "README.md").write_text(card)
     faults.before_rename()
     if path.exists():  # a run from before stage files were ordered left a policy without its stage files
         shutil.rmtree(path)

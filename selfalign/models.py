@@ -220,13 +220,16 @@ def materialize(source: str | os.PathLike, directory: str | os.PathLike, tokeniz
     return directory
 
 
-def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: Accelerator) -> None:
+def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: Accelerator,
+                card: str | None = None) -> None:
     """The trained policy (LoRA: its adapter, see memory.save_iterate) and its tokenizer, renamed into `path` last:
-    its arrival marks training done."""
+    its arrival marks training done.
+
+    card: a model card, written into the directory as README.md before the rename."""
     from . import memory
 
     accelerator.wait_for_everyone()
     policy = trainer.saved_policy()  # collective under FSDP2 / ZeRO-3: the full state dict is gathered
     if accelerator.is_main_process:
-        memory.save_iterate(trainer, tokenizer, path, policy)  # LoRA: the adapter
+        memory.save_iterate(trainer, tokenizer, path, policy, card)  # LoRA: the adapter
     accelerator.wait_for_everyone()

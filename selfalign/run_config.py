@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .card import check_repo_id
 from .config import check, field
 from .estimate import HardwareConfig
 from .generation import GenerationConfig
+from .judges.llm import LLMJudgeConfig
 from .methods import METHODS, Method
 from .tracking import parse_report_to
 from .train_config import PAPER_ALPHA, SailConfig, TrainConfig, needs_ref_sample, resolve_alpha
@@ -39,11 +41,13 @@ class SamplingConfig(GenerationConfig):
 class JudgeConfig:
     """Who labels the generations."""
 
-    kind: Literal["function", "reward_model", "pairwise"] = field(
-        "function", help="A reward function, a reward model, or a pairwise ranker (mean win probability, like PairRM)."
+    kind: Literal["function", "reward_model", "pairwise", "llm"] = field(
+        "function", help="A reward function, a reward model, a pairwise ranker (mean win probability, like PairRM), "
+                         "or an LLM behind an OpenAI-compatible server (judge.llm.*)."
     )
     function: str = field("", help="'pkg.module:function': fn(prompts, responses) -> scores (kind=function; empty: "
-                                   "the built-in task's), or fn(prompt, a, b) -> P(a better than b) (kind=pairwise).")
+                                   "the built-in task's), or fn(prompts, responses_a, responses_b) -> P(a better "
+                                   "than b) per pair, called on batches (kind=pairwise).")
     reward_model: str = field("", help="Sequence-classification reward model directory or hub name (kind=reward_model).")
     noise: float = field(0.0, help="Bradley-Terry temperature of a simulated annotator over the scores; 0 = noiseless.")
     chunk_size: int = field(64, help="Prompts per judge call, journaled as soon as the call returns: a kill re-pays "
@@ -54,6 +58,8 @@ class JudgeConfig:
     batch_size: int = field(16, help="Sequences per reward-model forward pass (kind=reward_model).")
     offload: bool = field(False, help="Keep the reward model in CPU memory between judge calls, on the GPU only "
                                       "while it scores (kind=reward_model): training then has its memory.")
+    llm: LLMJudgeConfig = field(default_factory=LLMJudgeConfig, help="The LLM judge (kind=llm): endpoint, model, "
+                                "prompts, concurrency, retries; every answer journaled in RUN/judge_answers.jsonl.")
 
     def __post_init__(self) -> None:
         check(self.noise >= 0, "judge.noise", f"must be >= 0, got {self.noise}")
@@ -67,7 +73,14 @@ class EvalConfig:
 
     prompts: int = field(64, help="Held-out prompts to evaluate on; 0 disables evaluation.")
     samples: int = field(2, help="Sampled responses per prompt (for reward of samples and the KL estimate).")
-    reward: str = field("", help="'pkg.module:function' gold reward; empty: the judge function without noise.")
+    reward: str = field("", help="'pkg.module:function' gold reward; empty: the built-in task's, else the judge "
+                                 "function, else the judge's reward model (without noise).")
+    reward_model: str = field("", help="Sequence-classification reward model (directory, hub name or .gguf) that "
+                                       "scores the held-out answers instead of a function.")
+
+    def __post_init__(self) -> None:
+        check(not (self.reward and self.reward_model), "eval.reward_model",
+              "set eval.reward or eval.reward_model, not both (one reward scores the held-out answers)")
 
 
 @dataclass
@@ -104,6 +117,8 @@ class RunConfig:
     rejected_field: str = field("rejected", help="Column holding the dispreferred response in the preference file.")
     max_prompt_tokens: int = field(512, help="A longer prompt is an error naming its file and line.")
     output_dir: str = field("runs/run", help="Run directory (the unit of resume).")
+    push_to_hub: str = field("", help="Hub repository (user/name) to upload the final policy and its model card to "
+                                      "when the run ends; needs network and a token (HF_TOKEN). Empty: no upload.")
     iterations: int = field(3, help="Online iterations, each on a fresh disjoint slice of prompts.")
     prompts_per_iteration: int = field(256, help="Prompts in each iteration's slice.")
     generate_every: int = field(
@@ -133,6 +148,7 @@ class RunConfig:
         check(self.generate_every >= 0, "generate_every", f"must be >= 0, got {self.generate_every}")
         parse_report_to(self.report_to)
         check(self.generation.num_samples >= 2, "generation.num_samples", "must be >= 2 to form a pair")
+        check_repo_id("push_to_hub", self.push_to_hub)
         check(not self.iteration_learning_rates or len(self.iteration_learning_rates) == self.iterations,
               "iteration_learning_rates", f"needs one value per iteration ({self.iterations}), "
               f"got {len(self.iteration_learning_rates)}")
@@ -165,7 +181,7 @@ class RunConfig:
                   f"{self.method} pairs the best and worst of y_ref, chosen and rejected, as SELM's code does; "
                   f"set pair_selector=best_worst (got {self.pair_selector})")
         if self.model not in TASKS and not (method.is_sail and self.sail.g == 0):
-            check(bool(self.judge.function or self.judge.reward_model), "judge",
+            check(bool(self.judge.function or self.judge.reward_model or self.judge.kind == "llm"), "judge",
                   "set judge.function='pkg.module:fn' or judge.reward_model=PATH for a model other than 'builtin'")
 
     def _check_loss(self, method: Method) -> None:
@@ -248,8 +264,9 @@ def resolve_task(cfg: RunConfig, progress: bool) -> Task:
         return Task(real.policy_dir, cfg.prompts or str(real.train_prompts), cfg.eval_prompts or str(real.eval_prompts),
                     cfg.preferences, cfg.judge.function or real.reward_fn, cfg.eval.reward or real.reward_fn)
     if cfg.model != BUILTIN:
+        # A pairwise judge's function compares two responses: it is no reward to evaluate with.
         return Task(Path(cfg.model), cfg.prompts, cfg.eval_prompts, cfg.preferences, cfg.judge.function,
-                    cfg.eval.reward or cfg.judge.function)
+                    cfg.eval.reward or (cfg.judge.function if cfg.judge.kind == "function" else ""))
     from .tasks.builtin import build_task
 
     task = build_task(progress=progress)

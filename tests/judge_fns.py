@@ -17,7 +17,17 @@ def nan(prompts, responses):
     return [float("nan")] * len(responses)
 
 
-def longer_wins(prompt, a, b):
+_pairwise_calls = []
+
+
+def longer_wins(prompts, responses_a, responses_b):
+    """P(a better than b) = 1 when a is longer, 0 when shorter, 0.5 on a tie; records each call's batch size."""
+    _pairwise_calls.append(len(responses_a))
+    return [1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5 for a, b in zip(responses_a, responses_b)]
+
+
+def longer_wins_per_pair(prompt, a, b):
+    """The per-pair form pairwise functions had before they were called on batches."""
     return 1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5
 
 
@@ -38,12 +48,12 @@ def slow_counting_gold(prompts, responses):
     return scores
 
 
-def gold_pairwise(prompt, a, b):
-    """P(a better than b) from the built-in gold reward: 1, 0, or 0.5 on a tie."""
+def gold_pairwise(prompts, responses_a, responses_b):
+    """P(a better than b) from the built-in gold reward, per pair of the batch: 1, 0, or 0.5 on a tie."""
     from selfalign.tasks.builtin import gold_reward
 
-    ra, rb = gold_reward([prompt, prompt], [a, b])
-    return 1.0 if ra > rb else 0.0 if ra < rb else 0.5
+    ra, rb = gold_reward(list(prompts), list(responses_a)), gold_reward(list(prompts), list(responses_b))
+    return [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(ra, rb)]
 
 
 _calls = 0

@@ -83,13 +83,26 @@ def test_reward_model_uses_its_own_tokenizer_and_template(tmp_path):
 
 
 def test_pairwise_ranker_aggregates_win_probabilities():
+    from tests import judge_fns
+
+    judge_fns._pairwise_calls.clear()
     judge = PairwiseJudge("tests.judge_fns:longer_wins")
     scores = judge.score(PROMPTS, CANDIDATES)
     # Prompt 2: lengths 3, 1, 7 -> "2 5 5 5" beats both (1.0), "2 5" beats one (0.5), "5" none (0.0).
     assert scores[1] == [0.5, 0.0, 1.0]
     assert judge.labels == 1 + 3  # C(2,2) + C(3,2) comparisons
+    assert judge_fns._pairwise_calls == [4]  # one call for the whole batch, not one per pair
     with pytest.raises(JudgeError, match="not a probability"):
-        PairwiseJudge(lambda p, a, b: 2.0).score(PROMPTS, CANDIDATES)
+        PairwiseJudge(lambda ps, a, b: [2.0] * len(a)).score(PROMPTS, CANDIDATES)
+
+
+def test_a_per_pair_comparator_gets_a_one_line_error_naming_the_batch_form():
+    # Called with lists, the old per-pair form compares the lists' lengths and returns one number.
+    with pytest.raises(JudgeError, match=r"returned 0.5 for a batch of 4 pairs; pairwise functions are called on "
+                                         r"batches: fn\(prompts, responses_a, responses_b\)"):
+        PairwiseJudge("tests.judge_fns:longer_wins_per_pair").score(PROMPTS, CANDIDATES)
+    with pytest.raises(JudgeError, match=r"raised AttributeError.*called on batches"):
+        PairwiseJudge(lambda p, a, b: a.upper() > b.upper()).score(PROMPTS, CANDIDATES)
 
 
 def test_noisy_judge_is_bradley_terry():
