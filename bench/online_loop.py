@@ -54,6 +54,7 @@ Models
                  cannot sort; this reward is dense (no ties) and learnable from K = 2 samples,
                  so both loops train on every prompt while generation, reference and update
                  run at a real model's cost (responses run to max_new_tokens: EOS is rare)
+    qwen2-mini   the same task with a 2-layer, hidden-64 model: tries the GPU mode's path on a CPU
 
 Running
 -------
@@ -99,15 +100,23 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                     iterations=1, prompts=16),
     "qwen2-0.5b": dict(max_new_tokens=128, gen_batch=64, batch=32, micro_batch=8, lr=1e-6, eval_prompts=64,
                        iterations=2, prompts=128),
+    "qwen2-mini": dict(max_new_tokens=16, gen_batch=64, batch=8, micro_batch=8, lr=1e-4, eval_prompts=16,
+                       iterations=1, prompts=16),
 }
-QWEN2_05B = dict(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
-                 intermediate_size=4864, tie_word_embeddings=True)
+# Random-init Qwen2 shapes: the real 0.5B, and a 2-layer one with the same vocabulary to try the GPU mode on a CPU.
+QWEN2_SHAPES = {
+    "qwen2-0.5b": dict(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                       intermediate_size=4864),
+    "qwen2-mini": dict(vocab_size=151936, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=256),
+}
+VOCAB = 151936
 
 
 # --------------------------------------------------------------------------- the task (both sides)
 def low_half_reward(prompts: list, responses: list[str]) -> list[float]:
     """qwen2-0.5b's reward: the share of response words w<i> with i below half the vocabulary."""
-    half = QWEN2_05B["vocab_size"] // 2
+    half = VOCAB // 2
     out = []
     for text in responses:
         ids = [int(w[1:]) for w in text.split() if w.startswith("w") and w[1:].isdigit()]
@@ -115,18 +124,18 @@ def low_half_reward(prompts: list, responses: list[str]) -> list[float]:
     return out
 
 
-def build_qwen2_task(cache: Path) -> dict[str, Any]:
-    """A random-init Qwen2-0.5B-shaped pi_0 and its word-level tokenizer, saved once under cache."""
+def build_qwen2_task(cache: Path, name: str) -> dict[str, Any]:
+    """A random-init Qwen2-shaped pi_0 (QWEN2_SHAPES[name]) and its word-level tokenizer, saved once under cache."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-    out = cache / "online-loop-qwen2-0.5b-random"
+    out = cache / f"online-loop-{name}-random"
     if not (out / "config.json").exists():
         import torch
 
         specials = ["<pad>", "<unk>", "<bos>", "<eos>", "<|user|>", "<|assistant|>"]
         vocab = {t: i for i, t in enumerate(specials)}
-        vocab.update({f"w{i}": i for i in range(len(specials), QWEN2_05B["vocab_size"])})
+        vocab.update({f"w{i}": i for i in range(len(specials), VOCAB)})
         tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
@@ -135,13 +144,14 @@ def build_qwen2_task(cache: Path) -> dict[str, Any]:
         from selfalign.tasks.tiny import CHAT_TEMPLATE
 
         fast.chat_template = CHAT_TEMPLATE
-        q = QWEN2_05B
+        q = QWEN2_SHAPES[name]
         config = Qwen2Config(vocab_size=q["vocab_size"], hidden_size=q["hidden_size"], num_hidden_layers=q["num_layers"],
                              num_attention_heads=q["num_heads"], num_key_value_heads=q["num_kv_heads"],
                              intermediate_size=q["intermediate_size"], tie_word_embeddings=True, pad_token_id=0,
                              bos_token_id=2, eos_token_id=3, max_position_embeddings=2048)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache))
         model.save_pretrained(tmp)
         fast.save_pretrained(tmp)
@@ -175,7 +185,7 @@ def resolve_task(model: str, cache: Path) -> dict[str, Any]:
 
         t = build_task(progress=False)
         return dict(policy=t.policy_dir, prompts=t.train_prompts, eval_prompts=t.eval_prompts, reward_fn=t.reward_fn)
-    return build_qwen2_task(cache)
+    return build_qwen2_task(cache, model)
 
 
 def read_prompts(path: Path, n: int | None = None) -> list:
@@ -214,7 +224,7 @@ def selfalign_overrides(a: argparse.Namespace, task: dict[str, Any], out: Path, 
         f"train.micro_batch_size={a.micro_batch}", "train.epochs=1", "train.gradient_checkpointing=false",
         f"train.mixed_precision={'bf16' if a.device == 'cuda' else 'no'}", "eval.prompts=0",
     ]
-    if a.model == "qwen2-0.5b":
+    if a.model.startswith("qwen2"):
         sets += [f"prompts={task['prompts']}", f"eval_prompts={task['eval_prompts']}",
                  f"judge.function={task['reward_fn']}"]
     return sets + list(a.set)
