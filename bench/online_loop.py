@@ -386,6 +386,10 @@ def worker(a: argparse.Namespace) -> None:
     result.update(heldout_reward(model, tok, read_prompts(task["eval_prompts"], a.eval_prompts), task["reward_fn"],
                                  a.max_new_tokens, a.eval_batch))
     result["eval_s"] = time.perf_counter() - start
+    del model
+    import shutil  # the run directory (a saved policy per iteration) is not kept
+
+    shutil.rmtree(work, ignore_errors=True)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
@@ -558,28 +562,6 @@ def main() -> None:
     configs = [c for c in configs if c not in skipped]
     for c, why in skipped.items():
         print(f"skip {c}: {why}", flush=True)
-    print("pi_0 held-out reward ...", flush=True)
-    pi0 = launch("pi0", sys.executable, argv, a.timeout)
-    runs: list[dict[str, Any]] = []
-    for r in range(a.repeats):
-        for c in configs:
-            res = launch(c, python[c], argv, a.timeout)
-            res["repeat"] = r
-            runs.append(res)
-            if "error" in res:
-                print(f"{c} (repeat {r}): FAILED {res['error']}", flush=True)
-            else:
-                print(f"{c} (repeat {r}): train {res['train_s']:.1f} s, eval {res['eval_s']:.1f} s, "
-                      f"peak RSS {res['peak_rss_mib']:.0f} MiB, held-out reward {res['heldout_reward']:.3f}", flush=True)
-    summary = {c: s for c in configs if (s := summarise(runs, c))}
-    pi0_reward = pi0.get("heldout_reward")
-    text = table(summary, pi0_reward)
-    rat = ratios(summary)
-    print("\n" + text)
-    for x in rat:
-        print(f"{x['selfalign']} / {x['trl']}: {x['speedup']:.2f}x faster per labelled pair, "
-              f"{x['memory']:.2f}x the peak memory, held-out reward {x['reward_delta']:+.3f}")
-
     import torch
     import transformers
 
@@ -590,6 +572,35 @@ def main() -> None:
             versions[mod] = subprocess.run([vllm_python, "-c", f"import {mod}; print({mod}.__version__)"],
                                            capture_output=True, text=True).stdout.strip() or None
     command = "python bench/online_loop.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    print("pi_0 held-out reward ...", flush=True)
+    pi0 = launch("pi0", sys.executable, argv, a.timeout)
+    runs: list[dict[str, Any]] = []
+    text, rat, stem = write_results(a, command, versions, skipped, pi0, runs, configs)
+    for r in range(a.repeats):
+        for c in configs:
+            res = launch(c, python[c], argv, a.timeout)
+            res["repeat"] = r
+            runs.append(res)
+            if "error" in res:
+                print(f"{c} (repeat {r}): FAILED {res['error']}", flush=True)
+            else:
+                print(f"{c} (repeat {r}): train {res['train_s']:.1f} s, eval {res['eval_s']:.1f} s, "
+                      f"peak RSS {res['peak_rss_mib']:.0f} MiB, held-out reward {res['heldout_reward']:.3f}", flush=True)
+            # Written after every run, so a long benchmark that is stopped keeps what finished.
+            text, rat, stem = write_results(a, command, versions, skipped, pi0, runs, configs)
+    print("\n" + text)
+    for x in rat:
+        print(f"{x['selfalign']} / {x['trl']}: {x['speedup']:.2f}x faster per labelled pair, "
+              f"{x['memory']:.2f}x the peak memory, held-out reward {x['reward_delta']:+.3f}")
+    print(f"wrote {stem}.md and .json")
+
+
+def write_results(a: argparse.Namespace, command: str, versions: dict[str, Any], skipped: dict[str, str],
+                  pi0: dict[str, Any], runs: list[dict[str, Any]], configs: list[str]):
+    """bench/results/online_loop_<model>_<device>.{md,json} from the runs so far; (table, ratios, path stem)."""
+    summary = {c: s for c in configs if (s := summarise(runs, c))}
+    text = table(summary, pi0.get("heldout_reward"))
+    rat = ratios(summary)
     a.out.mkdir(parents=True, exist_ok=True)
     stem = a.out / f"online_loop_{a.model}_{a.device}"
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("worker", "out")}
@@ -611,7 +622,7 @@ def main() -> None:
     if failed:
         md += ["", "Failed runs:", *failed]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print(f"wrote {stem}.md and .json")
+    return text, rat, stem
 
 
 if __name__ == "__main__":

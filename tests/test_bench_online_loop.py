@@ -19,7 +19,7 @@ HAS_TRL = importlib.util.find_spec("trl") is not None and importlib.util.find_sp
 def test_online_loop_bench_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "results"
     cmd = [sys.executable, str(ROOT / "bench" / "online_loop.py"), "--model", "tiny", "--configs", "selfalign-hf,trl-hf",
-           "--iterations", "1", "--prompts", "16", "--batch", "8", "--micro-batch", "8", "--eval-prompts", "16",
+           "--iterations", "1", "--prompts", "8", "--batch", "8", "--micro-batch", "8", "--eval-prompts", "8",
            "--out", str(out), "--timeout", "300"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -29,18 +29,18 @@ def test_online_loop_bench_end_to_end(tmp_path: Path) -> None:
     assert not [r for r in result["runs"] if "error" in r], result["runs"]
     ours = result["summary"]["selfalign-hf"]
     # Every prompt of the slice is labelled; ties (equal gold reward) are not trained on.
-    assert ours["labelled_pairs"] == 16 and 0 < ours["pairs_trained"] <= 16
-    assert 0 <= ours["heldout_reward"] <= 1 and len(result["runs"][0]["heldout_rewards"]) == 16
+    assert ours["labelled_pairs"] == 8 and 0 < ours["pairs_trained"] <= 8
+    assert 0 <= ours["heldout_reward"] <= 1 and len(result["runs"][0]["heldout_rewards"]) == 8
     # The stage shares are fractions of the training time and, with "other", add up to 1.
     assert all(0 <= v <= 1 for v in ours["shares"].values())
     assert abs(sum(ours["shares"].values()) - 1) < 1e-6
     assert ours["stage_s"]["generation"] > 0 and ours["stage_s"]["update"] > 0
     assert ours["peak_rss_mib"] > 50  # a Python process with torch loaded
     # pi_0 is evaluated by the same function: same prompts, same number of scores.
-    assert len(result["pi0"]["heldout_rewards"]) == 16
+    assert len(result["pi0"]["heldout_rewards"]) == 8
     if HAS_TRL:
         peer = result["summary"]["trl-hf"]
-        assert peer["labelled_pairs"] == 16 and peer["stage_s"]["generation"] > 0
+        assert peer["labelled_pairs"] == 8 and peer["stage_s"]["generation"] > 0
         assert peer["stage_s"]["reference_logprobs"] > 0 and peer["stage_s"]["update"] > 0
         assert [r["selfalign"] for r in result["ratios"]] == ["selfalign-hf"] and result["ratios"][0]["speedup"] > 0
         assert "selfalign-hf / trl-hf" in md
