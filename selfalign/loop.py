@@ -29,7 +29,7 @@ from . import faults
 from .card import push_folder, run_card
 from .checks import check_pretrained, loading
 from .config import ConfigError, check_same_config, dump_yaml, to_dict
-from .data import load_jsonl, load_prompts, pad_token_id, write_atomic, write_jsonl
+from .data import load_jsonl, load_prompt_ids, load_prompts, pad_token_id, write_atomic, write_jsonl
 from .distributed import make_accelerator
 from .generation import Backend, GenerationConfig, build_backend, load_generation_config, stop_token_ids
 from .generation.hf import HFBackend
@@ -284,7 +284,7 @@ def summary_line(metrics: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------- stages
 def load_dataset(cfg: RunConfig, task: Task, tokenizer) -> Dataset:
     """The prompts to slice: the preference file's when SAIL trains on dataset pairs, else the prompt file's."""
-    from .data import PreferenceDataConfig, load_preferences, prompt_ids
+    from .data import PreferenceDataConfig, load_preferences
 
     if cfg.needs_dataset:
         prompts = load_prompts(task.preferences, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens,
@@ -294,8 +294,9 @@ def load_dataset(cfg: RunConfig, task: Task, tokenizer) -> Dataset:
             rejected_field=cfg.rejected_field, max_prompt_tokens=cfg.max_prompt_tokens,
             split=cfg.preferences_split, subset=cfg.subset), tokenizer)
         return Dataset(prompts, [ex.prompt_ids for ex in pairs], pairs)
-    prompts = load_prompts(task.prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens, *cfg.source_split("prompts"))
-    return Dataset(prompts, [prompt_ids(tokenizer, p) for p in prompts])
+    prompts, ids = load_prompt_ids(task.prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens,
+                                   *cfg.source_split("prompts"))
+    return Dataset(prompts, ids)
 
 
 def round_dir(it: Path, k: int, rounds: int) -> Path:
