@@ -127,7 +127,7 @@ def low_half_reward(prompts: list, responses: list[str]) -> list[float]:
 def build_qwen2_task(cache: Path, name: str) -> dict[str, Any]:
     """A random-init Qwen2-shaped pi_0 (QWEN2_SHAPES[name]) and its word-level tokenizer, saved once under cache."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
     out = cache / f"online-loop-{name}-random"
     if not (out / "config.json").exists():
@@ -145,7 +145,9 @@ def build_qwen2_task(cache: Path, name: str) -> dict[str, Any]:
 
         fast.chat_template = CHAT_TEMPLATE
         q = QWEN2_SHAPES[name]
-        config = Qwen2Config(vocab_size=q["vocab_size"], hidden_size=q["hidden_size"], num_hidden_layers=q["num_layers"],
+        # Saved as a Llama config (Qwen2's shape; attention biases on): for a 'qwen2' model transformers 5's
+        # AutoTokenizer swaps our word-level tokenizer for Qwen2's byte-level BPE (selfalign.tasks.tiny).
+        config = LlamaConfig(attention_bias=True, vocab_size=q["vocab_size"], hidden_size=q["hidden_size"], num_hidden_layers=q["num_layers"],
                              num_attention_heads=q["num_heads"], num_key_value_heads=q["num_kv_heads"],
                              intermediate_size=q["intermediate_size"], tie_word_embeddings=True, pad_token_id=0,
                              bos_token_id=2, eos_token_id=3, max_position_embeddings=2048)
