@@ -5,7 +5,8 @@
 #   bash bench/gpu_checks.sh --cpu-dry  # here, on CPU: the same steps at smoke sizes, to test the script
 #
 # Steps (each logged with its wall time; a failing step is recorded and the next one still runs;
-# ONLY_SHARDED=1 runs step 1 and the sharded smokes only):
+# ONLY_SHARDED=1 runs step 1 and the sharded smokes only; QUICK=1: steps 2, 5 and 4 at small sizes,
+# each under a time limit, for a short device budget):
 #   1. environment: GPU name, driver, torch / transformers / accelerate / trl versions
 #   2. bench/train_step.py --device cuda: selfalign's DPO update vs TRL's DPOTrainer on a
 #      Qwen2-0.5B-shaped model, sequence 1024, bf16; tokens/s, MFU and peak GPU memory, as ratios
@@ -60,19 +61,49 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cu
 print('transformers', transformers.__version__, 'accelerate', accelerate.__version__)
 print('trl', __import__('trl').__version__ if u.find_spec('trl') else None)
 "
-if [ -n "${ONLY_SHARDED:-}" ]; then
-  :  # ONLY_SHARDED=1: just the sharded smokes (step 4)
-elif [ "$mode" = "--cpu-dry" ]; then
-  [ -n "${SKIP_TRAIN_STEP:-}" ] || step train_step $PY bench/train_step.py --quick --out-prefix "$res/train_step_cpu_dry"
+# QUICK=1: the checks in priority order at sizes for a few minutes of device time (each step under its
+# own `timeout`, so one slow step cannot eat the rest): the update vs TRL, memory vs estimate, the two
+# sharded smokes. Without QUICK the full sizes and the online-loop runs follow.
+quick="${QUICK:-}"
+lim() { if [ -n "$quick" ]; then echo "timeout $1"; fi; }
+if [ "$mode" = "--cpu-dry" ]; then
+  sharded_procs=2; sharded_sizes=(iterations=1 prompts_per_iteration=8 eval.prompts=4 eval.samples=2 generation.max_new_tokens=8)
   loop_sizes=(iterations=1 prompts_per_iteration=16 eval.prompts=8 eval.samples=2)
+elif [ -n "$quick" ]; then
+  nvidia-smi >>"$log" 2>&1
+  sharded_procs=1; sharded_sizes=(iterations=1 prompts_per_iteration=64 eval.prompts=32)
 else
   nvidia-smi >>"$log" 2>&1
-  # 128 pairs x 4 configs x 1 repeat: the default 256 x 2 ran past a 450 s limit on an H100 (2026-11-27).
-  step train_step $PY bench/train_step.py --device cuda --repeats 1 --pairs 128 --out-prefix "$res/train_step_cuda"
+  sharded_procs=1; sharded_sizes=(iterations=1)
   loop_sizes=(iterations=2)
 fi
-for method in $([ -n "${ONLY_SHARDED:-}" ] || echo selm iterative_dpo); do
-  step "loop_$method" $PY - "$res/loop_$method" "$method" "${loop_sizes[@]}" <<'EOF'
+if [ -z "${ONLY_SHARDED:-}" ]; then
+  if [ "$mode" = "--cpu-dry" ]; then
+    [ -n "${SKIP_TRAIN_STEP:-}" ] || step train_step $PY bench/train_step.py --quick --out-prefix "$res/train_step_cpu_dry"
+    step memory $PY bench/memory.py --device cpu --shape cpu-tiny --cases 1 --out-prefix "$res/memory_cpu_dry"
+  elif [ -n "$quick" ]; then
+    # selfalign-gc: gradient checkpointing, as TRL's DPOConfig turns on by default (the like-for-like memory row)
+    step train_step $(lim 110) $PY bench/train_step.py --device cuda --quick --configs selfalign,selfalign-gc,trl-default \
+      --out-prefix "$res/train_step_cuda_quick"
+    step memory $(lim 75) $PY bench/memory.py --device cuda --shape qwen2-0.5b --cases 2 --out-prefix "$res/memory_cuda"
+  else
+    # 128 pairs x 4 configs x 1 repeat: the default 256 x 2 ran past a 450 s limit on an H100 (2026-11-27).
+    step train_step $PY bench/train_step.py --device cuda --repeats 1 --pairs 128 --out-prefix "$res/train_step_cuda"
+    step memory $PY bench/memory.py --device cuda --shape qwen2-0.5b --out-prefix "$res/memory_cuda"
+  fi
+fi
+for cfg in fsdp2 zero3; do
+  if [ "$cfg" = zero3 ] && ! $PY -c "import deepspeed" >/dev/null 2>&1; then
+    echo "=== sharded_$cfg: skipped (deepspeed is not installed; put its wheel and deps in .whl/)" | tee -a "$log"
+    continue
+  fi
+  step "sharded_$cfg" timeout "$([ -n "$quick" ] && echo 75 || echo 300)" $PY -m accelerate.commands.launch \
+    --config_file "$($PY -m selfalign accelerate-config $cfg)" --num_processes $sharded_procs \
+    bench/sharded_smoke.py "$res/sharded_$cfg" "${sharded_sizes[@]}"
+done
+if [ -z "${ONLY_SHARDED:-}" ] && [ -z "$quick" ]; then
+  for method in selm iterative_dpo; do
+    step "loop_$method" $PY - "$res/loop_$method" "$method" "${loop_sizes[@]}" <<'PYEOF'
 import json, sys, time
 import torch
 from selfalign.cli import main
@@ -87,25 +118,12 @@ record = {"method": method, "exit": rc, "wall_s": round(time.perf_counter() - t0
 print(json.dumps(record))
 with open(f"{out}.json", "w") as f:
     json.dump(record, f, indent=1)
-EOF
-done
-if [ "$mode" = "--cpu-dry" ]; then
-  sharded_procs=2; sharded_sizes=(iterations=1 prompts_per_iteration=8 eval.prompts=4 eval.samples=2 generation.max_new_tokens=8)
-else
-  sharded_procs=1; sharded_sizes=(iterations=1)
-fi
-for cfg in fsdp2 zero3; do
-  if [ "$cfg" = zero3 ] && ! $PY -c "import deepspeed" >/dev/null 2>&1; then
-    echo "=== sharded_$cfg: skipped (deepspeed is not installed; put its wheel and deps in .whl/)" | tee -a "$log"
-    continue
+PYEOF
+  done
+  if [ "$mode" != "--cpu-dry" ]; then
+    # The whole online loop against TRL's OnlineDPOTrainer (bench/online_loop.py; 3-5 min on an H100)
+    step online_loop timeout 400 $PY bench/online_loop.py --device cuda --model qwen2-0.5b --configs selfalign-hf,trl-hf \
+      --timeout 240 --cache /tmp/cache --out "$res"
   fi
-  step "sharded_$cfg" timeout 300 $PY -m accelerate.commands.launch \
-    --config_file "$($PY -m selfalign accelerate-config $cfg)" --num_processes $sharded_procs \
-    bench/sharded_smoke.py "$res/sharded_$cfg" "${sharded_sizes[@]}"
-done
-if [ "$mode" = "--cpu-dry" ]; then
-  step memory $PY bench/memory.py --device cpu --shape cpu-tiny --cases 1 --out-prefix "$res/memory_cpu_dry"
-else
-  step memory $PY bench/memory.py --device cuda --shape qwen2-0.5b --out-prefix "$res/memory_cuda"
 fi
 echo "results in $res"
