@@ -77,30 +77,35 @@ else
   sharded_procs=1; sharded_sizes=(iterations=1)
   loop_sizes=(iterations=2)
 fi
+sharded() {  # step 4: the 1-GPU FSDP2 and ZeRO-3 smokes
+  for cfg in fsdp2 zero3; do
+    if [ "$cfg" = zero3 ] && ! $PY -c "import deepspeed" >/dev/null 2>&1; then
+      echo "=== sharded_$cfg: skipped (deepspeed is not installed; put its wheel and deps in .whl/)" | tee -a "$log"
+      continue
+    fi
+    step "sharded_$cfg" timeout "$([ -n "$quick" ] && echo 75 || echo 300)" $PY -m accelerate.commands.launch \
+      --config_file "$($PY -m selfalign accelerate-config $cfg)" --num_processes $sharded_procs \
+      bench/sharded_smoke.py "$res/sharded_$cfg" "${sharded_sizes[@]}"
+  done
+}
+# QUICK=1: the sharded smokes first (never run on a GPU before), then the update vs TRL and memory
+[ -n "$quick" ] && sharded
 if [ -z "${ONLY_SHARDED:-}" ]; then
   if [ "$mode" = "--cpu-dry" ]; then
     [ -n "${SKIP_TRAIN_STEP:-}" ] || step train_step $PY bench/train_step.py --quick --out-prefix "$res/train_step_cpu_dry"
     step memory $PY bench/memory.py --device cpu --shape cpu-tiny --cases 1 --out-prefix "$res/memory_cpu_dry"
   elif [ -n "$quick" ]; then
+    step memory $(lim 75) $PY bench/memory.py --device cuda --shape qwen2-0.5b --cases 2 --out-prefix "$res/memory_cuda"
     # selfalign-gc: gradient checkpointing, as TRL's DPOConfig turns on by default (the like-for-like memory row)
     step train_step $(lim 110) $PY bench/train_step.py --device cuda --quick --configs selfalign,selfalign-gc,trl-default \
       --out-prefix "$res/train_step_cuda_quick"
-    step memory $(lim 75) $PY bench/memory.py --device cuda --shape qwen2-0.5b --cases 2 --out-prefix "$res/memory_cuda"
   else
     # 128 pairs x 4 configs x 1 repeat: the default 256 x 2 ran past a 450 s limit on an H100 (2026-11-27).
     step train_step $PY bench/train_step.py --device cuda --repeats 1 --pairs 128 --out-prefix "$res/train_step_cuda"
     step memory $PY bench/memory.py --device cuda --shape qwen2-0.5b --out-prefix "$res/memory_cuda"
   fi
 fi
-for cfg in fsdp2 zero3; do
-  if [ "$cfg" = zero3 ] && ! $PY -c "import deepspeed" >/dev/null 2>&1; then
-    echo "=== sharded_$cfg: skipped (deepspeed is not installed; put its wheel and deps in .whl/)" | tee -a "$log"
-    continue
-  fi
-  step "sharded_$cfg" timeout "$([ -n "$quick" ] && echo 75 || echo 300)" $PY -m accelerate.commands.launch \
-    --config_file "$($PY -m selfalign accelerate-config $cfg)" --num_processes $sharded_procs \
-    bench/sharded_smoke.py "$res/sharded_$cfg" "${sharded_sizes[@]}"
-done
+[ -n "$quick" ] || sharded
 if [ -z "${ONLY_SHARDED:-}" ] && [ -z "$quick" ]; then
   for method in selm iterative_dpo; do
     step "loop_$method" $PY - "$res/loop_$method" "$method" "${loop_sizes[@]}" <<'PYEOF'
