@@ -28,9 +28,11 @@ def test_k3_kl_is_non_negative_where_the_old_k1_mean_went_negative():
     assert bool((kl_k3(a, b) >= 0).all()) and kl_k3(a, a).abs().max().item() == 0.0
 
 
-def test_evaluation_saves_its_responses_and_shows_progress(builtin_task, tmp_path, capsys):
+def test_evaluation_saves_its_responses_and_shows_progress(builtin_task, tmp_path, capsys, monkeypatch):
+    """Off a terminal (pytest captures stderr) progress comes as plain log lines on stdout, here one per update."""
     from transformers import AutoTokenizer
 
+    from selfalign import logs
     from selfalign.judges.function import FunctionJudge
     from selfalign.loop import load_prompts
 
@@ -38,10 +40,12 @@ def test_evaluation_saves_its_responses_and_shows_progress(builtin_task, tmp_pat
     tokenizer = AutoTokenizer.from_pretrained(builtin_task.policy_dir)
     prompts = load_prompts(str(builtin_task.eval_prompts), "prompt", tokenizer, 512)[:4]
     path = tmp_path / "eval_responses.jsonl"
+    monkeypatch.setenv("SELFALIGN_PROGRESS_EVERY", "0")
+    logs.setup()
     m = evaluate_policy(builtin_task.policy_dir, builtin_task.policy_dir, prompts, tokenizer,
                         FunctionJudge(builtin_task.reward_fn), cfg, progress=True, responses_path=path)
-    err = capsys.readouterr().err
-    assert "eval" in err and "KL: policy log-probs" in err and "generate" in err
+    out = capsys.readouterr().out
+    assert "eval" in out and "KL: policy log-probs" in out and "generate" in out and "\r" not in out
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == prompts
     assert sum(r["greedy_reward"] for r in rows) / 4 == pytest.approx(m["gold/greedy"])
