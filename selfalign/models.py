@@ -19,9 +19,11 @@ path and what to do, which the CLI prints with exit status 2.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,9 +134,39 @@ def load_tokenizer(source: str | os.PathLike):
         raise ModelLoadError(f"{source}: cannot load a tokenizer ({_first_line(e)}){_hub_hint(where)}") from None
 
 
+@contextlib.contextmanager
+def whole_weights() -> Iterator[None]:
+    """Build models with whole weights even while a DeepSpeed ZeRO-3 config is active.
+
+    Under `accelerate launch` with a ZeRO-3 config, transformers partitions every model that
+    from_pretrained / from_config builds (deepspeed.zero.Init), so a model loaded to generate or
+    evaluate from on one process has empty weights ("'weight' must be 2-D", seen on an H200).
+    selfalign shards the models it trains itself, in accelerator.prepare (DeepSpeed partitions a
+    whole model there), so it loads every model whole: at a cost of one full copy per process
+    in host memory while loading.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # transformers without its DeepSpeed integration module
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32, auto_class: Any = None, **kwargs: Any):
     """`auto_class.from_pretrained(source, dtype=dtype)` (default AutoModelForCausalLM) for a directory, hub
-    name or .gguf file; a GGUF model comes back as a plain (serializable) model of the same weights."""
+    name or .gguf file; a GGUF model comes back as a plain (serializable) model of the same weights.
+    Weights are whole even under ZeRO-3 (see whole_weights)."""
+    with whole_weights():
+        return _load_model(source, dtype, auto_class, **kwargs)
+
+
+def _load_model(source: str | os.PathLike, dtype: torch.dtype, auto_class: Any, **kwargs: Any):
     from transformers import AutoModelForCausalLM
 
     auto_class = auto_class or AutoModelForCausalLM

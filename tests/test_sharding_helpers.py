@@ -50,3 +50,26 @@ def test_a_head_weight_that_is_sharded_when_read_goes_through_the_module():
     slow = token_logprobs(hidden, head, targets, chunk_size=3)
     assert len(calls) == 3  # one module call per chunk of 3 tokens
     torch.testing.assert_close(slow, fast)
+
+
+def test_models_load_whole_while_a_zero3_config_is_active():
+    """Under a ZeRO-3 accelerate config transformers partitions what from_pretrained builds (an H200 smoke
+    run died generating from such a model); selfalign's loader switches that off for its loads and back after."""
+    from transformers.integrations import deepspeed as hf_ds
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from selfalign.models import whole_weights
+
+    class Zero3Config:  # what accelerate registers (an HfDeepSpeedConfig; building one needs deepspeed installed)
+        def is_zero3(self) -> bool:
+            return True
+
+    config = Zero3Config()
+    hf_ds.set_hf_deepspeed_config(config)
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with whole_weights():
+            assert not is_deepspeed_zero3_enabled()
+        assert is_deepspeed_zero3_enabled()
+    finally:
+        hf_ds.unset_hf_deepspeed_config()
