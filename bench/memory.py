@@ -68,7 +68,14 @@ if device == "cuda":
     torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
 else:
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # Reset the peak resident set (VmHWM) to the current one, so an earlier peak (imports, the warm-up)
+    # cannot hide part of the growth, as ru_maxrss's lifetime maximum can.
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
 policy = AutoModelForCausalLM.from_config(config, dtype=policy_dtype(t)).to(device)
 reference = None
 if not t.lora.enabled:
@@ -85,7 +92,7 @@ trainer.update(examples, progress=False)
 if device == "cuda":
     peak = torch.cuda.max_memory_allocated() - before
 else:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = status("VmHWM") - before
 print(json.dumps({"peak": peak}))
 """
 

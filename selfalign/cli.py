@@ -263,7 +263,8 @@ def print_estimate(cfg) -> None:
                          processes=int(os.environ.get("WORLD_SIZE", "0")) or None)
     except Exception as e:  # informational: a model the estimate cannot size never stops the run
         text = f"memory estimate: not available ({str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__})"
-    print(text)
+    for line in text.splitlines():  # timestamped like every line before the table
+        logs.info("%s", line)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:

@@ -95,9 +95,9 @@ def test_lora_loop_holds_one_base_model_and_its_reference_is_pi_ref(tmp_path, mo
         compute(self, examples, *args, **kwargs)
         refs.append([(e.prompt_ids, e.chosen_ids, e.ref_chosen) for e in examples])
 
-    def saving(trainer, tokenizer, path):
+    def saving(trainer, tokenizer, path, *args, **kwargs):
         trained.append(_logps(trainer.policy, probe))
-        save(trainer, tokenizer, path)
+        save(trainer, tokenizer, path, *args, **kwargs)
 
     monkeypatch.setattr(PreferenceTrainer, "begin", counting_begin)
     monkeypatch.setattr(PreferenceTrainer, "compute_reference_logps", recording)
