@@ -44,7 +44,7 @@ CASES = {
 CPU_CASES = list(CASES)[:3]
 
 WORKER = r"""
-import json, resource, sys
+import json, sys
 import torch
 spec = json.loads(sys.argv[1])
 from transformers import AutoConfig, AutoModelForCausalLM
