@@ -43,6 +43,7 @@ import torch
 
 from .config import ConfigError, check
 from .config import field as cfield
+from .generation import resolved_backend
 from .models import DTYPES, adapter_base, is_adapter_dir
 
 GIB = 1024**3
@@ -267,7 +268,7 @@ def estimate(cfg: Any, shape: ModelShape, reward: ModelShape | None, sharding: S
     phases = {"training": resident + train_peak, "generation": resident + c["generation (KV cache)"],
               "judging": resident + judging, "reference": resident + reference_phase}
     peak = max(phases.values())
-    if cfg.generation.backend == "vllm":
+    if resolved_backend(cfg.generation) == "vllm":
         notes.append(f"vLLM takes generation.vllm_memory={cfg.generation.vllm_memory} of the GPU while awake; "
                      "not counted")
     return Estimate(c, peak, notes, phases)

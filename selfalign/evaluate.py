@@ -93,9 +93,13 @@ def baseline_greedy(baseline_path: Path, prompts: list[Prompt], tokenizer, max_n
                                 progress=progress)]
     if own:
         backend.close()
-    if path is not None:
-        write_atomic(path, json.dumps({"policy": str(baseline_path), "texts": texts}))
+    save_baseline_greedy(cache, baseline_path, texts)
     return texts
+
+
+def save_baseline_greedy(cache: Path | None, baseline_path: Path, texts: list[str]) -> None:
+    if cache is not None:
+        write_atomic(cache / "baseline_greedy.json", json.dumps({"policy": str(baseline_path), "texts": texts}))
 
 
 def implicit_reward_gap(policy, reference, pairs: list[tuple[list[int], list[int], list[int]]], beta: float,
@@ -138,17 +142,28 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
         backend = build_backend(cfg.generation, tokenizer, policy_path, load_generation_config(policy_path),
                                 seed=cfg.seed)
     baseline_path = baseline_path or pi0_path
+    # pi_0 evaluated against itself (iteration -1): its greedy answers are the baseline's and its KL is 0,
+    # so neither is computed twice.
+    is_pi0 = Path(policy_path).resolve() == Path(pi0_path).resolve()
     pi0 = _load(pi0_path) if Path(baseline_path) == Path(pi0_path) else None
-    base = baseline_greedy(baseline_path, prompts, tokenizer, cfg.generation.max_new_tokens, cache, backend,
-                           model=pi0, progress=progress)
-    stage("baseline answered")
-    pi0 = pi0 if pi0 is not None else _load(pi0_path)
-    policy = _load(policy_path)
     pad = pad_token_id(tokenizer)
     max_new = cfg.generation.max_new_tokens
     ids = [prompt_ids(tokenizer, p) for p in prompts]
-    gen = backend.generator(policy)
-    greedy_ids = [r[0] for r in _generate(gen, ids, cfg.generation, 1, 0.0, seed=0, progress=progress)]
+    if is_pi0 and pi0 is not None:
+        policy = pi0
+        gen = backend.generator(policy)
+        greedy_ids = [r[0] for r in _generate(gen, ids, cfg.generation, 1, 0.0, seed=0, progress=progress)]
+        base = [tokenizer.decode(r, skip_special_tokens=True) for r in greedy_ids]
+        save_baseline_greedy(cache, baseline_path, base)
+        stage("baseline answered")
+    else:
+        base = baseline_greedy(baseline_path, prompts, tokenizer, cfg.generation.max_new_tokens, cache, backend,
+                               model=pi0, progress=progress)
+        stage("baseline answered")
+        pi0 = pi0 if pi0 is not None else _load(pi0_path)
+        policy = _load(policy_path)
+        gen = backend.generator(policy)
+        greedy_ids = [r[0] for r in _generate(gen, ids, cfg.generation, 1, 0.0, seed=0, progress=progress)]
     stage("greedy answered")
     k = cfg.eval.samples
     sampled_ids = _generate(gen, ids, cfg.generation, k, cfg.generation.temperature or 1.0, seed=cfg.seed + 1,
@@ -170,8 +185,11 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
 
     flat_p = [ids[i] for i in range(len(ids)) for _ in range(k)]
     flat_r = [r for rs in sampled_ids for r in rs]
-    kl = kl_k3(_logprobs(policy, flat_p, flat_r, pad, progress, "KL: policy log-probs"),
-               _logprobs(pi0, flat_p, flat_r, pad, progress, "KL: pi_0 log-probs"))
+    if policy is pi0:
+        kl = torch.zeros(len(flat_r), dtype=torch.float64)
+    else:
+        kl = kl_k3(_logprobs(policy, flat_p, flat_r, pad, progress, "KL: policy log-probs"),
+                   _logprobs(pi0, flat_p, flat_r, pad, progress, "KL: pi_0 log-probs"))
     stage("KL")
     end_ids = set(end_token_ids(tokenizer, getattr(policy, "generation_config", None)))
     trunc = [[is_truncated(r, max_new, end_ids) for r in rs] for rs in sampled_ids]

@@ -717,7 +717,7 @@ def stage_eval(ctx: RunContext, it: Path, t: int) -> dict[str, Any]:
         pairs = [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"])
                  for rd in [it, *sorted(it.glob("round_*"))] if (rd / "pairs.jsonl").exists()
                  for r in load_jsonl(rd / "pairs.jsonl")]
-        pairs = random.Random(f"{cfg.seed}:implicit").sample(pairs, min(256, len(pairs)))
+        pairs = random.Random(f"{cfg.seed}:implicit").sample(pairs, min(cfg.eval.implicit_pairs, len(pairs)))
         start = time.perf_counter()
         result = evaluate_policy(it / "policy", ctx.pi0_path, eval_prompts, ctx.tokenizer, gold, cfg, cache=it.parent,
                                  progress=ctx.show, pairs=pairs, keep_rewards=True,

@@ -73,12 +73,15 @@ class EvalConfig:
 
     prompts: int = field(64, help="Held-out prompts to evaluate on; 0 disables evaluation.")
     samples: int = field(2, help="Sampled responses per prompt (for reward of samples and the KL estimate).")
+    implicit_pairs: int = field(256, help="Training pairs of the iteration (at most) on which SELM's implicit reward gap "
+                                          "is measured (a policy and a pi_0 forward pass each); 0 skips it.")
     reward: str = field("", help="'pkg.module:function' gold reward; empty: the built-in task's, else the judge "
                                  "function, else the judge's reward model (without noise).")
     reward_model: str = field("", help="Sequence-classification reward model (directory, hub name or .gguf) that "
                                        "scores the held-out answers instead of a function.")
 
     def __post_init__(self) -> None:
+        check(self.implicit_pairs >= 0, "eval.implicit_pairs", f"must be >= 0, got {self.implicit_pairs}")
         check(not (self.reward and self.reward_model), "eval.reward_model",
               "set eval.reward or eval.reward_model, not both (one reward scores the held-out answers)")
 

