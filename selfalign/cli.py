@@ -326,7 +326,11 @@ def _check_tokenizer(policy: Path, other: Path, flag: str) -> None:
         mine, theirs = AutoTokenizer.from_pretrained(policy).get_vocab(), AutoTokenizer.from_pretrained(other).get_vocab()
     except (OSError, ValueError):  # no tokenizer saved with the model: compare the vocabulary sizes only
         mine = theirs = None
-    sizes = AutoConfig.from_pretrained(policy).vocab_size, AutoConfig.from_pretrained(other).vocab_size
+    from .models import adapter_base, is_adapter_dir
+
+    # A LoRA iterate is an adapter directory: its vocabulary is its base model's.
+    model = lambda p: adapter_base(p) if is_adapter_dir(p) else p  # noqa: E731
+    sizes = AutoConfig.from_pretrained(model(policy)).vocab_size, AutoConfig.from_pretrained(model(other)).vocab_size
     if (mine is not None and mine != theirs) or sizes[1] < sizes[0]:
         raise UsageError(f"{flag} {other}: its vocabulary ({sizes[1]} ids) is not the policy's ({sizes[0]} ids); "
                          f"pass {flag} DIR with a model sharing the policy's tokenizer (the model it was trained from)")

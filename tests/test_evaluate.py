@@ -109,3 +109,23 @@ def test_eval_refuses_a_baseline_with_another_tokenizer_before_generating(builti
     assert main(["eval", str(policy), "--baseline", str(other), "--limit", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"--baseline {other}: its vocabulary" in err and len(err.splitlines()) == 1
+
+
+def test_eval_accepts_a_lora_iterate_whose_vocabulary_is_its_base_models(builtin_task, tmp_path):
+    """A LoRA run's iterates are adapter directories (no config.json): the tokenizer check reads the base's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selfalign.cli import UsageError, _check_tokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(builtin_task.policy_dir)
+    adapter = tmp_path / "iter_000" / "policy"
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(builtin_task.policy_dir).save_pretrained(adapter)
+    assert not (adapter / "config.json").exists()
+    _check_tokenizer(adapter, builtin_task.policy_dir, "--baseline")  # no error
+    other = tmp_path / "other"
+    base.config.vocab_size = 8
+    base.config.save_pretrained(other)
+    with pytest.raises(UsageError, match="vocabulary"):
+        _check_tokenizer(adapter, other, "--baseline")
