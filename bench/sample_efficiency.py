@@ -227,6 +227,31 @@ def permutation_p(a: list[float], b: list[float]) -> float:
     return hits / total
 
 
+def paired_p(diffs: list[float], draws: int = 20000, seed: int = 0) -> float:
+    """Two-sided sign-flip permutation test that paired differences have mean 0 (random flips, fixed seed)."""
+    import random
+
+    observed = abs(sum(diffs))
+    rng = random.Random(seed)
+    hits = sum(abs(sum(d if rng.random() < 0.5 else -d for d in diffs)) >= observed - 1e-12 for _ in range(draws))
+    return (hits + 1) / (draws + 1)
+
+
+def against_pi0(run_dirs: list[Path]) -> dict:
+    """Final policy minus pi_0 on the same held-out prompts, paired per prompt (greedy) and per sample
+    (sampled: the i-th sample of a prompt against pi_0's i-th), pooled over the seeds' runs."""
+    out = {}
+    for key in ("greedy", "sampled"):
+        diffs = []
+        for run_dir in run_dirs:
+            final = sorted(run_dir.glob("iter_*/eval_rewards.json"))[-1]
+            mine, pi0 = json.loads(final.read_text())[key], json.loads((run_dir / "pi0_eval_rewards.json").read_text())[key]
+            diffs += [a - b for a, b in zip(mine, pi0)]
+        out[key] = {"delta": sum(diffs) / len(diffs), "p": paired_p(diffs), "n": len(diffs),
+                    "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs)}
+    return out
+
+
 def labels_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
     """First x where the piecewise-linear curve [(x, y), ...] reaches y >= target."""
     for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
@@ -415,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
             history, pi0_s, seconds = run_one(argv_run, recipe)
             pi0 = pi0 or pi0_s
             final = history[-1]
-            record = {"seed": seed, "history": history, "seconds": seconds}
+            record = {"seed": seed, "history": history, "seconds": seconds, "dir": str(run_dir)}
             novel = ""
             if constraints:
                 record["novel"] = eval_novel(run_dir, size)
@@ -453,6 +478,18 @@ def main(argv: list[str] | None = None) -> None:
              f"Built-in task, {size['iterations']} x {size['prompts']} prompts, K = 2, {len(seeds)} seeds")
     plot(main_results, pi0, out / f"{name}.png", title)
     command = "python bench/sample_efficiency.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    paired = {m: against_pi0([Path(r["dir"]) for r in rs]) for m, rs in main_results.items()}
+    paired_rows = [f"| {m} | " + " | ".join(
+        f"{v[k]['delta']:+.3f} | {v[k]['better']}/{v[k]['worse']} of {v[k]['n']} | {v[k]['p']:.4f}"
+        for k in ("greedy", "sampled")) + " |" for m, v in paired.items()]
+    paired_md = ["## Against pi_0, paired over the held-out prompts", "",
+                 "Each method's final policies (all seeds) against pi_0 on the same held-out prompts: the mean "
+                 "reward difference, how many prompts (samples) improved / got worse, and p from a sign-flip "
+                 "permutation test of the paired differences (20,000 random flips). This asks whether these "
+                 "trained policies beat pi_0 on this prompt set; the seed columns above ask how much training "
+                 "varies.", "",
+                 "| method | Δ greedy | better/worse (greedy) | p (greedy) | Δ sampled | better/worse (sampled) | "
+                 "p (sampled) |", "|---|---:|---:|---:|---:|---:|---:|", *paired_rows, ""]
     device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     novel_line = (f" On the novel-combination held-out set pi_0 scores {pi0_novel['gold/sampled']:.3f} sampled, "
                   f"{pi0_novel['gold/greedy']:.3f} greedy; `novel` columns are the final policy there (p against "
@@ -467,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
         "Means ± 95% CI over seeds; p from an exact permutation test against iterative DPO (with 2 seeds the "
         "smallest possible p is 0.333: nothing can be significant at 0.05)." + novel_line, "",
         table, "", *verdicts(numbers), "",
-        f"![sample efficiency]({name}.png)", "",
+        f"![sample efficiency]({name}.png)", "", *paired_md,
     ]
     for tag, ab_table, ab_verdicts in ab_tables:
         beyond = [f"{a:g}" for a in size["grid"] if a > max(ALPHA_GRID)]
@@ -489,6 +526,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / f"{name}.md").write_text(text)
     (out / f"{name}.json").write_text(json.dumps(
         {"command": command, "size": size, "pi0": pi0, "pi0_novel": pi0_novel, "summary": numbers,
+         "against_pi0": paired,
          "ablation": ab_numbers,
          "sail": sail_numbers, "sail_pr_only": online_numbers,
          "runs": {k: [{"seed": r["seed"], "seconds": r["seconds"], "history": r["history"],
