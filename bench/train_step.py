@@ -577,7 +577,7 @@ def run_profile(args) -> None:
     trainer = PreferenceTrainer(policy, config, pad_token_id=PAD_ID, reference=reference)
     timer = PhaseTimer(device_sync(args.device))
     timer.wrap(trainer, "compute_reference_logps", "reference log-probs")
-    timer.wrap(trainer, "_fingerprint", "update fingerprint (sha256 of the examples)")
+    timer.wrap(train, "fingerprint", "update fingerprint (sha256 of the examples)")
     timer.wrap(trainer, "_step", "step: loss, metrics, scheduler, zero_grad")
     padding: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # phase -> [real tokens, computed positions]
     original_collate = train.collate

@@ -1,8 +1,10 @@
-"""The mid-update checkpoint: RUN/iter_NNN/train_state/update_state.pt, and how a resumed update recognises its own.
+"""The mid-update checkpoint: RUN/iter_NNN/train_state/update_state.pt, when it is due, and how a resumed update recognises its own.
 
 A checkpoint holds the trainable weights, the optimizer and schedule, the steps' metrics,
 the reference log-probs of the round's examples and a fingerprint of the config and
 examples; a resume with other examples or another config is refused rather than mixed in.
+The trainer keeps what it restores in an `UpdateState`; `UpdateCheckpoint` knows what a
+save holds and when one is due.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from torch import nn
 
 from . import faults
 from .config import to_dict
-from .records import PreferenceExample
+from .records import PreferenceExample, ReferenceLogps
 from .train_config import TrainConfig
 
 
@@ -55,8 +58,38 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@dataclass
+class UpdateState:
+    """Where an update stands, besides its weights, optimizer and schedule: what a checkpoint restores.
+
+    history: the metrics of every optimizer step so far, over all rounds; rounds_done: rounds
+    finished; f_baseline: SAIL's running mean of F (its response term's baseline); resume: the
+    restored checkpoint's state until the round it stopped in is resumed (None otherwise).
+    """
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    rounds_done: int = 0
+    f_baseline: float | None = None
+    resume: dict[str, Any] | None = None
+
+    @property
+    def resume_step(self) -> int:
+        """The step within its round a pending resume starts at (0: none pending)."""
+        return self.resume["step"] if self.resume is not None else 0
+
+    def resume_reference(self, expected_fingerprint: str, checkpoint: UpdateCheckpoint) -> list[ReferenceLogps]:
+        """The checkpointed round's reference log-probs, once its fingerprint matches; the resume is then used up."""
+        checkpoint.check_fingerprint(self.resume, expected_fingerprint)
+        reference = [ReferenceLogps(*values) for values in self.resume["ref_logps"]]
+        self.resume = None
+        return reference
+
+
 class UpdateCheckpoint:
     """update_state.pt in `directory` (None: checkpointing off); saved_at is the step count at the last save.
+
+    every: train.checkpoint_every (0: saved only when a round stops early). restore() restores
+    an update's model, optimizer and schedule and remembers them for save_update().
 
     sharded (FSDP2 / DeepSpeed): weights and optimizer are not in update_state.pt but go through
     accelerator.save_state (FSDP2: sharded DCP files; DeepSpeed: the engine's checkpoint) into
@@ -64,11 +97,14 @@ class UpdateCheckpoint:
     older ones are removed after it. They resume under the same launch config only.
     """
 
-    def __init__(self, directory: str | Path | None, accelerator: Accelerator, sharded: bool = False) -> None:
+    def __init__(self, directory: str | Path | None, accelerator: Accelerator, sharded: bool = False,
+                 every: int = 0) -> None:
         self.path = Path(directory) / "update_state.pt" if directory is not None else None
         self.accelerator = accelerator
         self.sharded = sharded
+        self.every = every
         self.saved_at = 0
+        self._training: tuple[nn.Module, torch.optim.Optimizer, Any] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -95,6 +131,50 @@ class UpdateCheckpoint:
             raise ValueError(f"{self.path} lacks trainable parameters such as {sorted(missing)[0]}")
         model.load_state_dict(state["trainable"], strict=False)
         return state
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> UpdateState:
+        """The update's state from the checkpoint, its weights, optimizer and schedule loaded in place; a fresh
+        UpdateState when there is none. The three are what save_update() saves from then on."""
+        self._training = (model, optimizer, scheduler)
+        state = self.load(model)
+        if state is None:
+            return UpdateState()
+        if not self.sharded:  # sharded: accelerator.load_state restored it
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        self.saved_at = len(state["history"])
+        return UpdateState(list(state["history"]), state["round"], state.get("f_baseline"),
+                           state if state["step"] > 0 else None)
+
+    def due(self, steps_done: int) -> bool:
+        """checkpoint_every optimizer steps (counted over rounds) have passed since the last save.
+
+        Rounds of one step (generation every step) thus save every checkpoint_every steps, not every
+        round: a full fine-tune's checkpoint is three times the weights. A resumed update replays the
+        rounds after its last checkpoint from their stored examples.
+        """
+        return bool(self.every) and steps_done - self.saved_at >= self.every
+
+    def save_update(self, state: UpdateState, round_index: int, step: int, fingerprint: str | None,
+                    reference: Sequence[ReferenceLogps]) -> None:
+        """Save the update `step` optimizer steps into round `round_index` (step 0: the round before it finished).
+
+        fingerprint and reference: the round's (fingerprint() of its examples, their reference
+        log-probs); None and [] for a checkpoint at a round boundary.
+        """
+        model, optimizer, scheduler = self._training
+        self.save(lambda: {
+            "fingerprint": fingerprint,
+            "round": round_index,
+            "step": step,
+            # Sharded: weights and optimizer go through accelerator.save_state (save()).
+            "trainable": None if self.sharded else trainable_state(model),
+            "optimizer": None if self.sharded else optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "ref_logps": [(r.chosen, r.rejected, r.ref_sample) for r in reference],
+            "history": state.history,
+            "f_baseline": state.f_baseline,
+        }, len(state.history))
 
     def check_fingerprint(self, state: dict[str, Any], expected: str) -> None:
         if state["fingerprint"] != expected:
@@ -125,8 +205,10 @@ class UpdateCheckpoint:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def remove(self) -> None:
-        """The update finished (its caller saves the policy): the checkpoint goes."""
+    def finish(self) -> None:
+        """The update finished (its caller saves the policy): the checkpoint goes, and with it the hold on the
+        optimizer (its state is twice the trainable weights)."""
+        self._training = None
         if self.accelerator.is_main_process and self.exists():
             self.path.unlink()
             self._remove_sharded()

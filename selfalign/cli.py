@@ -36,7 +36,7 @@ from .checks import check_pretrained
 from .config import ConfigError, check_same_config, describe, dump_yaml, field, load_config
 from .data import DataError, PreferenceDataConfig, load_preferences, pad_token_id, write_atomic, write_jsonl
 from .judges import JudgeError
-from .records import PreferenceExample
+from .records import PreferenceExample, ReferenceLogps
 from .report import ReportError
 from .rundir import RunLock
 from .tracking import RunTracker
@@ -77,19 +77,19 @@ def _prepare_run_dir(cfg: TrainRunConfig) -> Path:
 
 
 @torch.no_grad()
-def heldout_accuracy(trainer: PreferenceTrainer, examples: list[PreferenceExample]) -> dict[str, float]:
-    """Implicit-reward accuracy and margin, and plain log-prob accuracy, on held-out pairs."""
+def heldout_accuracy(trainer: PreferenceTrainer, examples: list[PreferenceExample],
+                     reference: list[ReferenceLogps]) -> dict[str, float]:
+    """Implicit-reward accuracy and margin, and plain log-prob accuracy, on held-out pairs (reference: theirs)."""
     from .logprobs import collate
     from .losses import preference_logits
 
-    trainer.compute_reference_logps(examples, progress=False)
     batch = collate([e.prompt_ids for e in examples] * 2, [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples],
                     trainer.pad_token_id)
-    lp = trainer.policy_logps(batch).cpu()
+    lp = trainer.scorer.policy_logps(batch).cpu()
     n = len(examples)
     chosen, rejected = lp[:n], lp[n:]
-    ref_c = torch.tensor([e.ref_chosen for e in examples])
-    ref_r = torch.tensor([e.ref_rejected for e in examples])
+    ref_c = torch.tensor([r.chosen for r in reference])
+    ref_r = torch.tensor([r.rejected for r in reference])
     margin = preference_logits(chosen, rejected, ref_c, ref_r, trainer.config.beta)
     return {
         "eval/rewards/accuracies": (margin > 0).float().mean().item(),
@@ -130,12 +130,14 @@ def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
     pad = pad_token_id(tokenizer)
     trainer = PreferenceTrainer(policy, cfg.train, pad_token_id=pad, reference=reference)
 
-    before = heldout_accuracy(trainer, heldout) if heldout else {}
+    # The reference is frozen: the held-out pairs' reference log-probs serve before and after training.
+    heldout_ref = trainer.compute_reference_logps(heldout, progress=False) if heldout else []
+    before = heldout_accuracy(trainer, heldout, heldout_ref) if heldout else {}
     steps = RunTracker(out, trainer.accelerator, {})  # RUN/steps.jsonl as training runs, as in `selfalign run`
     steps.begin_iteration(0)
     trainer.on_step = steps.on_step
     result = trainer.update(train_set, checkpoint_dir=out / "checkpoint", progress=progress)
-    after = heldout_accuracy(trainer, heldout) if heldout else {}
+    after = heldout_accuracy(trainer, heldout, heldout_ref) if heldout else {}
     write_jsonl(out / "metrics.jsonl", [{"step": i + 1, **s} for i, s in enumerate(result.steps)])
     summary = {"train_pairs": len(train_set), "heldout_pairs": len(heldout), **after}
     write_atomic(out / "summary.json", json.dumps({"before": before, "after": after, **summary}, indent=2))

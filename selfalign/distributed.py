@@ -268,6 +268,18 @@ class Sharding:
                                f"unexpected {unexpected[:3]}")
         return replica
 
+    def saved(self, prepared: nn.Module | None, module: nn.Module) -> nn.Module | None:
+        """`module` to save_pretrained on the main process (None elsewhere); every process must call it.
+
+        Parameters sharded (FSDP2, ZeRO-3) and `prepared` the sharded model: a replica rebuilt
+        from the full state dict gathered onto the main process.
+        """
+        main = self.accelerator.is_main_process
+        if not self.params_sharded or prepared is None:
+            return module if main else None
+        state = self.full_state_dict(prepared)
+        return self.replica(module, state) if main else None
+
     @contextlib.contextmanager
     def gathered(self, prepared: nn.Module | None, module: nn.Module) -> Iterator[nn.Module]:
         """`module` with whole weights for `generate`: itself unless its parameters are sharded.

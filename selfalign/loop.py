@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -43,7 +43,7 @@ from .memory import iteration_models, reference_view
 from .methods import Method
 from .models import resolve_dtype, save_policy
 from .pairs import SELECTORS, Pair, selm_three_way
-from .records import LabelCounts, PreferenceExample, Route, Row
+from .records import LabelCounts, PreferenceExample, ReferenceLogps, Route, Row
 from .run_config import (  # noqa: F401  (re-exported: callers import the run config from selfalign.loop)
     BUILTIN,
     CONSTRAINTS,
@@ -99,12 +99,55 @@ class RunContext:
         return self.cfg.method_spec
 
 
+class GenerationContext(Protocol):
+    """What generate_sharded() needs of the run (a RunContext has it): backend None is transformers' generate."""
+
+    accelerator: Accelerator
+    tokenizer: Any
+    show: bool
+    backend: Backend | None
+
+
 @dataclass
 class Models:
     """The two models generation draws from: the current policy and pi_ref."""
 
     policy: Any
     reference: Any
+
+
+@dataclass
+class Round:
+    """One generation round of an iteration: where its stage files go, its rows, its sampling seed.
+
+    timings: the iteration's seconds per stage, which every round of it adds to.
+    """
+
+    dir: Path
+    rows: list[Row]
+    seed: int
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """stage_key(dir): what keys the round's randomness and names it in the log."""
+        return stage_key(self.dir)
+
+    @property
+    def generated(self) -> list[int]:
+        """Indices of the rows whose candidates are generated (every row outside SAIL; SAIL's PP and PR)."""
+        return [j for j, row in enumerate(self.rows) if row.generated]
+
+
+@dataclass
+class RoundPairs:
+    """A round's training examples, in row order, and the reference log-probs already known for them.
+
+    reference[i]: examples[i]'s, where labelling computed them (SAIL-PP's policy labels); None elsewhere.
+    """
+
+    examples: list[PreferenceExample]
+    reference: list[ReferenceLogps | None]
 
 
 def run(cfg: RunConfig, progress: bool = True, backend: Backend | None = None) -> list[dict[str, Any]]:
@@ -221,18 +264,19 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
                                  checkpoint_dir=it / "train_state")
             timings: dict[str, float] = {}
             for k, (a, b) in enumerate(rounds[done:], start=done):
-                rd = round_dir(it, k, len(rounds))
+                rnd = Round(round_dir(it, k, len(rounds)), rows[a:b], cfg.seed * 7919 + t + 100_003 * k, timings)
                 # 1-4. Generate from the current policy, label (judge, policy or dataset), pair.
-                examples = stage_round(ctx, rd, trainer, rows[a:b], seed=cfg.seed * 7919 + t + 100_003 * k,
-                                       timings=timings)
+                pairs = stage_round(ctx, rnd, trainer)
+                examples = pairs.examples
                 backend.sleep()  # a GPU engine gives its memory to training until the next round's push
                 # 5. Train on them; the optimizer and schedule carry over from round to round. The schedule
                 # is sized from the examples left after ties (later rounds: at this round's share).
-                with timed(timings, "reference_logprobs", stage_key(rd)):
-                    trainer.compute_reference_logps(examples, progress=show)
+                with timed(timings, "reference_logprobs", rnd.key):
+                    reference = trainer.compute_reference_logps(examples, pairs.reference, progress=show)
                 later = sum(len(trainer.plan(round((d - c) * len(examples) / (b - a)))) for c, d in rounds[k + 1:])
-                with timed(timings, "update", stage_key(rd)):
-                    result = trainer.train_round(examples, last=k == len(rounds) - 1, progress=show, later_steps=later)
+                with timed(timings, "update", rnd.key):
+                    result = trainer.train_round(examples, reference, last=k == len(rounds) - 1, progress=show,
+                                                 later_steps=later)
             if accelerator.is_main_process:
                 labels = LabelCounts.total([
                     LabelCounts.from_dict(json.loads((round_dir(it, k, len(rounds)) / "labels.json").read_text()))
@@ -431,20 +475,23 @@ class timed:
             log("%s: %s %s", self.where, self.key.replace("_", " ").replace("logprobs", "log-probs"), duration(seconds))
 
 
-def generate_sharded(model, ids: list[list[int]], gen_cfg: GenerationConfig, seed: int, tokenizer,
-                     accelerator: Accelerator, show: bool, backend: Backend | None = None) -> list[list[list[int]]]:
+def generate_sharded(ctx: GenerationContext, model, ids: list[list[int]], gen_cfg: GenerationConfig,
+                     seed: int) -> list[list[list[int]]]:
     """Each process generates for prompts i = rank, rank + P, ...; the results are gathered in order.
 
-    With the vllm backend each process drives its own engine on its own shard (the policy is
-    replicated under data parallelism anyway); backend.generator(model) pushes model's weights.
+    ctx: the run's (or any object with its accelerator, tokenizer, show and backend; backend
+    None: transformers' generate). With the vllm backend each process drives its own engine on
+    its own shard (the policy is replicated under data parallelism anyway);
+    backend.generator(model) pushes model's weights.
     """
+    backend, accelerator, tokenizer = ctx.backend, ctx.accelerator, ctx.tokenizer
     if backend is None:
         backend = HFBackend(pad_token_id(tokenizer), stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
     generator = backend.generator(model)
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(ids), world))
     # The seed depends on the process so that shards do not repeat each other's samples.
-    responses = generator.generate([ids[i] for i in mine], gen_cfg, seed=seed * 1000 + rank, progress=show)
+    responses = generator.generate([ids[i] for i in mine], gen_cfg, seed=seed * 1000 + rank, progress=ctx.show)
     pairs = list(zip(mine, responses))
     if world > 1:
         pairs = gather_object(pairs)
@@ -458,13 +505,13 @@ def stage_key(rd: Path) -> str:
 
 
 @contextlib.contextmanager
-def generation_models(ctx: RunContext, rd: Path, trainer: PreferenceTrainer) -> Iterator[Models]:
+def generation_models(ctx: RunContext, rnd: Round, trainer: PreferenceTrainer) -> Iterator[Models]:
     """The policy and pi_ref with whole weights, for a round whose responses are still to generate.
 
     Under FSDP2 / ZeRO-3 these are unsharded replicas gathered from the sharded models
     (distributed.Sharding.gathered; collective), built only when generation will use them.
     """
-    if (rd / "responses.jsonl").exists():
+    if (rnd.dir / "responses.jsonl").exists():
         yield Models(trainer.policy, trainer.reference)
         return
     wants_reference = ctx.cfg.needs_ref_sample or ctx.method.ranks_ref_sample
@@ -473,15 +520,15 @@ def generation_models(ctx: RunContext, rd: Path, trainer: PreferenceTrainer) -> 
         yield Models(policy, reference)
 
 
-def stage_generate(ctx: RunContext, rd: Path, models: Models, ids: list[list[int]], seed: int,
-                   dataset_pairs: list[tuple[list[int], list[int]]] | None = None) -> list[dict[str, Any]]:
-    """RUN/iter[/round]/responses.jsonl: the candidates the judge ranks for each prompt (+ y_ref from pi_ref).
+def stage_generate(ctx: RunContext, rnd: Round, models: Models) -> list[dict[str, Any]]:
+    """RUN/iter[/round]/responses.jsonl: the candidates the judge ranks for each generated row (+ y_ref from pi_ref).
 
-    The candidates are the method's (Method.candidates): K policy samples, or a policy sample and
-    y_ref (XPO), or y_ref and the dataset pair (SELM's code; dataset_pairs gives each prompt's).
+    One entry per row in rnd.generated, in that order. The candidates are the method's
+    (Method.candidates): K policy samples, or a policy sample and y_ref (XPO), or y_ref and the
+    row's dataset pair (SELM's code).
     """
-    cfg, method, tokenizer, accelerator = ctx.cfg, ctx.method, ctx.tokenizer, ctx.accelerator
-    path = rd / "responses.jsonl"
+    cfg, method, tokenizer, accelerator, data = ctx.cfg, ctx.method, ctx.tokenizer, ctx.accelerator, ctx.data
+    path, seed = rnd.dir / "responses.jsonl", rnd.seed
     end_ids = set(end_token_ids(tokenizer, getattr(models.policy, "generation_config", None)))
     limit = cfg.generation.max_new_tokens
     if path.exists():
@@ -489,9 +536,13 @@ def stage_generate(ctx: RunContext, rd: Path, models: Models, ids: list[list[int
         for row in rows:  # a file written before truncation was recorded
             row.setdefault("truncated", [is_truncated(r, limit, end_ids) for r in row["response_ids"]])
         return rows
+    prompts = [rnd.rows[j].prompt for j in rnd.generated]
+    ids = [data.ids[i] for i in prompts]
+    dataset_pairs = [(data.pairs[i].chosen_ids, data.pairs[i].rejected_ids) for i in prompts] \
+        if method.ranks_dataset_pair else None
     k = method.policy_samples(cfg.generation.num_samples)
-    samples = generate_sharded(models.policy, ids, dataclasses.replace(cfg.generation, num_samples=k), seed,
-                               tokenizer, accelerator, ctx.show, ctx.backend) if ids and k else [[] for _ in ids]
+    samples = generate_sharded(ctx, models.policy, ids, dataclasses.replace(cfg.generation, num_samples=k), seed) \
+        if ids and k else [[] for _ in ids]
     ref_samples: list[list[int]] | None = None
     if (cfg.needs_ref_sample or method.ranks_ref_sample) and ids:
         # SELM: y_ref from pi_ref (greedy); XPO: a sample from the fixed pi_0.
@@ -499,8 +550,7 @@ def stage_generate(ctx: RunContext, rd: Path, models: Models, ids: list[list[int
         ref_cfg = dataclasses.replace(cfg.generation, num_samples=1,
                                       temperature=0.0 if greedy else cfg.generation.temperature)
         with reference_view(models.policy, models.reference, cfg.train.offload_reference) as reference:
-            ref_samples = [r[0] for r in generate_sharded(reference, ids, ref_cfg, seed + 1, tokenizer, accelerator,
-                                                          ctx.show, ctx.backend)]
+            ref_samples = [r[0] for r in generate_sharded(ctx, reference, ids, ref_cfg, seed + 1)]
     rows = []
     for i, policy in enumerate(samples):
         ref = ref_samples[i] if ref_samples is not None else None
@@ -581,8 +631,7 @@ def stage_judge(ctx: RunContext, rd: Path, prompts: list[Prompt], responses: lis
     return [row["scores"] for row in load_jsonl(path)], labels
 
 
-def stage_round(ctx: RunContext, rd: Path, trainer: PreferenceTrainer, rows: list[Row], seed: int,
-                timings: dict[str, float] | None = None) -> list[PreferenceExample]:
+def stage_round(ctx: RunContext, rnd: Round, trainer: PreferenceTrainer) -> RoundPairs:
     """RUN/iter[/round]/pairs.jsonl and labels.json: one round's training examples and where their labels came from.
 
     Rows on an online route (every row outside SAIL; SAIL's PP and PR) get the method's candidates:
@@ -592,18 +641,17 @@ def stage_round(ctx: RunContext, rd: Path, trainer: PreferenceTrainer, rows: lis
     train on the dataset's pair. Every example carries its own row's prompt ids; nothing is
     zipped across two lists that could be ordered differently.
     """
+    rd, rows = rnd.dir, rnd.rows
     if (rd / "pairs.jsonl").exists() and (rd / "labels.json").exists():
-        return [PreferenceExample(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], r.get("ref_sample_ids"),
-                                  Route.parse(r.get("route"))) for r in load_jsonl(rd / "pairs.jsonl")]
+        examples = [PreferenceExample(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], r.get("ref_sample_ids"),
+                                      Route.parse(r.get("route"))) for r in load_jsonl(rd / "pairs.jsonl")]
+        return RoundPairs(examples, [None] * len(examples))
     cfg, method, data, accelerator = ctx.cfg, ctx.method, ctx.data, ctx.accelerator
-    online = [j for j, row in enumerate(rows) if row.generated]
-    dataset_pairs = [(data.pairs[rows[j].prompt].chosen_ids, data.pairs[rows[j].prompt].rejected_ids)
-                     for j in online] if method.ranks_dataset_pair else None
-    with timed(timings, "generation", stage_key(rd)), generation_models(ctx, rd, trainer) as models:
-        gens = dict(zip(online, stage_generate(ctx, rd, models, [data.ids[rows[j].prompt] for j in online], seed,
-                                               dataset_pairs)))
+    online = rnd.generated
+    with timed(rnd.timings, "generation", rnd.key), generation_models(ctx, rnd, trainer) as models:
+        gens = dict(zip(online, stage_generate(ctx, rnd, models)))
     judged = [j for j in online if rows[j].judged]
-    with timed(timings, "judging", stage_key(rd)):
+    with timed(rnd.timings, "judging", rnd.key):
         scores, judge_labels = stage_judge(ctx, rd, [data.prompts[rows[j].prompt] for j in judged],
                                            [gens[j]["responses"] for j in judged],
                                            truncated=[gens[j]["truncated"] for j in judged])
@@ -612,7 +660,7 @@ def stage_round(ctx: RunContext, rd: Path, trainer: PreferenceTrainer, rows: lis
         scores = penalized_scores(scores, [gens[j]["truncated"] for j in judged], cfg.generation.truncated_score)
     scores_of = dict(zip(judged, scores))
     select = SELECTORS[cfg.pair_selector]
-    rng = random.Random(f"{cfg.seed}:{stage_key(rd)}")
+    rng = random.Random(f"{cfg.seed}:{rnd.key}")
     examples: dict[int, PreferenceExample] = {}
     ties = dropped = 0
     for j, row in enumerate(rows):
@@ -641,9 +689,9 @@ def stage_round(ctx: RunContext, rd: Path, trainer: PreferenceTrainer, rows: lis
             y = gens[j]["response_ids"]
             examples[j] = PreferenceExample(data.ids[i], y[pair.chosen], y[pair.rejected],
                                             gens[j].get("ref_response_ids"), route=route)
-    policy_prob = label_by_policy(trainer, examples, [j for j in examples if rows[j].label_source == "policy"], seed)
-    ordered = [examples[j] for j in sorted(examples)]
-    if not ordered:
+    by_policy = label_by_policy(trainer, examples, [j for j in examples if rows[j].label_source == "policy"],
+                                rnd.seed)
+    if not examples:
         raise RuntimeError(f"{rd}: every prompt's responses tied under the judge or were dropped as truncated "
                            "(generation.truncated=drop); no pair to train on")
     routes = [row.route for row in rows]
@@ -653,7 +701,7 @@ def stage_round(ctx: RunContext, rd: Path, trainer: PreferenceTrainer, rows: lis
         # SAIL-DP redraws each of its labels from the policy at every visit (once per epoch).
         policy=routes.count(Route.PP) + routes.count(Route.DP) * cfg.train.epochs,
         dataset=routes.count(Route.OFFLINE) + routes.count(Route.DP),
-        pairs=len(ordered), ties=ties,
+        pairs=len(examples), ties=ties,
         responses=sum(len(g["truncated"]) for g in gens.values()),
         truncated=sum(sum(g["truncated"]) for g in gens.values()), truncation_dropped=dropped,
         routes={r.value: routes.count(r) for r in Route} if method.is_sail else {},
@@ -662,28 +710,41 @@ def stage_round(ctx: RunContext, rd: Path, trainer: PreferenceTrainer, rows: lis
         write_jsonl(rd / "pairs.jsonl", [
             {"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": e.rejected_ids,
              "ref_sample_ids": e.ref_sample_ids, "route": e.route, "label_source": rows[j].label_source,
-             **({"policy_prob": policy_prob[j]} if j in policy_prob else {})}
+             **({"policy_prob": by_policy[j].prob} if j in by_policy else {})}
             for j, e in sorted(examples.items())])
         write_atomic(rd / "labels.json", json.dumps(counts.to_dict(), indent=1))
     accelerator.wait_for_everyone()
-    return ordered
+    order = sorted(examples)
+    return RoundPairs([examples[j] for j in order],
+                      [by_policy[j].reference if j in by_policy else None for j in order])
+
+
+@dataclass(frozen=True)
+class PolicyLabel:
+    """A SAIL-PP pair's label drawn from the policy: P(y1 > y2) = sigmoid(h), and the pair's reference log-probs
+    (computed for h, in the order the draw left the pair)."""
+
+    prob: float
+    reference: ReferenceLogps
 
 
 def label_by_policy(trainer: PreferenceTrainer, examples: dict[int, PreferenceExample], rows: list[int],
-                    seed: int) -> dict[int, float]:
+                    seed: int) -> dict[int, PolicyLabel]:
     """SAIL-PP: order each pair by a draw from the policy's own preference P(y1 > y2) = sigmoid(h)."""
     if not rows:
         return {}
-    h = trainer.policy_preference([examples[j] for j in rows])
-    probs = {}
-    for j, hj in zip(rows, h):
+    pairs = [examples[j] for j in rows]
+    reference = trainer.compute_reference_logps(pairs, progress=False)
+    h = trainer.scorer.policy_preference(pairs, reference)
+    labels = {}
+    for j, hj, ref in zip(rows, h, reference):
         p1 = 1.0 / (1.0 + math.exp(-hj))
         ex = examples[j]
         if random.Random(f"{seed}:pp:{j}").random() >= p1:
             ex.chosen_ids, ex.rejected_ids = ex.rejected_ids, ex.chosen_ids
-            ex.ref_chosen, ex.ref_rejected = ex.ref_rejected, ex.ref_chosen
-        probs[j] = p1
-    return probs
+            ref = ref.swapped()
+        labels[j] = PolicyLabel(p1, ref)
+    return labels
 
 
 def stage_eval(ctx: RunContext, it: Path, t: int) -> dict[str, Any]:

@@ -52,17 +52,6 @@ def random_pair(scores: Sequence[float], rng: random.Random) -> Pair | None:
     return Pair(i, j) if scores[i] > scores[j] else Pair(j, i)
 
 
-def length_penalized(penalty: float) -> Callable[[Sequence[float], Sequence[int], random.Random], Pair | None]:
-    """Best vs worst after subtracting penalty * length (in tokens) from each score."""
-
-    def select(scores: Sequence[float], lengths: Sequence[int], rng: random.Random) -> Pair | None:
-        if len(lengths) != len(scores):
-            raise ValueError(f"{len(scores)} scores but {len(lengths)} lengths")
-        return best_worst([s - penalty * n for s, n in zip(scores, lengths)], rng)
-
-    return select
-
-
 def selm_three_way(ref_score: float, chosen_score: float, rejected_score: float) -> Pair | None:
     """SELM's ranking of y_ref against the dataset's chosen and rejected responses.
 

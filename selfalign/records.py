@@ -1,4 +1,5 @@
-"""Types shared by the data, the loop and the trainer: SAIL routes, training pairs, the loop's rows and label counts.
+"""Types shared by the data, the loop and the trainer: SAIL routes, training pairs and their reference log-probs,
+the loop's rows and label counts.
 
 Nothing here imports torch or the trainer, so `data.py` and `methods.py` can use these
 without pulling in the training code.
@@ -51,12 +52,12 @@ class Route(enum.StrEnum):
 
 @dataclass
 class PreferenceExample:
-    """One training pair in token ids; ref_* fields are filled by the trainer.
+    """One training pair in token ids.
 
     prompt_ids, chosen_ids, rejected_ids: token ids (the response ids exclude the prompt).
     ref_sample_ids: y_ref, a response drawn from pi_ref (needed by selm and xpo).
     route: the SAIL route (a Route, or its plain value); None trains it with the plain loss.
-    ref_chosen, ref_rejected, ref_ref_sample: reference log-probs, computed once per update.
+    Its reference log-probs are values of their own (ReferenceLogps), returned by the trainer.
     """
 
     prompt_ids: list[int]
@@ -64,14 +65,24 @@ class PreferenceExample:
     rejected_ids: list[int]
     ref_sample_ids: list[int] | None = None
     route: Route | str | None = None
-    ref_chosen: float | None = None
-    ref_rejected: float | None = None
-    ref_ref_sample: float | None = None
 
     @property
     def num_tokens(self) -> int:
         extra = len(self.prompt_ids) + len(self.ref_sample_ids) if self.ref_sample_ids is not None else 0
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids) + extra
+
+
+@dataclass(frozen=True)
+class ReferenceLogps:
+    """Reference log-probs of one example's chosen, rejected and y_ref (None when y_ref is not scored)."""
+
+    chosen: float
+    rejected: float
+    ref_sample: float | None = None
+
+    def swapped(self) -> ReferenceLogps:
+        """The values of the example with chosen and rejected exchanged."""
+        return ReferenceLogps(self.rejected, self.chosen, self.ref_sample)
 
 
 @dataclass(frozen=True)

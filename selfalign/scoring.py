@@ -2,7 +2,7 @@
 
 Both are forward passes without gradient over (prompt, response) rows, built on
 logprobs.sequence_logprobs. They return their values; the caller decides where they go
-(the trainer keeps reference log-probs on its examples for the update and its checkpoint).
+(the trainer hands reference log-probs to the update and its checkpoint).
 """
 
 from __future__ import annotations
@@ -19,17 +19,8 @@ from torch import nn
 from .distributed import Sharding
 from .logprobs import SequenceBatch, collate, sequence_logprobs
 from .logs import progress_bar
-from .records import PreferenceExample
+from .records import PreferenceExample, ReferenceLogps
 from .train_config import TrainConfig
-
-
-@dataclass(frozen=True)
-class ReferenceLogps:
-    """Reference log-probs of one example's chosen, rejected and y_ref (None when y_ref is not scored)."""
-
-    chosen: float
-    rejected: float
-    ref_sample: float | None = None
 
 
 @contextlib.contextmanager

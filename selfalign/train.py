@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -24,12 +24,12 @@ from accelerate import Accelerator
 from torch import nn
 
 from . import faults, losses
-from .checkpoint import UpdateCheckpoint, fingerprint, trainable_state
+from .checkpoint import UpdateCheckpoint, UpdateState, fingerprint
 from .distributed import Sharding, make_accelerator
-from .logprobs import LogprobModel, SequenceBatch, collate
+from .logprobs import LogprobModel, collate
 from .logs import progress_bar
-from .records import PreferenceExample, Route
-from .scoring import PairScorer, ReferenceLogps
+from .records import PreferenceExample, ReferenceLogps, Route
+from .scoring import PairScorer
 from .train_config import (  # noqa: F401  (re-exported: callers import these from selfalign.train)
     DEFAULT_LORA_TARGETS,
     PAPER_ALPHA,
@@ -65,6 +65,41 @@ class Logps:
     route: Tensor | None = None
     uniform: Tensor | None = None
     f_baseline: float | None = None
+
+    @classmethod
+    def of_micro_batch(cls, lp: Tensor, chunk: Sequence[PreferenceExample], reference: Sequence[ReferenceLogps],
+                       uniform: Sequence[float] | None, f_baseline: float | None) -> Logps:
+        """Split the policy's log-probs of policy_rows(chunk) ([2B], or [3B] with y_ref) into their parts.
+
+        reference: the chunk's reference log-probs, which become constants; uniform: SAIL-DP's
+        draws of a routed loss (None: the loss reads no routes, and none are built).
+        """
+        n, device = len(chunk), lp.device
+
+        def const(values: Sequence[float]) -> Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        with_sample = len(lp) == 3 * n
+        routed = uniform is not None
+        return cls(
+            chosen=lp[:n], rejected=lp[n : 2 * n],
+            ref_chosen=const([r.chosen for r in reference]), ref_rejected=const([r.rejected for r in reference]),
+            ref_sample=lp[2 * n :] if with_sample else None,
+            ref_ref_sample=const([r.ref_sample for r in reference]) if with_sample else None,
+            route=torch.tensor([Route(ex.route or Route.OFFLINE).index for ex in chunk], device=device)
+            if routed else None,
+            uniform=const(uniform) if routed else None,
+            f_baseline=f_baseline,
+        )
+
+
+def policy_rows(chunk: Sequence[PreferenceExample], with_ref_sample: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """The (prompt, response) rows of a micro-batch's one policy forward: every chosen, every rejected, then every y_ref."""
+    prompts = [ex.prompt_ids for ex in chunk] * (3 if with_ref_sample else 2)
+    responses = [ex.chosen_ids for ex in chunk] + [ex.rejected_ids for ex in chunk]
+    if with_ref_sample:
+        responses += [ex.ref_sample_ids for ex in chunk]
+    return prompts, responses
 
 
 @dataclass(frozen=True)
@@ -313,14 +348,32 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradient norm of an optimizer step is NaN or infinite; the step was not applied."""
 
 
+def non_finite_message(state: UpdateState, loss: float, grad_norm: float, kept: str) -> str:
+    """Which step diverged and what is kept (kept: UpdateCheckpoint.kept()): the line a user reads when training
+    blows up."""
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    return (f"optimizer step {len(state.history) + 1} of the update (round {state.rounds_done}) has a non-finite "
+            f"{what}; stopped before applying it and {kept}; lower train.learning_rate, keep "
+            "train.max_grad_norm > 0 or check the data")
+
+
+def next_f_baseline(baseline: float | None, total: dict[str, float]) -> float | None:
+    """SAIL's F baseline after a step with these sums: a running mean over steps, independent of their own samples."""
+    if not total["on_policy"]:
+        return baseline
+    f_mean = total["on_policy_f"] / total["on_policy"]
+    return f_mean if baseline is None else 0.9 * baseline + 0.1 * f_mean
+
+
 class PreferenceTrainer:
     """Runs preference updates of `policy` against a frozen reference.
 
     reference: a separate frozen model, or None when the policy is a peft model (then the
     reference is the policy with its adapter disabled). With `config.lora.enabled` a plain
     policy is wrapped with fresh LoRA adapters here; read the wrapped model from `.policy`.
-    Reference scoring lives in scoring.PairScorer (`.scorer`), the mid-update checkpoint in
-    checkpoint.UpdateCheckpoint.
+    Scoring outside the update (reference log-probs, the policy's own log-probs and its
+    preference h) lives in scoring.PairScorer (`.scorer`), the mid-update checkpoint in
+    checkpoint.UpdateCheckpoint (`.checkpoint`, from begin()) and what it restores in `.state`.
     """
 
     def __init__(
@@ -343,7 +396,7 @@ class PreferenceTrainer:
         self.policy = prepare_models(policy, reference, config, self.accelerator.device)
         self.reference = reference
         self.scorer = PairScorer(self.policy, reference, pad_token_id, config, self.accelerator)
-        self._prepared = not self.sharding.sharded
+        self._sharded_policy: nn.Module | None = None  # the policy as FSDP2 / DeepSpeed prepared it, from begin()
         if self.sharding.sharded:
             # FSDP2 / DeepSpeed: the reference is sharded here, the policy with its optimizer in begin().
             self.sharding.remember(self.policy)
@@ -356,94 +409,39 @@ class PreferenceTrainer:
                     LogprobModel(reference, config.logprob_chunk_size))
         else:
             self.model = self.accelerator.prepare_model(LogprobModel(self.policy, config.logprob_chunk_size))
+        self.state = UpdateState()
         # Called after every optimizer step with (step within the update, its metrics): the run's live record.
         self.on_step: Callable[[int, dict[str, float]], None] | None = None
 
-    @contextlib.contextmanager
-    def whole(self, which: Literal["policy", "reference"] = "policy") -> Iterator[nn.Module | None]:
-        """The policy or the reference with whole (unsharded) weights, for generation (see distributed.py)."""
+    def whole(self, which: Literal["policy", "reference"] = "policy") -> contextlib.AbstractContextManager:
+        """The policy or the reference with whole (unsharded) weights, for generation (Sharding.gathered)."""
         if which == "policy":
-            with self.sharding.gathered(self.model if self._prepared else None, self.policy) as model:
-                yield model
-        else:
-            with self.sharding.gathered(self.scorer.prepared_reference, self.reference) as model:
-                yield model
+            return self.sharding.gathered(self._sharded_policy, self.policy)
+        return self.sharding.gathered(self.scorer.prepared_reference, self.reference)
 
     def saved_policy(self) -> nn.Module | None:
-        """The policy to save_pretrained on the main process (None elsewhere); every process must call it.
-
-        Under FSDP2 / ZeRO-3 it is rebuilt from the full state dict gathered onto the main process.
-        """
-        if not (self.sharding.params_sharded and self._prepared):
-            return self.policy if self.accelerator.is_main_process else None
-        state = self.sharding.full_state_dict(self.model)
-        return self.sharding.replica(self.policy, state) if self.accelerator.is_main_process else None
-
-    def policy_logps(self, batch: SequenceBatch) -> Tensor:
-        """Summed response log-probs [B] of the current policy on `batch` (no gradient, eval mode)."""
-        return self.scorer.policy_logps(batch)
-
-    @property
-    def needs_ref_sample(self) -> bool:
-        """Whether y_ref goes through the policy (TrainConfig.needs_ref_sample decides)."""
-        return self.config.needs_ref_sample
+        """The policy to save_pretrained on the main process (None elsewhere); every process must call it."""
+        return self.sharding.saved(self._sharded_policy, self.policy)
 
     # ------------------------------------------------------------------ reference log-probs
-    def compute_reference_logps(self, examples: Sequence[PreferenceExample], progress: bool = True) -> None:
-        """Fill ref_chosen / ref_rejected / ref_ref_sample of every example that lacks them.
+    def compute_reference_logps(self, examples: Sequence[PreferenceExample],
+                                known: Sequence[ReferenceLogps | None] | None = None,
+                                progress: bool = True) -> list[ReferenceLogps]:
+        """Reference log-probs of each example: known[i] where it is given, else computed (one pass over the rest).
 
-        Values already present are kept: clear them when the reference policy changes. The
-        update reads them from the examples, and a checkpoint stores them.
+        The examples are left as they are; pass the result to train_round() (or update()).
         """
-        todo = [ex for ex in examples if ex.ref_chosen is None]
-        for ex, ref in zip(todo, self.scorer.reference_logps(todo, self.needs_ref_sample, progress)):
-            ex.ref_chosen, ex.ref_rejected = ref.chosen, ref.rejected
-            if ref.ref_sample is not None:
-                ex.ref_ref_sample = ref.ref_sample
-
-    def policy_preference(self, examples: Sequence[PreferenceExample], progress: bool = False) -> list[float]:
-        """h of each example under the current policy (scoring.PairScorer.policy_preference); SAIL-PP's labels.
-
-        Reference log-probs are computed (and kept on the examples) first.
-        """
-        self.compute_reference_logps(examples, progress=progress)
-        return self.scorer.policy_preference(examples, [ReferenceLogps(ex.ref_chosen, ex.ref_rejected)
-                                                        for ex in examples])
+        reference = list(known) if known is not None else [None] * len(examples)
+        todo = [i for i, ref in enumerate(reference) if ref is None]
+        computed = self.scorer.reference_logps([examples[i] for i in todo], self.config.needs_ref_sample, progress)
+        for i, ref in zip(todo, computed):
+            reference[i] = ref
+        return reference
 
     # ------------------------------------------------------------------ the update
     def plan(self, n_examples: int, round_index: int = 0) -> list[list[int]]:
         """Example indices of each optimizer step (plan_steps())."""
         return plan_steps(self.config, n_examples, round_index, self.accelerator.num_processes)
-
-    def _fingerprint(self, examples: Sequence[PreferenceExample]) -> str:
-        return fingerprint(self.config, examples)
-
-    def _micro_logps(self, chunk: list[PreferenceExample], uniform: list[float]) -> Logps:
-        device = self.accelerator.device
-        prompts = [ex.prompt_ids for ex in chunk] * 2
-        responses = [ex.chosen_ids for ex in chunk] + [ex.rejected_ids for ex in chunk]
-        needs_sample = self.needs_ref_sample
-        if needs_sample:
-            prompts += [ex.prompt_ids for ex in chunk]
-            responses += [ex.ref_sample_ids for ex in chunk]
-        batch = collate(prompts, responses, self.pad_token_id).to(device)
-        with self.accelerator.autocast():
-            lp = self.model(batch.input_ids, batch.attention_mask, batch.response_mask)
-        n = len(chunk)
-
-        def const(name: str) -> Tensor:
-            return torch.tensor([getattr(ex, name) for ex in chunk], dtype=torch.float32, device=device)
-
-        routed = self.objective.routed
-        return Logps(
-            chosen=lp[:n], rejected=lp[n : 2 * n], ref_chosen=const("ref_chosen"), ref_rejected=const("ref_rejected"),
-            ref_sample=lp[2 * n :] if needs_sample else None,
-            ref_ref_sample=const("ref_ref_sample") if needs_sample else None,
-            route=torch.tensor([Route(ex.route or Route.OFFLINE).index for ex in chunk], device=device)
-            if routed else None,
-            uniform=torch.tensor(uniform, dtype=torch.float32, device=device) if routed else None,
-            f_baseline=self._f_baseline,
-        )
 
     def update(
         self,
@@ -451,6 +449,7 @@ class PreferenceTrainer:
         checkpoint_dir: str | Path | None = None,
         stop_after_steps: int | None = None,
         progress: bool = True,
+        reference: Sequence[ReferenceLogps] | None = None,
     ) -> UpdateResult:
         """Train on `examples` for config.epochs; returns per-step metrics.
 
@@ -458,11 +457,12 @@ class PreferenceTrainer:
         that many steps; calling update() again with the same examples, config and directory
         resumes after the last checkpointed step. stop_after_steps ends the call early after
         that many optimizer steps (checkpointing first), for tests and time-boxed jobs.
+        reference: the examples' reference log-probs (compute_reference_logps()), computed when None.
         """
         if not examples:
             raise ValueError("update() got no examples")
         self.begin(len(self.plan(len(examples))), checkpoint_dir)
-        return self.train_round(examples, last=True, stop_after_steps=stop_after_steps, progress=progress)
+        return self.train_round(examples, reference, last=True, stop_after_steps=stop_after_steps, progress=progress)
 
     def begin(self, total_steps: int, checkpoint_dir: str | Path | None = None) -> int:
         """Start an update of about `total_steps` optimizer steps, fed in rounds by train_round().
@@ -480,38 +480,29 @@ class PreferenceTrainer:
         raw = build_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
         self._optimizer = raw
         if self.sharding.sharded:
-            rows = (3 if self.needs_ref_sample else 2) * cfg.micro_batch_size
+            rows = (3 if self.config.needs_ref_sample else 2) * cfg.micro_batch_size
             self.model, self._optimizer = self.sharding.prepare_training(self.model, raw, rows, cfg.max_grad_norm)
-            self.scorer.prepared_policy = self.model
-            self._prepared = True
+            self.scorer.prepared_policy = self._sharded_policy = self.model
         warmup = math.ceil(cfg.warmup_ratio * total_steps)
         self._scheduler = torch.optim.lr_scheduler.LambdaLR(raw, lr_lambda(cfg.lr_scheduler, warmup, total_steps))
-        self.checkpoint = UpdateCheckpoint(checkpoint_dir, self.accelerator, sharded=self.sharding.sharded)
-        self._history: list[dict[str, float]] = []
-        self._rounds_done = 0
-        self._resume: dict | None = None
-        self._f_baseline: float | None = None
-        state = self.checkpoint.load(self.policy)
-        if state is not None:
-            if not self.sharding.sharded:  # sharded: accelerator.load_state restored it
-                self._optimizer.load_state_dict(state["optimizer"])
-            self._scheduler.load_state_dict(state["scheduler"])
-            self._history = list(state["history"])
-            self._rounds_done = state["round"]
-            self._f_baseline = state.get("f_baseline")
-            self._resume = state if state["step"] > 0 else None
-        self.checkpoint.saved_at = len(self._history)
-        return self._rounds_done
+        self.checkpoint = UpdateCheckpoint(checkpoint_dir, self.accelerator, self.sharding.sharded,
+                                           cfg.checkpoint_every)
+        self.state = self.checkpoint.restore(self.policy, self._optimizer, self._scheduler)
+        return self.state.rounds_done
 
     def train_round(
         self,
         examples: Sequence[PreferenceExample],
+        reference: Sequence[ReferenceLogps] | None = None,
         last: bool = True,
         stop_after_steps: int | None = None,
         progress: bool = True,
         later_steps: int | None = None,
     ) -> UpdateResult:
         """Train on one round of examples (config.epochs passes) after begin(); returns all steps so far.
+
+        reference: the examples' reference log-probs (compute_reference_logps()); computed when
+        None. A resumed round takes its checkpoint's instead.
 
         The learning-rate schedule is sized to the steps actually planned: the steps run before
         this round, this round's own, and `later_steps` expected after it (0 on the last round;
@@ -524,80 +515,59 @@ class PreferenceTrainer:
         resumed online loop goes on with the next round (begin() returns how many rounds the
         checkpoint had finished; its caller replays the rest); the last round removes it.
         """
-        cfg, acc = self.config, self.accelerator
-        k = self._rounds_done
+        cfg, acc, state, checkpoint = self.config, self.accelerator, self.state, self.checkpoint
+        k = state.rounds_done
         if not examples:
             raise ValueError("train_round() got no examples")
-        if self.needs_ref_sample and any(ex.ref_sample_ids is None for ex in examples):
+        if self.config.needs_ref_sample and any(ex.ref_sample_ids is None for ex in examples):
             raise ValueError(f"loss '{cfg.loss}' needs y_ref for every example (PreferenceExample.ref_sample_ids)")
         steps = self.plan(len(examples), k)
         if not steps:
             raise ValueError(f"{len(examples)} examples are fewer than the {acc.num_processes} processes")
-        fingerprint = self._fingerprint(examples)
-        result = UpdateResult(steps=self._history)
-        start = 0
-        resumed = self._resume["step"] if self._resume is not None else 0
+        fp = fingerprint(cfg, examples)
+        result = UpdateResult(steps=state.history)
         if later_steps is not None or last:
-            resize_schedule(self._scheduler, cfg, len(self._history) - resumed + len(steps) + (later_steps or 0))
-        if self._resume is not None:
-            self.checkpoint.check_fingerprint(self._resume, fingerprint)
-            for ex, (rc, rr, rs) in zip(examples, self._resume["ref_logps"]):
-                ex.ref_chosen, ex.ref_rejected, ex.ref_ref_sample = rc, rr, rs
-            start = result.resumed_from_step = self._resume["step"]
-            self._resume = None
-        self.compute_reference_logps(examples, progress=progress)
+            resize_schedule(self._scheduler, cfg,
+                            len(state.history) - state.resume_step + len(steps) + (later_steps or 0))
+        start = result.resumed_from_step = state.resume_step
+        if state.resume is not None:
+            reference = state.resume_reference(fp, checkpoint)
+        elif reference is None:
+            reference = self.compute_reference_logps(examples, progress=progress)
 
         end = len(steps) if stop_after_steps is None else min(len(steps), start + stop_after_steps)
         desc = f"{cfg.loss} update" + (f" round {k}" if k or not last else "")
         bar = progress_bar(range(start, end), desc=desc, disable=not (progress and acc.is_main_process), leave=False)
         for j in bar:
-            metrics = self._step(steps[j], examples, key=f"{cfg.seed}:{k}:{j}")
+            metrics = self._step(steps[j], examples, reference, key=f"{cfg.seed}:{k}:{j}")
             result.steps.append(metrics)
             if self.on_step is not None:
                 self.on_step(len(result.steps), metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
             done = j + 1
-            if self.checkpoint.enabled and done < len(steps) and (self._checkpoint_due() or done == end):
-                self._save_checkpoint(k, done, fingerprint, examples)
+            if checkpoint.enabled and done < len(steps) and (checkpoint.due(len(state.history)) or done == end):
+                checkpoint.save_update(state, k, done, fp, reference)
         if end < len(steps):
             return result
-        self._rounds_done = k + 1
+        state.rounds_done = k + 1
         if last:
             self.sharding.release(self._optimizer)
             self._optimizer = self._scheduler = None  # its state is as large as the trainable weights
-        if self.checkpoint.enabled:
-            if not last and self._checkpoint_due():
-                self._save_checkpoint(k + 1, 0, None, [])
-            elif last:
-                self.checkpoint.remove()  # the update finished; its caller saves the policy
+            checkpoint.finish()  # the update finished; its caller saves the policy
+        elif checkpoint.enabled and checkpoint.due(len(state.history)):
+            checkpoint.save_update(state, k + 1, 0, None, [])
         return result
 
-    def _checkpoint_due(self) -> bool:
-        """checkpoint_every optimizer steps (counted over rounds) have passed since the last save.
+    def _micro_logps(self, chunk: list[PreferenceExample], reference: list[ReferenceLogps],
+                     uniform: list[float]) -> Logps:
+        batch = collate(*policy_rows(chunk, self.config.needs_ref_sample), self.pad_token_id).to(self.accelerator.device)
+        with self.accelerator.autocast():
+            lp = self.model(batch.input_ids, batch.attention_mask, batch.response_mask)
+        return Logps.of_micro_batch(lp, chunk, reference, uniform if self.objective.routed else None,
+                                    self.state.f_baseline)
 
-        Rounds of one step (generation every step) thus save every checkpoint_every steps, not every
-        round: a full fine-tune's checkpoint is three times the weights. A resumed update replays the
-        rounds after its last checkpoint from their stored examples.
-        """
-        every = self.config.checkpoint_every
-        return bool(every) and len(self._history) - self.checkpoint.saved_at >= every
-
-    def _save_checkpoint(self, round_index: int, step: int, fingerprint: str | None,
-                         examples: Sequence[PreferenceExample]) -> None:
-        self.checkpoint.save(lambda: {
-            "fingerprint": fingerprint,
-            "round": round_index,
-            "step": step,
-            # Sharded: weights and optimizer go through accelerator.save_state (checkpoint.py).
-            "trainable": None if self.sharding.sharded else trainable_state(self.policy),
-            "optimizer": None if self.sharding.sharded else self._optimizer.state_dict(),
-            "scheduler": self._scheduler.state_dict(),
-            "ref_logps": [(ex.ref_chosen, ex.ref_rejected, ex.ref_ref_sample) for ex in examples],
-            "history": self._history,
-            "f_baseline": self._f_baseline,
-        }, len(self._history))
-
-    def _step(self, indices: list[int], examples: Sequence[PreferenceExample], key: str) -> dict[str, float]:
+    def _step(self, indices: list[int], examples: Sequence[PreferenceExample], reference: Sequence[ReferenceLogps],
+              key: str) -> dict[str, float]:
         cfg, acc = self.config, self.accelerator
         optimizer, scheduler = self._optimizer, self._scheduler
         # SAIL-DP's per-step label draws, keyed by example and step: the same whatever the split.
@@ -610,12 +580,12 @@ class PreferenceTrainer:
         scale = acc.num_processes / len(order)
         micro = [mine[s : s + cfg.micro_batch_size] for s in range(0, len(mine), cfg.micro_batch_size)]
         sums = torch.zeros(len(SUMS), dtype=torch.float64, device=acc.device)
-        poison = faults.nan_at_step(len(self._history) + 1)
-        for j, chunk_ids in enumerate(micro):
-            chunk = [examples[i] for i in chunk_ids]
+        poison = faults.nan_at_step(len(self.state.history) + 1)
+        for j, ids in enumerate(micro):
+            chunk = [examples[i] for i in ids]
             sync = self.sharding.accumulating(self.model) if j < len(micro) - 1 else contextlib.nullcontext()
             with sync:
-                lp = self._micro_logps(chunk, [draws[i] for i in chunk_ids])
+                lp = self._micro_logps(chunk, [reference[i] for i in ids], [draws[i] for i in ids])
                 out = self.objective.compute(lp, cfg)
                 if poison:
                     out.loss = out.loss * float("nan")
@@ -628,24 +598,14 @@ class PreferenceTrainer:
         total = dict(zip(SUMS, sums.tolist()))
         if not ((math.isfinite(grad_norm) or self.sharding.kind == "deepspeed") and math.isfinite(total["loss"])):
             optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(self._non_finite_message(total["loss"] / max(total["examples"], 1.0), float(grad_norm)))
+            loss = total["loss"] / max(total["examples"], 1.0)
+            raise NonFiniteError(non_finite_message(self.state, loss, grad_norm, self.checkpoint.kept()))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        metrics = step_metrics(total, float(grad_norm), lr)
+        metrics = step_metrics(total, grad_norm, lr)
         if self.objective.routed:
             metrics["sail/dp_examples"] = total["dp"]
             metrics["sail/dp_swapped"] = total["dp_swapped"]
-            if total["on_policy"]:
-                f_mean = total["on_policy_f"] / total["on_policy"]
-                # The baseline for later steps: a running mean, independent of their own samples.
-                self._f_baseline = f_mean if self._f_baseline is None else 0.9 * self._f_baseline + 0.1 * f_mean
+            self.state.f_baseline = next_f_baseline(self.state.f_baseline, total)
         return metrics
-
-    def _non_finite_message(self, loss: float, grad_norm: float) -> str:
-        """Which step diverged and what is kept: the line a user reads when training blows up."""
-        step = len(self._history) + 1
-        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-        return (f"optimizer step {step} of the update (round {self._rounds_done}) has a non-finite {what}; "
-                f"stopped before applying it and {self.checkpoint.kept()}; lower train.learning_rate, keep "
-                "train.max_grad_norm > 0 or check the data")

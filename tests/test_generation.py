@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from selfalign.config import ConfigError, load_config
@@ -107,7 +109,8 @@ def test_loop_generation_stops_at_every_stop_id():
     old = HFGenerator(model, PAD, tok.eos_token_id).generate(PROMPTS, config, seed=3)
     assert any(t in stops - {EOS} for rs in old for r in rs for t in r[:-1])  # the old call ran past them
 
-    out = generate_sharded(model, PROMPTS, config, 3, tok, Accelerator(cpu=True), show=False)
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True), tokenizer=tok, show=False, backend=None)
+    out = generate_sharded(run, model, PROMPTS, config, 3)
     ended = [r[-1] for rs in out for r in rs if r[-1] in stops]
     assert all(t not in stops for rs in out for r in rs for t in r[:-1])
     assert IM_END in ended and EXTRA_STOP in ended  # both new stop ids did end responses

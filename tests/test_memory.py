@@ -92,8 +92,9 @@ def test_lora_loop_holds_one_base_model_and_its_reference_is_pi_ref(tmp_path, mo
         return begin(self, *args, **kwargs)
 
     def recording(self, examples, *args, **kwargs):
-        compute(self, examples, *args, **kwargs)
-        refs.append([(e.prompt_ids, e.chosen_ids, e.ref_chosen) for e in examples])
+        reference = compute(self, examples, *args, **kwargs)
+        refs.append([(e.prompt_ids, e.chosen_ids, r.chosen) for e, r in zip(examples, reference)])
+        return reference
 
     def saving(trainer, tokenizer, path, *args, **kwargs):
         trained.append(_logps(trainer.policy, probe))

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from selfalign.pairs import Pair, best_random, best_worst, length_penalized, random_pair, selm_three_way
+from selfalign.pairs import Pair, best_random, best_worst, random_pair, selm_three_way
 
 
 def test_best_worst():
@@ -31,14 +31,6 @@ def test_random_pair_orders_by_score_and_skips_ties():
             seen.add(p)
     assert seen == {Pair(1, 0), Pair(2, 0)}
     assert sum(random_pair([0.0, 1.0, 1.0], random.Random(s)) is None for s in range(300)) > 0
-
-
-def test_length_penalty_changes_the_winner():
-    select = length_penalized(0.1)
-    # Raw scores prefer the long answer (index 0); the penalty (0.1 per token) flips it.
-    assert best_worst([1.0, 0.8, 0.0], random.Random(0)) == Pair(0, 2)
-    # Penalised: [1.0 - 1.0, 0.8 - 0.1, 0.0 - 0.1] = [0.0, 0.7, -0.1].
-    assert select([1.0, 0.8, 0.0], [10, 1, 1], random.Random(0)) == Pair(1, 2)
 
 
 def test_selm_three_way_places_y_ref_anywhere():

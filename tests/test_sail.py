@@ -285,4 +285,4 @@ def test_response_term_baseline_is_the_running_mean_of_f():
     trainer = PreferenceTrainer(make_model(), TrainConfig(loss="sail", batch_size=4, sail=cfg.sail), 0,
                                 reference=make_model())
     trainer.update(examples, progress=False)
-    assert trainer._f_baseline is not None and trainer._f_baseline < 0
+    assert trainer.state.f_baseline is not None and trainer.state.f_baseline < 0

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from selfalign.checkpoint import UpdateCheckpoint
 from selfalign.logprobs import collate, sequence_logprobs
+from selfalign.records import ReferenceLogps
 from selfalign.train import PreferenceTrainer, TrainConfig
 from tests.conftest import LINEAR_STEP, make_examples, make_model, params
 from tests.conftest import make_trainer as trainer
@@ -20,8 +22,8 @@ def test_accumulation_8x1_equals_1x8():
     a = trainer(TrainConfig(batch_size=8, micro_batch_size=1, **LINEAR_STEP))
     b = trainer(TrainConfig(batch_size=8, micro_batch_size=8, **LINEAR_STEP))
     before = params(a)
-    ra = a.update(copy.deepcopy(examples), progress=False)
-    rb = b.update(copy.deepcopy(examples), progress=False)
+    ra = a.update(examples, progress=False)
+    rb = b.update(examples, progress=False)
     assert ra.steps[0]["loss"] == pytest.approx(rb.steps[0]["loss"], abs=1e-6)
     pa, pb = params(a), params(b)
     moved = 0.0
@@ -54,41 +56,67 @@ def test_loss_decreases_on_repeated_pairs():
 def test_reference_logps_are_computed_once_and_match_reference_model():
     t = trainer(TrainConfig(batch_size=4))
     examples = make_examples(6)
-    t.compute_reference_logps(examples, progress=False)
+    reference = t.compute_reference_logps(examples, progress=False)
     batch = collate([e.prompt_ids for e in examples], [e.chosen_ids for e in examples], 0)
     expected = sequence_logprobs(t.reference, batch)
-    torch.testing.assert_close(torch.tensor([e.ref_chosen for e in examples]), expected.detach(), atol=1e-5, rtol=0)
-    # The reference must not be called again inside update(): precomputed values are reused.
+    torch.testing.assert_close(torch.tensor([r.chosen for r in reference]), expected.detach(), atol=1e-5, rtol=0)
+    # The reference must not be called again inside update(): precomputed values are reused. (Log-probs run
+    # the decoder, not the model's own forward: the hook sits there.)
     calls = []
-    t.reference.register_forward_pre_hook(lambda *a, **k: calls.append(1))
-    t.update(examples, progress=False)
+    t.reference.get_decoder().register_forward_pre_hook(lambda *a, **k: calls.append(1))
+    t.update(examples, progress=False, reference=reference)
     assert not calls
+    t.update(examples, progress=False)
+    assert calls  # without them it does call the reference: the hook sees the calls it guards against
+
+
+def test_reference_logps_are_returned_and_the_examples_left_alone():
+    """Values already known are kept and only the rest computed; neither call nor an update writes onto
+    the caller's examples, so one list of examples can feed two trainers."""
+    t = trainer(TrainConfig(batch_size=4))
+    examples = make_examples(4)
+    untouched = copy.deepcopy(examples)
+    reference = t.compute_reference_logps(examples, progress=False)
+    known = [None, reference[1], None, ReferenceLogps(-1.0, -2.0)]
+    calls = []
+    t.reference.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(len(kwargs["input_ids"])), with_kwargs=True)
+    again = t.compute_reference_logps(examples, known, progress=False)
+    assert calls == [4]  # one batch: chosen and rejected of the two unknown examples
+    assert again[1] is reference[1] and again[3] is known[3]
+    # Recomputed in a batch of other rows, a value may differ in its last bits (why the loop keeps known ones).
+    for i in (0, 2):
+        assert (again[i].chosen, again[i].rejected) == pytest.approx((reference[i].chosen, reference[i].rejected),
+                                                                     abs=1e-5)
+    t.update(examples, progress=False)
+    assert examples == untouched
 
 
 def test_resume_from_mid_update_checkpoint_gives_identical_losses(tmp_path):
     config = TrainConfig(batch_size=2, micro_batch_size=1, learning_rate=1e-3, epochs=2, checkpoint_every=1)
     examples = make_examples(8)
-    full = trainer(config).update(copy.deepcopy(examples), progress=False)
+    full = trainer(config).update(examples, progress=False)
     assert len(full.steps) == 8
 
     first = trainer(config)
-    part = first.update(copy.deepcopy(examples), checkpoint_dir=tmp_path, stop_after_steps=3, progress=False)
+    part = first.update(examples, checkpoint_dir=tmp_path, stop_after_steps=3, progress=False)
     assert len(part.steps) == 3 and (tmp_path / "update_state.pt").exists()
 
     resumed_trainer = trainer(config)  # a fresh process: new model at pi_0, state from disk
-    resumed = resumed_trainer.update(copy.deepcopy(examples), checkpoint_dir=tmp_path, progress=False)
+    resumed = resumed_trainer.update(examples, checkpoint_dir=tmp_path, progress=False)
     assert resumed.resumed_from_step == 3
     assert [s["loss"] for s in resumed.steps] == pytest.approx([s["loss"] for s in full.steps], abs=1e-7)
     assert not (tmp_path / "update_state.pt").exists()  # a finished update leaves no stale state
 
 
 @pytest.mark.parametrize("every, saved_after", [(1, [1, 2, 3, 4, 5]), (3, [3]), (0, [])])
-def test_one_step_rounds_checkpoint_every_n_steps_not_every_round(tmp_path, every, saved_after):
+def test_one_step_rounds_checkpoint_every_n_steps_not_every_round(tmp_path, monkeypatch, every, saved_after):
     """Generation every step must not write a checkpoint (3x the weights) every step."""
     t = trainer(TrainConfig(batch_size=2, micro_batch_size=2, checkpoint_every=every))
     saves = []
-    save = t._save_checkpoint
-    t._save_checkpoint = lambda *a: (saves.append(len(t._history)), save(*a))
+    save = UpdateCheckpoint.save_update
+    monkeypatch.setattr(UpdateCheckpoint, "save_update",
+                        lambda self, state, *a: (saves.append(len(state.history)), save(self, state, *a)))
     t.begin(6, checkpoint_dir=tmp_path)
     for k in range(6):
         t.train_round(make_examples(2, seed=k), last=k == 5, progress=False)
@@ -120,7 +148,8 @@ def test_lora_changes_only_adapters_and_reference_is_adapter_disabled():
         assert changed == ("lora_" in name), f"{name}: changed={changed}"
     batch = collate([e.prompt_ids for e in examples], [e.rejected_ids for e in examples], 0)
     expected = sequence_logprobs(base, batch).detach()
-    torch.testing.assert_close(torch.tensor([e.ref_rejected for e in examples]), expected, atol=1e-5, rtol=0)
+    reference = t.compute_reference_logps(examples, progress=False)  # after training: still the adapter disabled
+    torch.testing.assert_close(torch.tensor([r.rejected for r in reference]), expected, atol=1e-5, rtol=0)
     with torch.no_grad(), t.policy.disable_adapter():
         torch.testing.assert_close(sequence_logprobs(t.policy, batch), expected, atol=1e-5, rtol=0)
     assert not torch.allclose(sequence_logprobs(t.policy, batch).detach(), expected, atol=1e-4)
@@ -131,8 +160,8 @@ def test_selm_with_alpha_zero_trains_exactly_like_dpo():
     common = dict(batch_size=4, micro_batch_size=2, learning_rate=1e-3, epochs=2)
     dpo = trainer(TrainConfig(loss="dpo", **common))
     selm = trainer(TrainConfig(loss="selm", alpha=0.0, **common))
-    rd = dpo.update(copy.deepcopy(examples), progress=False)
-    rs = selm.update(copy.deepcopy(examples), progress=False)
+    rd = dpo.update(examples, progress=False)
+    rs = selm.update(examples, progress=False)
     assert rs.steps == rd.steps  # every metric, bit for bit
     for (n, a), (_, b) in zip(dpo.policy.named_parameters(), selm.policy.named_parameters()):
         assert torch.equal(a, b), n
@@ -143,8 +172,8 @@ def test_selm_term_lowers_logp_of_ref_sample_more_than_dpo():
     common = dict(batch_size=4, micro_batch_size=4, learning_rate=1e-3, epochs=3, beta=0.1)
     dpo = trainer(TrainConfig(loss="selm", alpha=0.0, **common))
     selm = trainer(TrainConfig(loss="selm", alpha=5.0, **common))
-    dpo.update(copy.deepcopy(examples), progress=False)
-    selm.update(copy.deepcopy(examples), progress=False)
+    dpo.update(examples, progress=False)
+    selm.update(examples, progress=False)
     batch = collate([e.prompt_ids for e in examples], [e.ref_sample_ids for e in examples], 0)
     with torch.no_grad():
         assert sequence_logprobs(selm.policy, batch).sum() < sequence_logprobs(dpo.policy, batch).sum()
@@ -205,7 +234,7 @@ def test_ipo_step_by_hand():
     examples = make_examples(4)
     t = trainer(TrainConfig(loss="ipo", beta=beta, batch_size=4, micro_batch_size=2, **LINEAR_STEP))
     before = params(t)
-    steps = t.update(copy.deepcopy(examples), progress=False).steps
+    steps = t.update(examples, progress=False).steps
     assert steps[0]["loss"] == pytest.approx(1.0, abs=1e-5)
     loss, grads = hand_gradient(make_model(0), make_model(0), examples, lambda u, _: (u - 1 / (2 * beta)) ** 2)
     assert loss == pytest.approx(1.0, abs=1e-6)
@@ -223,7 +252,7 @@ def test_xpo_step_by_hand():
     examples = make_examples(4, with_ref_sample=True)
     t = trainer(TrainConfig(loss="xpo", beta=beta, alpha=alpha, batch_size=4, micro_batch_size=2, **LINEAR_STEP))
     before = params(t)
-    steps = t.update(copy.deepcopy(examples), progress=False).steps
+    steps = t.update(examples, progress=False).steps
     with torch.no_grad():
         y_ref = sequence_logprobs(make_model(0), collate([e.prompt_ids for e in examples],
                                                          [e.ref_sample_ids for e in examples], 0))
@@ -252,8 +281,8 @@ def test_rmsprop_steps_by_hand():
                   lr_scheduler="constant", max_grad_norm=0.0, batch_size=4, micro_batch_size=2)
     one, two = trainer(TrainConfig(epochs=1, **common)), trainer(TrainConfig(epochs=2, **common))
     theta0 = params(one)
-    one.update(copy.deepcopy(examples), progress=False)
-    two.update(copy.deepcopy(examples), progress=False)
+    one.update(examples, progress=False)
+    two.update(examples, progress=False)
 
     dpo = lambda u, _: -F.logsigmoid(beta * u)  # noqa: E731
     model, reference = make_model(0), make_model(0)
@@ -295,7 +324,7 @@ def test_gradient_checkpointing_gives_the_same_update(lora):
         t = trainer(config)
         base = t.policy.get_base_model() if lora else t.policy
         assert base.is_activation_checkpointing == checkpointing
-        results.append((t.update(copy.deepcopy(examples), progress=False).steps, params(t)))
+        results.append((t.update(examples, progress=False).steps, params(t)))
     (steps_a, pa), (steps_b, pb) = results
     assert steps_a[0]["loss"] == pytest.approx(steps_b[0]["loss"], abs=1e-6)
     for name in pa:
