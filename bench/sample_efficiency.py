@@ -198,6 +198,11 @@ def run_one(argv: list[str], recipe: Path | None = None) -> tuple[list[dict], di
     start = time.perf_counter()
     history = run(cfg, progress=False)
     seconds = time.perf_counter() - start
+    if cfg.model == "constraints":
+        # The stages' own timings (generation, judging, reference log-probs, update, evaluation), saved in the
+        # run: the same whether the run was made now or is reloaded finished; engine start and pi_0's
+        # evaluation (shared per seed) are left out.
+        seconds = sum(v for h in history for k, v in h.items() if k.startswith("time/"))
     pi0 = json.loads((out / "pi0_metrics.json").read_text())
     return history, pi0, seconds
 
@@ -432,8 +437,8 @@ def main(argv: list[str] | None = None) -> None:
             run_dir = work / name / key.replace(" ", "_").replace("=", "").replace("+", "") / f"seed{seed}"
             if constraints and method in NEEDS_PREFERENCES:
                 offline = work / name / "offline_dpo" / f"seed{seed}"
-                extra = [*extra, f"preferences={preferences_from(offline, run_dir.parent / f'prefs_seed{seed}.jsonl')}"]
                 run_dir.parent.mkdir(parents=True, exist_ok=True)
+                extra = [*extra, f"preferences={preferences_from(offline, run_dir.parent / f'prefs_seed{seed}.jsonl')}"]
             argv_run = [*overrides(method, seed, run_dir, size, alpha, args.task), *extra, *args.set]
             if constraints:
                 share_pi0_evaluation(run_dir, sorted((work / name).glob(f"*/seed{seed}")))
@@ -502,7 +507,9 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, {device}.", "",
         f"{title}; pi_0: gold sampled {pi0['gold/sampled']:.3f}, greedy {pi0['gold/greedy']:.3f}. "
         "Means ± 95% CI over seeds; p from an exact permutation test against iterative DPO (with 2 seeds the "
-        "smallest possible p is 0.333: nothing can be significant at 0.05)." + novel_line, "",
+        "smallest possible p is 0.333: nothing can be significant at 0.05)." + novel_line
+        + (" `s / run` is the stages' own seconds (generation, judging, reference log-probs, update, evaluation), "
+           "without engine start and pi_0's evaluation." if constraints else ""), "",
         table, "", *verdicts(numbers), "",
         f"![sample efficiency]({name}.png)", "", *paired_md,
     ]

@@ -330,8 +330,10 @@ def _check_tokenizer(policy: Path, other: Path, flag: str) -> None:
         mine = theirs = None
     from .models import adapter_base, is_adapter_dir
 
-    # A LoRA iterate is an adapter directory: its vocabulary is its base model's.
-    model = lambda p: adapter_base(p) if is_adapter_dir(p) else p  # noqa: E731
+    def model(path):  # a LoRA iterate is an adapter on its base (itself perhaps the previous iterate's adapter)
+        while is_adapter_dir(path):
+            path = adapter_base(path)
+        return path
     sizes = AutoConfig.from_pretrained(model(policy)).vocab_size, AutoConfig.from_pretrained(model(other)).vocab_size
     if (mine is not None and mine != theirs) or sizes[1] < sizes[0]:
         raise UsageError(f"{flag} {other}: its vocabulary ({sizes[1]} ids) is not the policy's ({sizes[0]} ids); "

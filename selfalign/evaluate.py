@@ -139,8 +139,8 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
 
     own = backend is None
     if own:
-        backend = build_backend(cfg.generation, tokenizer, policy_path, load_generation_config(policy_path),
-                                seed=cfg.seed)
+        # Built on pi_0, a full model (a LoRA iterate is only an adapter); each generator gets its model's weights.
+        backend = build_backend(cfg.generation, tokenizer, pi0_path, load_generation_config(pi0_path), seed=cfg.seed)
     baseline_path = baseline_path or pi0_path
     # pi_0 evaluated against itself (iteration -1): its greedy answers are the baseline's and its KL is 0,
     # so neither is computed twice.

@@ -124,6 +124,12 @@ def test_eval_accepts_a_lora_iterate_whose_vocabulary_is_its_base_models(builtin
     AutoTokenizer.from_pretrained(builtin_task.policy_dir).save_pretrained(adapter)
     assert not (adapter / "config.json").exists()
     _check_tokenizer(adapter, builtin_task.policy_dir, "--baseline")  # no error
+    # The next iterate's adapter names the previous iterate (an adapter itself) as its base.
+    later = tmp_path / "iter_001" / "policy"
+    shutil.copytree(adapter, later)
+    config = json.loads((later / "adapter_config.json").read_text())
+    (later / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(adapter)}))
+    _check_tokenizer(later, builtin_task.policy_dir, "--baseline")
     other = tmp_path / "other"
     base.config.vocab_size = 8
     base.config.save_pretrained(other)

@@ -132,7 +132,31 @@ def test_online_loop_with_the_vllm_backend(setup, tmp_path):
                                         f"output_dir={tmp_path / 'run'}"])
     history = run(cfg, progress=False, backend=backend)
     assert history[0]["labels"] == 72 and history[0]["time/generation"] > 0
-    # pi_0's evaluation (pi_0, then the baseline's greedy answers, cached in the run), two rounds (one push
-    # each), the iteration's evaluation (the policy; the baseline's answers come from the cache).
-    assert backend.pushes - pushes == 5
+    # pi_0's evaluation (one push: its greedy answers are the baseline's, cached in the run), two rounds (one
+    # push each), the iteration's evaluation (the policy; the baseline's answers come from the cache).
+    assert backend.pushes - pushes == 4
     assert backend.last_check < 1e-3
+
+
+def test_evaluating_a_lora_iterate_starts_its_engine_on_pi0(builtin_task, tmp_path):
+    """A LoRA run's iterates are adapter directories, which no engine can load: evaluation (its own backend,
+    as `selfalign eval` has) starts the engine on pi_0 and pushes the merged iterate into it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selfalign.config import load_config
+    from selfalign.data import load_prompts
+    from selfalign.evaluate import evaluate_policy
+    from selfalign.judges.function import FunctionJudge
+    from selfalign.loop import RunConfig
+
+    base = AutoModelForCausalLM.from_pretrained(builtin_task.policy_dir)
+    adapter = tmp_path / "iter_000" / "policy"
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    tok = AutoTokenizer.from_pretrained(builtin_task.policy_dir)
+    tok.save_pretrained(adapter)
+    cfg = load_config(RunConfig, None, ["generation.backend=vllm", "generation.max_new_tokens=8", "eval.samples=1"])
+    prompts = load_prompts(str(builtin_task.eval_prompts), "prompt", tok, 512)[:4]
+    m = evaluate_policy(adapter, builtin_task.policy_dir, prompts, tok, FunctionJudge(builtin_task.reward_fn), cfg)
+    # LoRA's B starts at zero: the iterate is pi_0, so greedy answers tie with the baseline's everywhere.
+    assert m["tie_rate"] == 1.0 and m["kl_to_pi0"] < 1e-3
