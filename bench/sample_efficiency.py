@@ -104,8 +104,9 @@ def overrides(method: str, seed: int, out: Path, size: dict, alpha: float | None
               f"iterations={size['iterations']}", f"prompts_per_iteration={size['prompts']}", f"train.alpha={a}",
               f"eval.prompts={size['eval_prompts']}", f"eval.samples={size['eval_samples']}"]
     if task == "constraints":
-        # XPO as published pairs one policy sample with one pi_0 sample; every other method draws K = 4.
-        k = 2 if method == "xpo" else size.get("k", 4)
+        # XPO as published pairs one policy sample with one pi_0 sample, and SAIL's PP and PR routes draw 2
+        # responses per prompt; every other method draws the task's K.
+        k = 2 if method == "xpo" or method.startswith("sail") else size.get("k", 4)
         return [*common, "model=constraints", f"generation.num_samples={k}",
                 f"generation.backend={'vllm' if vllm_installed() else 'hf'}", "eval.implicit_pairs=0"]
     return [*common, "model=builtin",
