@@ -381,6 +381,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="constraints task: the GPU schedule (constraints_h100: full fine-tune, 3 x 1,024 prompts, "
                              "every method, 5 seeds); default: the CPU schedule (constraints_quickstart, 4 methods)")
     parser.add_argument("--seeds", type=int, help="seeds per method (default 5, quick 2)")
+    parser.add_argument("--existing", action="store_true",
+                        help="report only the runs already finished in --workdir (start no new run): a partial "
+                             "result when the whole schedule does not fit the time")
     parser.add_argument("--methods", nargs="+", choices=[*METHODS, "selm_official", "xpo_policy_pairs"],
                         help=f"default: {' '.join(METHODS)} (constraints on a CPU: "
                              f"{' '.join(CONSTRAINTS_CPU['methods'])})")
@@ -436,6 +439,9 @@ def main(argv: list[str] | None = None) -> None:
     for key, method, extra, alpha in jobs:
         for seed in seeds:
             run_dir = work / name / key.replace(" ", "_").replace("=", "").replace("+", "") / f"seed{seed}"
+            if args.existing and not (run_dir / f"iter_{size['iterations'] - 1:03d}" / "metrics.json").exists():
+                print(f"{key:>28} seed {seed}: not finished in {run_dir}, left out (--existing)", flush=True)
+                continue
             if constraints and method in NEEDS_PREFERENCES:
                 offline = work / name / "offline_dpo" / f"seed{seed}"
                 run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -456,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{final['labelled_pairs_total']} ({seconds:.0f} s)", flush=True)
             results.setdefault(key, []).append(record)
 
-    main_results = {m: results[m] for m in methods}
+    main_results = {m: results[m] for m in methods if m in results}
     table, numbers = summarise(main_results, pi0)
     ab_tables, ab_numbers = [], {}
     for beta in betas if not args.no_ablation else []:
