@@ -144,26 +144,21 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
     baseline_path = baseline_path or pi0_path
     # pi_0 evaluated against itself (iteration -1): its greedy answers are the baseline's and its KL is 0,
     # so neither is computed twice.
-    is_pi0 = Path(policy_path).resolve() == Path(pi0_path).resolve()
     pi0 = _load(pi0_path) if Path(baseline_path) == Path(pi0_path) else None
+    own_baseline = pi0 is not None and Path(policy_path).resolve() == Path(pi0_path).resolve()
     pad = pad_token_id(tokenizer)
     max_new = cfg.generation.max_new_tokens
     ids = [prompt_ids(tokenizer, p) for p in prompts]
-    if is_pi0 and pi0 is not None:
-        policy = pi0
-        gen = backend.generator(policy)
-        greedy_ids = [r[0] for r in _generate(gen, ids, cfg.generation, 1, 0.0, seed=0, progress=progress)]
+    base = None if own_baseline else baseline_greedy(baseline_path, prompts, tokenizer, max_new, cache, backend,
+                                                     model=pi0, progress=progress)
+    stage("baseline answered")
+    pi0 = pi0 if pi0 is not None else _load(pi0_path)
+    policy = pi0 if own_baseline else _load(policy_path)
+    gen = backend.generator(policy)
+    greedy_ids = [r[0] for r in _generate(gen, ids, cfg.generation, 1, 0.0, seed=0, progress=progress)]
+    if base is None:
         base = [tokenizer.decode(r, skip_special_tokens=True) for r in greedy_ids]
         save_baseline_greedy(cache, baseline_path, base)
-        stage("baseline answered")
-    else:
-        base = baseline_greedy(baseline_path, prompts, tokenizer, cfg.generation.max_new_tokens, cache, backend,
-                               model=pi0, progress=progress)
-        stage("baseline answered")
-        pi0 = pi0 if pi0 is not None else _load(pi0_path)
-        policy = _load(policy_path)
-        gen = backend.generator(policy)
-        greedy_ids = [r[0] for r in _generate(gen, ids, cfg.generation, 1, 0.0, seed=0, progress=progress)]
     stage("greedy answered")
     k = cfg.eval.samples
     sampled_ids = _generate(gen, ids, cfg.generation, k, cfg.generation.temperature or 1.0, seed=cfg.seed + 1,
