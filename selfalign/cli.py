@@ -388,7 +388,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     prompts = load_prompts(prompts_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens, *split)[: args.limit or None]
     rm_key, rm_path = _eval_reward_model(args, cfg, task.gold_fn if task is not None else "")
     if rm_path:
-        gold = load_reward_model(rm_key, rm_path)
+        gold = load_reward_model(rm_key, rm_path, cfg.judge)
         scorer = f"reward model {rm_path}"
     else:
         spec = args.reward or task.gold_fn

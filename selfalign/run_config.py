@@ -53,11 +53,11 @@ class JudgeConfig:
     chunk_size: int = field(64, help="Prompts per judge call, journaled as soon as the call returns: a kill re-pays "
                                      "at most one call's labels (chunk_size x K); 1 for a paid judge.")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
-        "auto", help="Reward model weights' dtype (kind=reward_model): auto is bf16 on a GPU that supports it, fp32 "
+        "auto", help="Reward model weights' dtype (kind=reward_model, and eval.reward_model's): auto is bf16 on a GPU that supports it, fp32 "
                      "on a CPU. Loaded only when the method calls the judge (not by sail_dp, sail_pp).")
-    batch_size: int = field(16, help="Sequences per reward-model forward pass (kind=reward_model).")
+    batch_size: int = field(16, help="Sequences per reward-model forward pass (kind=reward_model, and eval.reward_model).")
     offload: bool = field(False, help="Keep the reward model in CPU memory between judge calls, on the GPU only "
-                                      "while it scores (kind=reward_model): training then has its memory.")
+                                      "while it scores (kind=reward_model, and eval.reward_model): training then has its memory.")
     llm: LLMJudgeConfig = field(default_factory=LLMJudgeConfig, help="The LLM judge (kind=llm): endpoint, model, "
                                 "prompts, concurrency, retries; every answer journaled in RUN/judge_answers.jsonl.")
 

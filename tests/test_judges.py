@@ -82,6 +82,20 @@ def test_reward_model_uses_its_own_tokenizer_and_template(tmp_path):
     assert len({v for row in scores for v in row}) > 1
 
 
+def test_eval_reward_model_loads_with_the_judge_settings(tmp_path):
+    """eval.reward_model loads in judge.dtype, batch_size and offload (it once always loaded fp32, batch 16)."""
+    from selfalign.judges.gold import eval_reward
+    from selfalign.run_config import RunConfig
+
+    cfg = RunConfig()
+    cfg.eval.reward_model = str(_reward_model_dir(tmp_path))
+    cfg.judge.dtype, cfg.judge.batch_size, cfg.judge.offload = "bf16", 3, True
+    judge = eval_reward(cfg, "", None, has_eval_prompts=True)
+    assert isinstance(judge, RewardModelJudge)
+    assert (judge.model.dtype, judge.batch_size) == (torch.bfloat16, 3)  # offload: a no-op on a CPU
+    assert len(judge.score(PROMPTS[:1], CANDIDATES[:1])[0]) == 2
+
+
 def test_pairwise_ranker_aggregates_win_probabilities():
     from tests import judge_fns
 

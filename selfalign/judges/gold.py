@@ -17,13 +17,19 @@ from . import Judge
 from .function import FunctionJudge
 
 
-def load_reward_model(key: str, path: str) -> Judge:
-    """A RewardModelJudge, or a one-line ConfigError naming `key` for a path or name that cannot be loaded."""
+def load_reward_model(key: str, path: str, judge: Any = None) -> Judge:
+    """A RewardModelJudge, or a one-line ConfigError naming `key` for a path or name that cannot be loaded.
+
+    judge: a JudgeConfig whose dtype, batch_size and offload it loads with (an 8B reward model in fp32
+    would take 32 GB); None: fp32, batch 16, on the device throughout."""
+    from ..models import resolve_dtype
     from .reward_model import RewardModelJudge
 
     check_pretrained(key, path)
+    settings = {} if judge is None else dict(dtype=resolve_dtype(judge.dtype), batch_size=judge.batch_size,
+                                             offload=judge.offload)
     with loading(key, path):
-        return RewardModelJudge(path)
+        return RewardModelJudge(path, **settings)
 
 
 def eval_reward(cfg: Any, gold_fn: str, judge: Judge, has_eval_prompts: bool) -> Judge | None:
@@ -32,7 +38,7 @@ def eval_reward(cfg: Any, gold_fn: str, judge: Judge, has_eval_prompts: bool) ->
 
     None with held-out prompts to evaluate is a ConfigError (nothing would score them)."""
     if cfg.eval.reward_model:
-        return load_reward_model("eval.reward_model", cfg.eval.reward_model)
+        return load_reward_model("eval.reward_model", cfg.eval.reward_model, cfg.judge)
     if gold_fn:
         return FunctionJudge(gold_fn)
     inner = getattr(judge, "inner", judge)  # NoisyJudge wraps the reward model: evaluate without the noise
