@@ -251,7 +251,8 @@ def estimate(cfg: Any, shape: ModelShape, reward: ModelShape | None, sharding: S
         notes.append(f"reward model not loaded: {cfg.method} does not call the judge")
 
     tokens = cfg.max_prompt_tokens + cfg.generation.max_new_tokens
-    with_sample = cfg.needs_ref_sample
+    # y_ref is a row of its own unless it is always one of the pair (XPO's policy-vs-reference pair).
+    with_sample = cfg.needs_ref_sample and method.pairing != "policy_vs_ref"
     rows = t.micro_batch_size * (3 if with_sample else 2)
     acts = activation_elements(shape, rows, tokens, t.gradient_checkpointing) * act_bytes
     head = 3 * min(t.logprob_chunk_size, rows * cfg.generation.max_new_tokens) * shape.vocab * 4

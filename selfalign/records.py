@@ -67,8 +67,19 @@ class PreferenceExample:
     route: Route | str | None = None
 
     @property
+    def ref_sample_slot(self) -> int | None:
+        """Where y_ref's log-probs come from: 0 it is the chosen response, 1 the rejected one (XPO's pair and
+        SELM's official ranking put y_ref in the pair: it is not scored twice), 2 a row of its own; None
+        without y_ref."""
+        if self.ref_sample_ids is None:
+            return None
+        if self.ref_sample_ids == self.chosen_ids:
+            return 0
+        return 1 if self.ref_sample_ids == self.rejected_ids else 2
+
+    @property
     def num_tokens(self) -> int:
-        extra = len(self.prompt_ids) + len(self.ref_sample_ids) if self.ref_sample_ids is not None else 0
+        extra = len(self.prompt_ids) + len(self.ref_sample_ids) if self.ref_sample_slot == 2 else 0
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids) + extra
 
 

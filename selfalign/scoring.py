@@ -102,7 +102,7 @@ class PairScorer:
         rows = []  # (example index, slot, prompt, response); slot 0 chosen, 1 rejected, 2 y_ref
         for i, ex in enumerate(examples):
             rows += [(i, 0, ex.prompt_ids, ex.chosen_ids), (i, 1, ex.prompt_ids, ex.rejected_ids)]
-            if ex.ref_sample_ids is not None and with_ref_sample:
+            if with_ref_sample and ex.ref_sample_slot == 2:  # y_ref in the pair is not scored twice
                 rows.append((i, 2, ex.prompt_ids, ex.ref_sample_ids))
         if not rows:
             return []
@@ -127,6 +127,9 @@ class PairScorer:
         values: list[list[float | None]] = [[None, None, None] for _ in examples]
         for i, slot, value in results:
             values[i][slot] = value
+        for ex, v in zip(examples, values):
+            if with_ref_sample and ex.ref_sample_slot in (0, 1):
+                v[2] = v[ex.ref_sample_slot]
         return [ReferenceLogps(*v) for v in values]
 
     @torch.no_grad()

@@ -68,8 +68,8 @@ class Logps:
 
     @classmethod
     def of_micro_batch(cls, lp: Tensor, chunk: Sequence[PreferenceExample], reference: Sequence[ReferenceLogps],
-                       uniform: Sequence[float] | None, f_baseline: float | None) -> Logps:
-        """Split the policy's log-probs of policy_rows(chunk) ([2B], or [3B] with y_ref) into their parts.
+                       uniform: Sequence[float] | None, f_baseline: float | None, with_sample: bool) -> Logps:
+        """Split the policy's log-probs of policy_rows(chunk, with_sample) into their parts.
 
         reference: the chunk's reference log-probs, which become constants; uniform: SAIL-DP's
         draws of a routed loss (None: the loss reads no routes, and none are built).
@@ -79,12 +79,11 @@ class Logps:
         def const(values: Sequence[float]) -> Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
 
-        with_sample = len(lp) == 3 * n
         routed = uniform is not None
         return cls(
             chosen=lp[:n], rejected=lp[n : 2 * n],
             ref_chosen=const([r.chosen for r in reference]), ref_rejected=const([r.rejected for r in reference]),
-            ref_sample=lp[2 * n :] if with_sample else None,
+            ref_sample=lp[ref_sample_rows(chunk)] if with_sample else None,
             ref_ref_sample=const([r.ref_sample for r in reference]) if with_sample else None,
             route=torch.tensor([Route(ex.route or Route.OFFLINE).index for ex in chunk], device=device)
             if routed else None,
@@ -94,12 +93,24 @@ class Logps:
 
 
 def policy_rows(chunk: Sequence[PreferenceExample], with_ref_sample: bool) -> tuple[list[list[int]], list[list[int]]]:
-    """The (prompt, response) rows of a micro-batch's one policy forward: every chosen, every rejected, then every y_ref."""
-    prompts = [ex.prompt_ids for ex in chunk] * (3 if with_ref_sample else 2)
-    responses = [ex.chosen_ids for ex in chunk] + [ex.rejected_ids for ex in chunk]
-    if with_ref_sample:
-        responses += [ex.ref_sample_ids for ex in chunk]
+    """The (prompt, response) rows of a micro-batch's one policy forward: every chosen, every rejected, then each
+    y_ref that is not one of its pair (ref_sample_slot 2)."""
+    own = [ex for ex in chunk if with_ref_sample and ex.ref_sample_slot == 2]
+    prompts = [ex.prompt_ids for ex in chunk] * 2 + [ex.prompt_ids for ex in own]
+    responses = [ex.chosen_ids for ex in chunk] + [ex.rejected_ids for ex in chunk] + [ex.ref_sample_ids for ex in own]
     return prompts, responses
+
+
+def ref_sample_rows(chunk: Sequence[PreferenceExample]) -> list[int]:
+    """Each example's row of y_ref among policy_rows(chunk, True): its chosen's, its rejected's, or its own."""
+    n, own, rows = len(chunk), 0, []
+    for i, ex in enumerate(chunk):
+        slot = ex.ref_sample_slot
+        if slot is None:
+            raise ValueError("an example without y_ref (PreferenceExample.ref_sample_ids) in a loss that needs it")
+        rows.append(slot * n + i if slot < 2 else 2 * n + own)
+        own += slot == 2
+    return rows
 
 
 @dataclass(frozen=True)
@@ -564,7 +575,7 @@ class PreferenceTrainer:
         with self.accelerator.autocast():
             lp = self.model(batch.input_ids, batch.attention_mask, batch.response_mask)
         return Logps.of_micro_batch(lp, chunk, reference, uniform if self.objective.routed else None,
-                                    self.state.f_baseline)
+                                    self.state.f_baseline, self.config.needs_ref_sample)
 
     def _step(self, indices: list[int], examples: Sequence[PreferenceExample], reference: Sequence[ReferenceLogps],
               key: str) -> dict[str, float]:

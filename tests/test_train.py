@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from selfalign.checkpoint import UpdateCheckpoint
 from selfalign.logprobs import collate, sequence_logprobs
 from selfalign.records import ReferenceLogps
-from selfalign.train import PreferenceTrainer, TrainConfig
+from selfalign.train import PreferenceTrainer, TrainConfig, policy_rows, ref_sample_rows
 from tests.conftest import LINEAR_STEP, make_examples, make_model, params
 from tests.conftest import make_trainer as trainer
 
@@ -262,6 +262,39 @@ def test_xpo_step_by_hand():
     loss, grads = hand_gradient(make_model(0), make_model(0), examples,
                                 lambda u, lp_ref: -F.logsigmoid(beta * u) + alpha * lp_ref)
     assert loss == pytest.approx(expected_loss, abs=1e-5)
+    assert_step(t, before, adam_first_step(grads, LINEAR_STEP["learning_rate"], LINEAR_STEP["adam_epsilon"]))
+
+
+@pytest.mark.parametrize("loss", ["xpo", "selm"])
+def test_y_ref_inside_the_pair_is_scored_once_and_steps_by_hand(loss):
+    """XPO's paper pair is (policy sample, y_ref) and SELM's official ranking can put y_ref in the pair: that
+    y_ref is not forwarded a second time, yet the step equals the formula's with y_ref scored on its own.
+
+    Examples: y_ref is the rejected (0, 3), the chosen (1), a response of its own (2). The policy forward
+    has 2 x 4 + 1 rows; the reference's value of an in-pair y_ref is that member's.
+    """
+    beta, alpha = 0.1, 0.5
+    examples = make_examples(4, with_ref_sample=True)
+    for i, member in ((0, "rejected_ids"), (1, "chosen_ids"), (3, "rejected_ids")):
+        examples[i].ref_sample_ids = list(getattr(examples[i], member))
+    assert [e.ref_sample_slot for e in examples] == [1, 0, 2, 1]
+    assert len(policy_rows(examples, True)[1]) == 9 and ref_sample_rows(examples) == [4, 1, 8, 7]
+    t = trainer(TrainConfig(loss=loss, beta=beta, alpha=alpha, batch_size=4, micro_batch_size=2, **LINEAR_STEP))
+    reference = t.compute_reference_logps(examples)
+    assert [r.ref_sample for r in reference[:2]] == [reference[0].rejected, reference[1].chosen]
+    before = params(t)
+    t.update(examples, reference=reference, progress=False)
+    ref_model = make_model(0)
+    with torch.no_grad():
+        ref_y = sequence_logprobs(ref_model, collate([e.prompt_ids for e in examples],
+                                                     [e.ref_sample_ids for e in examples], 0))
+    if loss == "xpo":
+        def per_example(u, lp_ref):
+            return -F.logsigmoid(beta * u) + alpha * lp_ref
+    else:
+        def per_example(u, lp_ref):
+            return -F.logsigmoid(beta * u) + alpha * beta * (lp_ref - ref_y)
+    _, grads = hand_gradient(make_model(0), ref_model, examples, per_example)
     assert_step(t, before, adam_first_step(grads, LINEAR_STEP["learning_rate"], LINEAR_STEP["adam_epsilon"]))
 
 
