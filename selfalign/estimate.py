@@ -278,7 +278,7 @@ def estimate(cfg: Any, shape: ModelShape, reward: ModelShape | None, sharding: S
 def estimate_run(cfg: Any, sharding: Sharding | None = None, processes: int | None = None,
                  device: str = "cuda") -> tuple[Estimate, ModelShape, ModelShape | None]:
     """The estimate for a RunConfig, its model shapes read as the module doc says."""
-    from .run_config import BUILTIN, CONSTRAINTS
+    from .run_config import BUILTIN, CONSTRAINTS, INSTRUCTIONS
 
     hw = cfg.hardware
     source = cfg.model
@@ -286,7 +286,7 @@ def estimate_run(cfg: Any, sharding: Sharding | None = None, processes: int | No
         from .tasks.builtin import build_task
 
         source = str(build_task(progress=False).policy_dir)
-    elif source == CONSTRAINTS:
+    elif source in (CONSTRAINTS, INSTRUCTIONS):
         source = "HuggingFaceTB/SmolLM2-135M-Instruct"
     shape = model_shape(source, hw.model_config or None)
     reward = model_shape(cfg.judge.reward_model, classifier=True) \

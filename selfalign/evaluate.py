@@ -6,11 +6,12 @@ Metrics (per policy directory):
     gold/high_reward_fraction      fraction of sampled responses with reward >= high_reward
     win_rate, tie_rate             greedy response vs the baseline policy's greedy response on the
                                    same prompt (pi_0 by default), judged by the same reward; ties apart
-    kl_to_pi0                      KL(pi || pi_ref) estimated from samples y ~ pi with Schulman's k3:
+    kl_to_pi0, kl_k1_to_pi0        KL(pi || pi_ref) estimated from samples y ~ pi with Schulman's k3:
                                    mean of exp(r) - 1 - r, r = log pi_ref(y|x) - log pi(y|x)
                                    (pi_ref = pi_0 by default). Unbiased like the plain mean of -r
                                    (k1), but never negative per sample: k1 on a few samples can
-                                   come out below 0, which a KL cannot be.
+                                   come out below 0, which a KL cannot be. k1 is reported beside it:
+                                   k3's exp(r) explodes on a far-moved policy's rare samples.
     eval/truncated_share           share of sampled responses that hit max_new_tokens without an end token
     implicit/gap, implicit/accuracy  (given pairs) SELM's analysis: mean implicit reward
                                    beta * log(pi/pi_ref) of chosen minus that of rejected responses,
@@ -181,10 +182,11 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
     flat_p = [ids[i] for i in range(len(ids)) for _ in range(k)]
     flat_r = [r for rs in sampled_ids for r in rs]
     if policy is pi0:
-        kl = torch.zeros(len(flat_r), dtype=torch.float64)
+        kl = kl1 = torch.zeros(len(flat_r), dtype=torch.float64)
     else:
-        kl = kl_k3(_logprobs(policy, flat_p, flat_r, pad, progress, "KL: policy log-probs"),
-                   _logprobs(pi0, flat_p, flat_r, pad, progress, "KL: pi_0 log-probs"))
+        lp_policy = _logprobs(policy, flat_p, flat_r, pad, progress, "KL: policy log-probs")
+        lp_pi0 = _logprobs(pi0, flat_p, flat_r, pad, progress, "KL: pi_0 log-probs")
+        kl, kl1 = kl_k3(lp_policy, lp_pi0), lp_policy.double() - lp_pi0.double()
     stage("KL")
     end_ids = set(end_token_ids(tokenizer, getattr(policy, "generation_config", None)))
     trunc = [[is_truncated(r, max_new, end_ids) for r in rs] for rs in sampled_ids]
@@ -196,6 +198,8 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
         "win_rate": wins / n,
         "tie_rate": ties / n,
         "kl_to_pi0": kl.mean().item(),
+        # k1 (the plain log-ratio mean) beside k3: k3's exp() explodes on a far-moved policy's few extreme samples.
+        "kl_k1_to_pi0": kl1.mean().item(),
         "eval/truncated_share": sum(map(sum, trunc)) / len(flat_r),
     }
     metrics.update(implicit_reward_gap(policy, pi0, pairs or [], cfg.train.beta, pad, progress))

@@ -221,7 +221,7 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
     own_backend = backend is None
     if own_backend:
         backend = build_backend(cfg.generation, tokenizer, pi0_path, load_generation_config(pi0_path), seed=cfg.seed,
-                                max_model_len=cfg.max_prompt_tokens + cfg.generation.max_new_tokens)
+                                max_model_len=engine_context(cfg, tokenizer))
     ctx = RunContext(cfg, out, accelerator, tokenizer, show, backend, data, judge, gold, eval_prompts, pi0_path)
 
     if eval_prompts and gold is not None and accelerator.is_main_process and not (out / "pi0_metrics.json").exists():
@@ -235,6 +235,8 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
             {"iteration": "pi_0", "labels_total": 0, "labelled_pairs_total": 0, **result}, indent=1))
         tracker.log_iteration(result, steps=0)
         log("pi_0: %s", summary_line(result))
+    if cfg.eval.benchmark and accelerator.is_main_process:
+        benchmark(ctx, [("pi_0", pi0_path, out / "ifeval" / "pi0.json")])
     accelerator.wait_for_everyone()
 
     history = []
@@ -305,10 +307,45 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
         left = len(slices) - t - 1
         eta = f"{left} iteration(s) left, ETA {duration(sum(durations) / len(durations) * left)}" if left else "run done"
         log("%s done in %s: %s; %s", it.name, duration(durations[-1]), summary_line(history[-1]), eta)
+    if cfg.eval.benchmark and accelerator.is_main_process:
+        final = out / f"iter_{len(slices) - 1:03d}"
+        results = benchmark(ctx, [("pi_0", pi0_path, out / "ifeval" / "pi0.json"),
+                                  (final.name, final / "policy", out / "ifeval" / f"{final.name}.json")])
+        history[-1].update({f"ifeval/{k}": v for k, v in results[-1][1].metrics().items()})
+        write_atomic(final / "metrics.json", json.dumps(history[-1], indent=1))
+        write_jsonl(out / "metrics.jsonl", history)
     if own_backend:
         backend.close()
     tracker.close()
     return history
+
+
+def engine_context(cfg: RunConfig, tokenizer) -> int:
+    """Prompt + response tokens the generation engine must hold: the run's, or a benchmark's if longer."""
+    length = cfg.max_prompt_tokens + cfg.generation.max_new_tokens
+    if cfg.eval.benchmark:
+        from .ifeval import max_prompt_tokens
+
+        length = max(length, max_prompt_tokens(tokenizer, cfg.eval.benchmark_prompts) + cfg.eval.benchmark_max_new_tokens)
+    return length
+
+
+def benchmark(ctx: RunContext, policies: list[tuple[str, Path, Path]]):
+    """eval.benchmark answered by each (name, policy, output) on the run's engine (answers already saved for the
+    same weights are read back); with two policies, the table and paired test go to the log and RUN/ifeval/."""
+    from . import ifeval
+
+    start = time.perf_counter()
+    ev = ctx.cfg.eval
+    results = ifeval.evaluate(policies, ev.benchmark_max_new_tokens, ev.benchmark_prompts, backend=ctx.backend,
+                              progress=ctx.show)
+    if len(results) > 1:
+        table = ifeval.format_table(results)
+        write_atomic(ctx.out / "ifeval" / "table.txt", table + "\n")
+        for line in table.splitlines()[:14]:
+            log("%s", line)
+    log("IFEval: %s", duration(time.perf_counter() - start))
+    return results
 
 
 def summary_line(metrics: dict[str, Any]) -> str:

@@ -22,7 +22,8 @@ from .train_config import PAPER_ALPHA, SailConfig, TrainConfig, needs_ref_sample
 
 BUILTIN = "builtin"
 CONSTRAINTS = "constraints"  # SmolLM2-135M-Instruct on verifiable constraints (selfalign.tasks.smollm2)
-TASKS = (BUILTIN, CONSTRAINTS)
+INSTRUCTIONS = "instructions"  # SmolLM2-135M-Instruct on the constraints widened toward IFEval (tasks.instructions)
+TASKS = (BUILTIN, CONSTRAINTS, INSTRUCTIONS)
 
 
 @dataclass
@@ -79,9 +80,20 @@ class EvalConfig:
                                  "function, else the judge's reward model (without noise).")
     reward_model: str = field("", help="Sequence-classification reward model (directory, hub name or .gguf) that "
                                        "scores the held-out answers instead of a function.")
+    benchmark: Literal["", "ifeval"] = field(
+        "", help="A public benchmark answered by pi_0 (once per weights, cached) and by the final iterate, on the "
+                 "run's generation engine, saved in RUN/ifeval/ with a paired test: ifeval (541 prompts, Google's "
+                 "checkers; needs the ifeval extra). Empty: none.")
+    benchmark_max_new_tokens: int = field(1280, help="Longest benchmark answer in tokens (greedy; the Open LLM "
+                                                     "Leaderboard allows 1280 on IFEval).")
+    benchmark_prompts: int = field(0, help="Answer the benchmark's first N prompts only (a quick look; paired tests "
+                                           "need them all); 0: every prompt.")
 
     def __post_init__(self) -> None:
         check(self.implicit_pairs >= 0, "eval.implicit_pairs", f"must be >= 0, got {self.implicit_pairs}")
+        check(self.benchmark_max_new_tokens >= 1, "eval.benchmark_max_new_tokens",
+              f"must be >= 1, got {self.benchmark_max_new_tokens}")
+        check(self.benchmark_prompts >= 0, "eval.benchmark_prompts", f"must be >= 0 (0: all), got {self.benchmark_prompts}")
         check(not (self.reward and self.reward_model), "eval.reward_model",
               "set eval.reward or eval.reward_model, not both (one reward scores the held-out answers)")
 
@@ -104,7 +116,8 @@ class RunConfig:
         "selm", help="Method preset (selfalign.methods). selm_official ranks pi_ref's greedy answer with a preference "
                      "file's pair (SELM's code); xpo pairs a policy sample with a pi_0 sample (XPO's paper).")
     model: str = field(BUILTIN, help="pi_0: 'builtin' (the built-in task's SFT model), 'constraints' (SmolLM2-135M-Instruct on "
-                                     "the constraints task), or a model directory, hub name or .gguf file.")
+                                     "the constraints task), 'instructions' (the same model on the constraints widened "
+                                     "toward IFEval's families), or a model directory, hub name or .gguf file.")
     prompts: str = field("", help="Training prompts ({'prompt': text or messages}): a JSONL/JSON/Parquet/Arrow file, a "
                                   "save_to_disk folder or a Hugging Face dataset name; empty with the built-in task.")
     eval_prompts: str = field("", help="Held-out prompts (any source prompts takes); empty with the built-in task.")
@@ -260,10 +273,10 @@ def resolve_task(cfg: RunConfig, progress: bool) -> Task:
     The gold reward is eval.reward, else the built-in task's reward, else the judge's function:
     a judge swapped in for the built-in task never changes what evaluation measures.
     """
-    if cfg.model == CONSTRAINTS:
+    if cfg.model in (CONSTRAINTS, INSTRUCTIONS):
         from .tasks.smollm2 import build_task as build_constraints
 
-        real = build_constraints(progress=progress)
+        real = build_constraints(progress=progress, prompts=cfg.model)
         return Task(real.policy_dir, cfg.prompts or str(real.train_prompts), cfg.eval_prompts or str(real.eval_prompts),
                     cfg.preferences, cfg.judge.function or real.reward_fn, cfg.eval.reward or real.reward_fn)
     if cfg.model != BUILTIN:

