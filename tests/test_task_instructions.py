@@ -7,7 +7,14 @@ import itertools
 import pytest
 
 from selfalign.tasks import instructions
-from selfalign.tasks.constraints import ALL_KINDS, CONFLICTS, KINDS, Constraint, make_prompt, parse_constraints
+from selfalign.tasks.constraints import (
+    ALL_KINDS,
+    CONFLICTS,
+    KINDS,
+    Constraint,
+    make_prompt,
+    parse_constraints,
+)
 
 REQ = "Write a poem about the moon."
 # kind, params, answers that satisfy it, answers that do not (each worked out by hand from the kind's sentence).
