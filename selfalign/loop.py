@@ -810,7 +810,9 @@ def stage_eval(ctx: RunContext, it: Path, t: int) -> dict[str, Any]:
                **({"routes": labels.routes} if labels.routes else {}),
                **{f"train/{k}": v for k, v in train["summary"].items() if k in ("loss", "rewards/accuracies",
                                                                                  "rewards/margins")}}
-    if eval_prompts and gold is not None:
+    last = t == len(prompt_slices(len(ctx.data.prompts), cfg)) - 1
+    due = last or (cfg.eval.every > 0 and (t + 1) % cfg.eval.every == 0)
+    if eval_prompts and gold is not None and due:
         # SELM's analysis: the implicit reward gap, here on (up to 256 of) the iteration's own training pairs.
         pairs = [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"])
                  for rd in [it, *sorted(it.glob("round_*"))] if (rd / "pairs.jsonl").exists()

@@ -62,9 +62,10 @@ def plot_reward_vs_labels(rows: list[dict[str, Any]], path: Path, title: str) ->
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     x = _x_labels(rows)
     for key, label, style in (("gold/greedy", "greedy answer", "o-"), ("gold/sampled", "sampled answers", "s--")):
-        if all(key in r for r in rows):
-            ax.plot(x, [r[key] for r in rows], style, label=label)
-            for xi, r in zip(x, rows):
+        points = [(xi, r) for xi, r in zip(x, rows) if key in r]  # eval.every may skip iterations
+        if points:
+            ax.plot([xi for xi, _ in points], [r[key] for _, r in points], style, label=label)
+            for xi, r in points:
                 ax.annotate(_name(r), (xi, r[key]), textcoords="offset points", xytext=(4, -12), fontsize=8)
     ax.set_xlabel(LABELS_AXIS)
     ax.set_ylabel("mean reward on held-out prompts")
@@ -215,8 +216,9 @@ def write_comparison(runs: list[Path], out: Path) -> str:
     for (_, _, rows), name in zip(loaded, names):
         x = _x_labels(rows)
         for ax, key in zip(axes, ("gold/sampled", "gold/greedy")):
-            if all(key in r for r in rows):
-                ax.plot(x, [r[key] for r in rows], "o-", label=name)
+            points = [(xi, r[key]) for xi, r in zip(x, rows) if key in r]
+            if points:
+                ax.plot(*zip(*points), "o-", label=name)
     for ax, what in zip(axes, ("sampled answers", "greedy answer")):
         ax.set_xlabel(LABELS_AXIS)
         ax.set_ylabel(f"mean reward, {what}")

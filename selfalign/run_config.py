@@ -80,6 +80,8 @@ class EvalConfig:
                                  "function, else the judge's reward model (without noise).")
     reward_model: str = field("", help="Sequence-classification reward model (directory, hub name or .gguf) that "
                                        "scores the held-out answers instead of a function.")
+    every: int = field(1, help="Evaluate on the held-out prompts after every N-th iteration (and always after the "
+                               "last); 0: after the last only. Skipped iterations record no held-out metrics.")
     benchmark: Literal["", "ifeval"] = field(
         "", help="A public benchmark answered by pi_0 (once per weights, cached) and by the final iterate, on the "
                  "run's generation engine, saved in RUN/ifeval/ with a paired test: ifeval (541 prompts, Google's "
@@ -91,6 +93,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check(self.implicit_pairs >= 0, "eval.implicit_pairs", f"must be >= 0, got {self.implicit_pairs}")
+        check(self.every >= 0, "eval.every", f"must be >= 0 (0: the last iteration only), got {self.every}")
         check(self.benchmark_max_new_tokens >= 1, "eval.benchmark_max_new_tokens",
               f"must be >= 1, got {self.benchmark_max_new_tokens}")
         check(self.benchmark_prompts >= 0, "eval.benchmark_prompts", f"must be >= 0 (0: all), got {self.benchmark_prompts}")

@@ -188,3 +188,23 @@ def test_eval_benchmark_end_to_end_on_a_tiny_chat_model(tmp_path, capsys, monkey
     # Answered again: read back (same weights), not regenerated.
     assert main(argv) == 0
     assert "answered before" in capsys.readouterr().out
+
+
+def test_a_run_answers_ifeval_with_pi0_and_its_final_iterate(tmp_path, builtin_task):
+    from selfalign.config import load_config
+    from selfalign.loop import RunConfig, run
+
+    argv = ["iterations=2", "prompts_per_iteration=16", "generation.num_samples=2", "generation.max_new_tokens=6",
+            "train.batch_size=8", "train.micro_batch_size=8", "eval.prompts=8", "eval.samples=1", "eval.every=0",
+            "eval.benchmark=ifeval", "eval.benchmark_prompts=3", "eval.benchmark_max_new_tokens=3",
+            f"output_dir={tmp_path / 'run'}"]
+    history = run(load_config(RunConfig, None, argv), progress=False)
+    out = tmp_path / "run" / "ifeval"
+    assert {p.name for p in out.iterdir()} >= {"pi0.json", "pi0.answers.jsonl", "iter_001.json",
+                                               "iter_001.answers.jsonl", "table.txt"}
+    assert "gold/greedy" not in history[0] and "gold/greedy" in history[1]  # eval.every=0: the last only
+    assert 0 <= history[1]["ifeval/prompt_strict"] <= 1 and "ifeval/median_tokens" in history[1]
+    assert json.loads((tmp_path / "run" / "iter_001" / "metrics.json").read_text())["ifeval/inst_strict"] >= 0
+    assert "exact McNemar p" in (out / "table.txt").read_text()
+    answers = (out / "iter_001.answers.jsonl").read_text().splitlines()
+    assert len(answers) == 3 and all(json.loads(a)["tokens"] <= 3 for a in answers)
