@@ -219,6 +219,7 @@ def iteration_table(out: Path, history: list[dict]) -> str:
     cols = [("labels_total", "judge labels", "{:>12d}"), *extra, ("gold/greedy", "gold(greedy)", "{:>13.3f}"),
             ("gold/sampled", "gold(sampled)", "{:>14.3f}"), ("gold/high_reward_fraction", "perfect", "{:>8.3f}"),
             ("win_rate", "win vs pi_0", "{:>12.3f}"), ("tie_rate", "ties", "{:>6.3f}"), ("kl_to_pi0", "KL(pi|pi_0)", "{:>12.3f}"),
+            ("kl_k1_to_pi0", "KL k1", "{:>8.3f}"),
             # Share of the iteration's sampled responses cut off at max_new_tokens (generation.truncated).
             ("truncated_share", "truncated", "{:>10.3f}")]
     # A column no row has (no held-out evaluation, no win rate) is left out rather than printed empty.
