@@ -7,6 +7,7 @@ check a run's config without importing the training code.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -110,6 +111,11 @@ class RunTrainConfig(TrainConfig):
                    "with that loss (train.alpha must then be 0); selm, xpo and sail only with their own methods.")
 
 
+def expand_path(value: str) -> str:
+    """value with a leading `~` and $VARS expanded (unchanged when it holds neither)."""
+    return os.path.expandvars(os.path.expanduser(value)) if value and ("~" in value or "$" in value) else value
+
+
 @dataclass
 class RunConfig:
     """An online alignment run."""
@@ -162,6 +168,12 @@ class RunConfig:
                                      help="The GPUs the recipe is meant for (selfalign estimate checks the fit).")
 
     def __post_init__(self) -> None:
+        # `~` and $VARS in every path setting, as a shell would expand them (hub names never hold either).
+        for key in ("model", "prompts", "eval_prompts", "preferences", "output_dir"):
+            setattr(self, key, expand_path(getattr(self, key)))
+        self.judge.reward_model = expand_path(self.judge.reward_model)
+        self.eval.reward_model = expand_path(self.eval.reward_model)
+        check(self.output_dir.strip() != "", "output_dir", "must name a directory (got an empty value)")
         check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
         check(self.prompts_per_iteration >= 1, "prompts_per_iteration", f"must be >= 1, got {self.prompts_per_iteration}")
         check(self.generate_every >= 0, "generate_every", f"must be >= 0, got {self.generate_every}")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 Prompt = str | list[dict[str, str]]
@@ -33,15 +35,52 @@ class Judge(Protocol):
         ...
 
 
-def load_callable(spec: str) -> Callable[..., Any]:
-    """Import 'pkg.module:function' and return the function; JudgeError says what is missing."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise JudgeError(f"'{spec}' is not of the form 'pkg.module:function'")
+def _module_from_file(path: Path, spec: str):
+    """The module of a .py file (loaded once per path: a second judge on the same file shares it)."""
+    import importlib.util
+    import sys
+
+    name = f"selfalign_user_{abs(hash(str(path.resolve())))}_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise JudgeError(f"cannot load '{path}' named in '{spec}' as a Python module")
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise JudgeError(f"cannot import module '{module_name}' named in '{spec}' ({e})") from e
+        loader_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise JudgeError(f"'{path}' named in '{spec}' raised {type(e).__name__} on import: {e}") from e
+    return module
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """The function a spec names: 'pkg.module:function' (imported), or 'path/to/file.py:function' (a file, `~` and
+    $VARS expanded, relative to the working directory). A bare 'module:function' that is not importable is also
+    looked for as module.py in the working directory, where a user keeps a reward beside the prompts. JudgeError
+    says what is missing."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise JudgeError(f"'{spec}' is not of the form 'pkg.module:function' or 'path/to/file.py:function'")
+    local = Path(os.path.expandvars(os.path.expanduser(module_name)))
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        if not local.is_file():
+            raise JudgeError(f"'{spec}': no file {local.resolve()} (a path is relative to the working directory "
+                             f"{Path.cwd()})")
+        module = _module_from_file(local, spec)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            beside = Path.cwd() / f"{module_name.replace('.', os.sep)}.py"
+            if e.name != module_name.split(".")[0] or not beside.is_file():
+                raise JudgeError(f"cannot import module '{module_name}' named in '{spec}' ({e}); name a file "
+                                 f"instead: 'path/to/{module_name.split('.')[-1]}.py:{attr}'") from e
+            module = _module_from_file(beside, spec)
+        except ImportError as e:
+            raise JudgeError(f"cannot import module '{module_name}' named in '{spec}' ({e})") from e
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise JudgeError(f"module '{module_name}' has no function '{attr}' (from '{spec}')")
