@@ -29,7 +29,15 @@ from . import faults
 from .card import push_folder, run_card
 from .checks import check_pretrained, loading
 from .config import ConfigError, check_same_config, dump_yaml, to_dict
-from .data import load_jsonl, load_prompt_ids, load_prompts, pad_token_id, write_atomic, write_jsonl
+from .data import (
+    DataError,
+    load_jsonl,
+    load_prompt_ids,
+    load_prompts,
+    pad_token_id,
+    write_atomic,
+    write_jsonl,
+)
 from .distributed import make_accelerator
 from .generation import Backend, GenerationConfig, build_backend, load_generation_config, stop_token_ids
 from .generation.hf import HFBackend
@@ -627,10 +635,10 @@ def stage_judge(ctx: RunContext, rd: Path, prompts: list[Prompt], responses: lis
             if not text.endswith("\n") and text:
                 # A kill mid-write leaves a partial last line: its chunk is redone, so drop it.
                 write_atomic(journal, text[: text.rfind("\n") + 1])
+            read_journal(journal, drop_torn_last=True)
         accelerator.wait_for_everyone()
-        if journal.exists():
-            for line in journal.read_text().splitlines():
-                done.update({int(k): v for k, v in json.loads(line)["scores"].items()})
+        for entry in read_journal(journal):
+            done.update({int(k): v for k, v in entry["scores"].items()})
         size, rank, world = ctx.cfg.judge.chunk_size, accelerator.process_index, accelerator.num_processes
         starts = list(range(0, len(prompts), size))
         bar = progress_bar(total=len(prompts), initial=len(done), desc="judge", disable=not ctx.show, leave=False)
@@ -664,8 +672,40 @@ def stage_judge(ctx: RunContext, rd: Path, prompts: list[Prompt], responses: lis
                                 **({"truncated": truncated[i]} if truncated is not None else {})}
                                for i in range(len(prompts))])
     accelerator.wait_for_everyone()
-    labels = sum(json.loads(line)["labels"] for line in journal.read_text().splitlines() if line.strip())
+    labels = sum(entry["labels"] for entry in read_journal(journal))
     return [row["scores"] for row in load_jsonl(path)], labels
+
+
+def read_journal(journal: Path, drop_torn_last: bool = False) -> list[dict[str, Any]]:
+    """The judge journal's entries ({"scores": {row: [...]}, "labels": n}); [] when there is none.
+
+    A damaged last line is a write a kill tore: with drop_torn_last it is removed (its chunk is judged, and
+    paid for, again). A damaged line anywhere else holds labels that were paid for and cannot be re-derived:
+    DataError naming the file and line, never a silent drop.
+    """
+    if not journal.exists():
+        return []
+    lines = journal.read_text().splitlines()
+    entries = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            if not (isinstance(entry, dict) and isinstance(entry.get("scores"), dict)
+                    and isinstance(entry.get("labels"), int)):
+                raise ValueError("not a {scores, labels} entry")
+            {int(k): list(v) for k, v in entry["scores"].items()}  # row numbers and score lists
+        except (ValueError, TypeError) as e:
+            if n == len(lines) and drop_torn_last:
+                write_atomic(journal, "".join(x + "\n" for x in lines[:-1]))
+                log("%s line %d: damaged last line dropped (%s); its chunk is judged again", journal, n, e)
+                break
+            raise DataError(f"{journal} line {n}: damaged judge journal entry ({e}); it records labels already paid "
+                            "for: restore the line (from a backup), or delete it to have that chunk judged and "
+                            "paid for again") from None
+        entries.append(entry)
+    return entries
 
 
 def stage_round(ctx: RunContext, rnd: Round, trainer: PreferenceTrainer) -> RoundPairs:

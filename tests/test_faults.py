@@ -250,3 +250,28 @@ def test_a_signal_stops_with_one_line_and_the_same_command_resumes(tmp_path, tas
     assert (out / "iter_000" / "round_000" / "judge_journal.jsonl").exists()  # paid labels kept
     assert main([*argv, f"output_dir={out}", "--no-progress"]) == 0
     assert without_timings((out / "metrics.jsonl").read_text()) == without_timings((tmp_path / "ref" / "metrics.jsonl").read_text())
+
+
+def test_a_damaged_journal_line_is_named_unless_it_is_the_torn_last_one(tmp_path, task, capsys):
+    """Killed after two journal lines of a judging stage: a damaged FIRST line stops the resume with one line
+    (file, line, what to do; exit 2) and pays for nothing; a damaged LAST line is dropped and its chunk re-judged."""
+    out, log = tmp_path / "run", tmp_path / "writes.log"
+    argv = ["run", "quickstart", *TINY, "generate_every=0", "judge.chunk_size=2", f"output_dir={out}"]
+    assert forked(argv, {"SELFALIGN_WRITE_LOG": str(log)}) == 0
+    writes = [line.split("\t")[1] for line in log.read_text().splitlines()]
+    second = [n for n, p in enumerate(writes, start=1) if p.endswith("iter_000/judge_journal.jsonl")][1]
+    shutil.rmtree(out)
+    assert forked(argv, {"SELFALIGN_KILL_AFTER_WRITE": str(second)}) == -signal.SIGKILL
+    journal = out / "iter_000" / "judge_journal.jsonl"
+    good = journal.read_text().splitlines()
+    assert len(good) == 2
+    journal.write_text('{"scores": {"0": [0.5, 0.2]}, "lab\n' + good[1] + "\n")  # line 1 damaged
+    capsys.readouterr()
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{journal} line 1: damaged judge journal entry" in err[0] and "paid for" in err[0]
+    assert journal.read_text().splitlines()[1] == good[1]  # nothing rewritten
+    journal.write_text(good[0] + "\n" + good[1][: len(good[1]) // 2] + "}\n")  # the last line torn
+    assert forked(argv) == 0
+    entries = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert entries[0] == json.loads(good[0]) and len(entries) >= 2
