@@ -398,8 +398,12 @@ def evaluate(policies: Sequence[tuple[str, Path, Path]], max_new_tokens: int = 1
     from .models import is_adapter_dir, load_tokenizer
 
     registry()
-    kind = resolved_backend(GenerationConfig(backend=backend_kind)) if backend is None else \
-        ("vllm" if type(backend).__name__ == "VLLMBackend" else "hf")
+    # Answers are kept per engine: greedy answers of a bf16 engine are not a float32 engine's.
+    if backend is None:
+        kind = resolved_backend(GenerationConfig(backend=backend_kind))
+        kind = "vllm-float32" if kind == "vllm" else kind
+    else:
+        kind = f"vllm-{str(backend.dtype).removeprefix('torch.')}" if hasattr(backend, "llm") else "hf"
     results, own = [], None
     try:
         for name, policy, out in policies:

@@ -344,8 +344,14 @@ def benchmark(ctx: RunContext, policies: list[tuple[str, Path, Path]]):
     from . import ifeval
 
     start = time.perf_counter()
-    ev = ctx.cfg.eval
-    results = ifeval.evaluate(policies, ev.benchmark_max_new_tokens, ev.benchmark_prompts, backend=ctx.backend,
+    ev, gen = ctx.cfg.eval, ctx.cfg.generation
+    # The run's engine answers unless it samples in bf16/fp16: benchmark answers come from a float32 engine (or
+    # transformers), as pi_0's shared answers do, started here for the purpose.
+    from .generation.vllm import VLLMBackend  # (imports vllm only when an engine starts)
+
+    own = gen.vllm_dtype != "float32" and isinstance(ctx.backend, VLLMBackend)
+    results = ifeval.evaluate(policies, ev.benchmark_max_new_tokens, ev.benchmark_prompts,
+                              backend_kind="vllm" if own else gen.backend, backend=None if own else ctx.backend,
                               progress=ctx.show)
     if len(results) > 1:
         table = ifeval.format_table(results)
