@@ -11,7 +11,9 @@ Metrics (per policy directory):
                                    (pi_ref = pi_0 by default). Unbiased like the plain mean of -r
                                    (k1), but never negative per sample: k1 on a few samples can
                                    come out below 0, which a KL cannot be. k1 is reported beside it:
-                                   k3's exp(r) explodes on a far-moved policy's rare samples.
+                                   k3's exp(r) explodes on a far-moved policy's rare samples. The
+                                   samples are drawn at temperature 1 (extra ones when generation
+                                   samples at another temperature): y must come from pi.
     eval/truncated_share           share of sampled responses that hit max_new_tokens without an end token
     implicit/gap, implicit/accuracy  (given pairs) SELM's analysis: mean implicit reward
                                    beta * log(pi/pi_ref) of chosen minus that of rejected responses,
@@ -165,6 +167,12 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
     sampled_ids = _generate(gen, ids, cfg.generation, k, cfg.generation.temperature or 1.0, seed=cfg.seed + 1,
                             progress=progress)
     stage("sampled")
+    # KL(pi || pi_0) needs y ~ pi itself: samples at another temperature are drawn from a different
+    # distribution and bias both estimates (k1 even came out negative at T = 0.8), so they are drawn afresh at
+    # T = 1. (generation.top_k, 50 by default, still trims the tail a little.)
+    kl_ids = sampled_ids
+    if not own_baseline and cfg.generation.temperature not in (0, 1.0):
+        kl_ids = _generate(gen, ids, cfg.generation, k, 1.0, seed=cfg.seed + 2, progress=progress)
     decode = lambda r: tokenizer.decode(r, skip_special_tokens=True)  # noqa: E731
     greedy = [decode(r) for r in greedy_ids]
     sampled = [[decode(r) for r in rs] for rs in sampled_ids]
@@ -180,7 +188,7 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
     ties = sum(a == b for a, b in zip(g_greedy, g_base))
 
     flat_p = [ids[i] for i in range(len(ids)) for _ in range(k)]
-    flat_r = [r for rs in sampled_ids for r in rs]
+    flat_r = [r for rs in kl_ids for r in rs]
     if policy is pi0:
         kl = kl1 = torch.zeros(len(flat_r), dtype=torch.float64)
     else:
