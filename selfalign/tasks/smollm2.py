@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
                                                  "per constraint kind.")
     parser.add_argument("--cache-dir", default=None, help="Cache root (default: $SELFALIGN_CACHE or ~/.cache/selfalign).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", choices=["constraints", "instructions"], default="constraints",
+                        help="which prompt set: the constraints task's 20 kinds, or the instructions task's 34")
     parser.add_argument("--prompts", type=int, default=NUM_EVAL, help="Prompts of each held-out set to use.")
     parser.add_argument("--samples", type=int, default=4, help="Sampled responses per prompt (temperature 1.0).")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
@@ -224,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     try:
-        task = build_task(args.cache_dir, seed=args.seed)
+        task = build_task(args.cache_dir, seed=args.seed, prompts=args.task)
+        if args.task == "instructions":
+            from . import instructions  # noqa: F401  (registers its kinds with the parser)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
