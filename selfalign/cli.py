@@ -289,6 +289,11 @@ def _eval_pairs(path: str, tokenizer) -> list[tuple[list[int], list[int], list[i
             for e in load_preferences(PreferenceDataConfig(path=path, eval_fraction=0.0), tokenizer)]
 
 
+def _is_policy_dir(path: Path) -> bool:
+    """A model directory (config.json) or a LoRA iterate (adapter_config.json)."""
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
 def _eval_target(target: Path, overrides: list[str]):
     """(run config, policy directory, run config file or None, base model recorded for it or None).
 
@@ -306,7 +311,7 @@ def _eval_target(target: Path, overrides: list[str]):
         if not policies:
             raise UsageError(f"{target}: no iteration has finished yet (no iter_*/policy); run it first")
         policy = policies[-1]
-    elif (target / "config.json").is_file() or (target / "adapter_config.json").is_file():  # a model or a LoRA iterate
+    elif _is_policy_dir(target):  # a model or a LoRA iterate
         policy = target
         run_dir = next((d for d in (target.parent, target.parent.parent) if (d / "config.yaml").is_file()), None)
     else:
@@ -332,13 +337,10 @@ def _check_tokenizer(policy: Path, other: Path, flag: str) -> None:
         mine, theirs = AutoTokenizer.from_pretrained(policy).get_vocab(), AutoTokenizer.from_pretrained(other).get_vocab()
     except (OSError, ValueError):  # no tokenizer saved with the model: compare the vocabulary sizes only
         mine = theirs = None
-    from .models import adapter_base, is_adapter_dir
+    from .models import whole_model
 
-    def model(path):  # a LoRA iterate is an adapter on its base (itself perhaps the previous iterate's adapter)
-        while is_adapter_dir(path):
-            path = adapter_base(path)
-        return path
-    sizes = AutoConfig.from_pretrained(model(policy)).vocab_size, AutoConfig.from_pretrained(model(other)).vocab_size
+    sizes = (AutoConfig.from_pretrained(whole_model(policy)).vocab_size,
+             AutoConfig.from_pretrained(whole_model(other)).vocab_size)
     if (mine is not None and mine != theirs) or sizes[1] < sizes[0]:
         raise UsageError(f"{flag} {other}: its vocabulary ({sizes[1]} ids) is not the policy's ({sizes[0]} ids); "
                          f"pass {flag} DIR with a model sharing the policy's tokenizer (the model it was trained from)")
@@ -375,13 +377,13 @@ def _benchmark_targets(target: Path, baseline: str | None, output: str | None) -
             first = ("pi_0", pi0, target / "ifeval" / "pi0.json")
         name = policy.parent.name if policy.name == "policy" else policy.name  # iter_NNN, or `train`'s policy
         return [first, (name, policy, Path(output) if output else target / "ifeval" / f"{name}.json")]
-    if not ((target / "config.json").is_file() or (target / "adapter_config.json").is_file()):
+    if not _is_policy_dir(target):
         raise UsageError(f"{target}: neither a policy directory (config.json, or a LoRA adapter's adapter_config.json) "
                          "nor a run directory (config.yaml)")
     policies = [("policy", target, Path(output) if output else target.parent / f"ifeval_{target.name}.json")]
     if baseline:
         b = Path(baseline)
-        if not ((b / "config.json").is_file() or (b / "adapter_config.json").is_file()):
+        if not _is_policy_dir(b):
             raise UsageError(f"--baseline {b}: not a policy directory (no config.json or adapter_config.json)")
         policies.insert(0, ("baseline", b, b.parent / f"ifeval_{b.name}.json"))
     return policies

@@ -395,7 +395,7 @@ def evaluate(policies: Sequence[tuple[str, Path, Path]], max_new_tokens: int = 1
     backend_kind 'auto') and closed after."""
     from .generation import GenerationConfig, build_backend, load_generation_config, resolved_backend
     from .logs import info
-    from .models import is_adapter_dir, load_tokenizer
+    from .models import load_tokenizer, whole_model
 
     registry()
     # Answers are kept per engine: greedy answers of a bf16 engine are not a float32 engine's.
@@ -409,17 +409,15 @@ def evaluate(policies: Sequence[tuple[str, Path, Path]], max_new_tokens: int = 1
         for name, policy, out in policies:
             digest = weights_digest(policy)
             shared = cache_path(digest, max_new_tokens, limit, kind)
-            scores = cached(out, digest, max_new_tokens, limit) or cached(shared, digest, max_new_tokens, limit)
+            scores = cached(out, digest, max_new_tokens, limit)
+            in_out = scores is not None
+            scores = scores or cached(shared, digest, max_new_tokens, limit)
             if scores is not None:
                 info("IFEval: %s (weights %s) answered before, read back", name, digest[:12])
             else:
                 if backend is None:
                     tokenizer = load_tokenizer(policy)
-                    base = policy
-                    while is_adapter_dir(base):  # an engine starts from a whole model
-                        from .models import adapter_base
-
-                        base = Path(adapter_base(base))
+                    base = whole_model(policy)  # an engine starts from a whole model
                     own = backend = build_backend(GenerationConfig(backend=backend_kind), tokenizer, base,
                                                   load_generation_config(base),
                                                   max_model_len=max_prompt_tokens(tokenizer, limit) + max_new_tokens)
@@ -428,7 +426,7 @@ def evaluate(policies: Sequence[tuple[str, Path, Path]], max_new_tokens: int = 1
                 scores = answer(policy, max_new_tokens, limit, backend=backend, progress=progress)
                 scores.meta.update(weights=digest, backend=kind)
                 scores.save(shared)
-            if out != shared:
+            if out != shared and not in_out:
                 scores.meta["policy"] = str(policy)
                 scores.save(out)
             info("IFEval: %s prompt-level strict %.3f; answers in %s", name, scores.metrics()["prompt_strict"],

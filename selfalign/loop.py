@@ -243,8 +243,6 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
             {"iteration": "pi_0", "labels_total": 0, "labelled_pairs_total": 0, **result}, indent=1))
         tracker.log_iteration(result, steps=0)
         log("pi_0: %s", summary_line(result))
-    if cfg.eval.benchmark and accelerator.is_main_process:
-        benchmark(ctx, [("pi_0", pi0_path, out / "ifeval" / "pi0.json")])
     accelerator.wait_for_everyone()
 
     history = []

@@ -84,6 +84,14 @@ def adapter_base(source: str | os.PathLike) -> str:
     return base
 
 
+def whole_model(source: str | os.PathLike) -> str:
+    """The whole model under a chain of LoRA iterates (each adapter's base may be the previous iterate's adapter)."""
+    source = str(source)
+    while is_adapter_dir(source):
+        source = adapter_base(source)
+    return source
+
+
 def check_source(source: str | os.PathLike) -> Path | str:
     """The source as a Path (local) or str (hub name); ModelLoadError for a local path that cannot be a model."""
     text = os.path.expanduser(str(source))

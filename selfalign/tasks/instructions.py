@@ -34,7 +34,11 @@ from .constraints import (
     ALL_KINDS,
     REQUESTS,
     Kind,
+    _capital_words,
     _count_word,
+    _end_with,
+    _max_words,
+    _min_words,
     add_conflicts,
     constraint_results,
     make_prompt_sets,
@@ -87,16 +91,8 @@ def _sentences_min(r: str, n: int) -> bool:
     return sentence_count(r) >= n
 
 
-def _words_max(r: str, n: int) -> bool:
-    return len(words(r)) < n
-
-
-def _words_min(r: str, n: int) -> bool:
-    return len(words(r)) >= n
-
-
 def _few_capitals(r: str, n: int) -> bool:
-    return sum(1 for w in words(r) if len(w) >= 2 and w.isalpha() and w.isupper()) < n
+    return not _capital_words(r, n)
 
 
 def _verdict(r: str) -> bool:
@@ -105,10 +101,6 @@ def _verdict(r: str) -> bool:
 
 def _keyword_once(r: str, word: str) -> bool:
     return _count_word(r, word) == 1
-
-
-def _end_phrase(r: str, phrase: str) -> bool:
-    return r.strip().lower().endswith(phrase.lower())
 
 
 INCLUDE = ("window", "river", "music", "garden", "journey", "bright", "history", "friend", "morning", "silver")
@@ -129,14 +121,14 @@ EXTRA_KINDS: dict[str, Kind] = {k.name: k for k in [
          {"a": INCLUDE, "b": INCLUDE}),
     Kind("sentences_max", "Use fewer than {n} sentences in total.", _sentences_max, {"n": (4, 6, 8)}),
     Kind("sentences_min", "Your reply must have at least {n} sentences.", _sentences_min, {"n": (5, 8, 12)}),
-    Kind("words_max", "Keep the whole reply under {n} words.", _words_max, {"n": (60, 100, 150)}),
-    Kind("words_min", "The reply should be at least {n} words long.", _words_min, {"n": (100, 150, 200, 300)}),
+    Kind("words_max", "Keep the whole reply under {n} words.", _max_words, {"n": (60, 100, 150)}),
+    Kind("words_min", "The reply should be at least {n} words long.", _min_words, {"n": (100, 150, 200, 300)}),
     Kind("few_capitals", "Write fewer than {n} words in all capital letters.", _few_capitals, {"n": (2, 3, 5)}),
     Kind("verdict", 'Close with a final line that reads exactly "My verdict: yes.", "My verdict: no." or '
          '"My verdict: maybe."', _verdict),
     Kind("keyword_once", 'Mention the word "{word}" exactly once.', _keyword_once,
          {"word": ("simple", "future", "example", "together", "change", "light", "story", "easy")}),
-    Kind("end_phrase", 'Your reply must finish with the words "{phrase}" and nothing after them.', _end_phrase,
+    Kind("end_phrase", 'Your reply must finish with the words "{phrase}" and nothing after them.', _end_with,
          {"phrase": ("Any other questions?", "Hope this helps.", "Peace out.", "That is my final answer.",
                      "Talk soon.")}),
 ]}
