@@ -618,8 +618,12 @@ def stage_generate(ctx: RunContext, rnd: Round, models: Models) -> list[dict[str
 
 
 def stage_judge(ctx: RunContext, rd: Path, prompts: list[Prompt], responses: list[list[str]],
-                truncated: list[list[bool]] | None = None) -> tuple[list[list[float]], int]:
+                truncated: list[list[bool]] | None = None,
+                ask: list[list[int]] | None = None) -> tuple[list[list[float | None]], int]:
     """RUN/iter[/round]/generations.jsonl: prompt, responses[], scores[], truncated[]; returns (scores, labels paid).
+
+    ask[i]: which of row i's responses the judge is asked about (None: all of every row); the others'
+    scores are None, and a row with nothing to ask costs no judge call.
 
     Every label paid for is journaled chunk by chunk before it is used, so a resumed run
     never asks the judge again for one it already has. With several processes the chunks are
@@ -645,7 +649,9 @@ def stage_judge(ctx: RunContext, rd: Path, prompts: list[Prompt], responses: lis
             done.update({int(k): v for k, v in entry["scores"].items()})
         size, rank, world = ctx.cfg.judge.chunk_size, accelerator.process_index, accelerator.num_processes
         starts = list(range(0, len(prompts), size))
-        bar = progress_bar(total=len(prompts), initial=len(done), desc="judge", disable=not ctx.show, leave=False)
+        asked = ask if ask is not None else [list(range(len(r))) for r in responses]
+        bar = progress_bar(total=sum(map(bool, asked)), initial=len(done), desc="judge", disable=not ctx.show,
+                           leave=False)
         if main:
             rd.mkdir(parents=True, exist_ok=True)
         with open(journal, "a") if main else contextlib.nullcontext() as f:
@@ -653,14 +659,15 @@ def stage_judge(ctx: RunContext, rd: Path, prompts: list[Prompt], responses: lis
                 entry = None
                 if first + rank < len(starts):
                     s = starts[first + rank]
-                    todo = [i for i in range(s, min(s + size, len(prompts))) if i not in done]
+                    todo = [i for i in range(s, min(s + size, len(prompts))) if i not in done and asked[i]]
                     if todo:
                         before = judge.labels
                         # The key names the chunk, so a noisy judge draws the same noise for it on a resumed run.
-                        scores = judge.score([prompts[i] for i in todo], [responses[i] for i in todo],
-                                             key=f"{stage_key(rd)}:{s}")
+                        scores = judge.score([prompts[i] for i in todo], [[responses[i][c] for c in asked[i]]
+                                                                          for i in todo], key=f"{stage_key(rd)}:{s}")
                         # The judge's own count: one per response scored, one per comparison for a ranker.
-                        entry = {"scores": {str(i): sc for i, sc in zip(todo, scores)}, "labels": judge.labels - before}
+                        entry = {"scores": {str(i): spread(sc, asked[i], len(responses[i]))
+                                            for i, sc in zip(todo, scores)}, "labels": judge.labels - before}
                 entries = [e for e in (gather_object([entry]) if world > 1 else [entry]) if e is not None]
                 for e in entries:
                     if main:
@@ -672,12 +679,21 @@ def stage_judge(ctx: RunContext, rd: Path, prompts: list[Prompt], responses: lis
                     bar.update(len(e["scores"]))
         bar.close()
         if main:
-            write_jsonl(path, [{"prompt": prompts[i], "responses": responses[i], "scores": done[i],
+            write_jsonl(path, [{"prompt": prompts[i], "responses": responses[i],
+                                "scores": done.get(i, [None] * len(responses[i])),
                                 **({"truncated": truncated[i]} if truncated is not None else {})}
                                for i in range(len(prompts))])
     accelerator.wait_for_everyone()
     labels = sum(entry["labels"] for entry in read_journal(journal))
     return [row["scores"] for row in load_jsonl(path)], labels
+
+
+def spread(scores: list[float], asked: list[int], n: int) -> list[float | None]:
+    """A row's n scores from those of its asked responses, None where the judge was not asked."""
+    out: list[float | None] = [None] * n
+    for c, score in zip(asked, scores):
+        out[c] = score
+    return out
 
 
 def read_journal(journal: Path, drop_torn_last: bool = False) -> list[dict[str, Any]]:
@@ -732,11 +748,14 @@ def stage_round(ctx: RunContext, rnd: Round, trainer: PreferenceTrainer) -> Roun
     with timed(rnd.timings, "generation", rnd.key), generation_models(ctx, rnd, trainer) as models:
         gens = dict(zip(online, stage_generate(ctx, rnd, models)))
     judged = [j for j in online if rows[j].judged]
+    mode = cfg.generation.truncated
+    # drop: only finished answers are judged (and paid for), and only where two of them can make a pair.
+    ask = [keep if len(keep) >= 2 else [] for keep in (finished(gens[j]["truncated"]) for j in judged)] \
+        if mode == "drop" else None
     with timed(rnd.timings, "judging", rnd.key):
         scores, judge_labels = stage_judge(ctx, rd, [data.prompts[rows[j].prompt] for j in judged],
                                            [gens[j]["responses"] for j in judged],
-                                           truncated=[gens[j]["truncated"] for j in judged])
-    mode = cfg.generation.truncated
+                                           truncated=[gens[j]["truncated"] for j in judged], ask=ask)
     if mode == "penalize":  # generations.jsonl keeps the judge's own scores; the pairs see the penalty
         scores = penalized_scores(scores, [gens[j]["truncated"] for j in judged], cfg.generation.truncated_score)
     scores_of = dict(zip(judged, scores))
@@ -778,7 +797,7 @@ def stage_round(ctx: RunContext, rnd: Round, trainer: PreferenceTrainer) -> Roun
     routes = [row.route for row in rows]
     counts = LabelCounts(
         judge=judge_labels,
-        judged_prompts=len(judged),
+        judged_prompts=len(judged) if ask is None else sum(map(bool, ask)),
         # SAIL-DP redraws each of its labels from the policy at every visit (once per epoch).
         policy=routes.count(Route.PP) + routes.count(Route.DP) * cfg.train.epochs,
         dataset=routes.count(Route.OFFLINE) + routes.count(Route.DP),

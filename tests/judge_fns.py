@@ -99,3 +99,16 @@ def pid_logging_gold(prompts, responses):
     with open(os.environ["SELFALIGN_TEST_JUDGE_PIDS"], "a") as f:
         f.write(f"{os.getpid()}\t{len(scores)}\n")
     return scores
+
+
+def logging_gold(prompts, responses):
+    """The built-in gold reward, appending each (prompt, response) it is asked about to $SELFALIGN_TEST_JUDGED
+    as a JSON line: what the judge saw, and so was paid for."""
+    import json
+    import os
+
+    from selfalign.tasks.builtin import gold_reward
+
+    with open(os.environ["SELFALIGN_TEST_JUDGED"], "a") as f:
+        f.writelines(json.dumps([p, r]) + "\n" for p, r in zip(prompts, responses))
+    return gold_reward(prompts, responses)

@@ -150,6 +150,36 @@ def test_truncated_samples_are_recorded_and_handled(tmp_path, mode):
     assert m["eval/truncated_share"] == pytest.approx(sum(map(sum, (e["sampled_truncated"] for e in ev))) / 8)
 
 
+def test_truncated_drop_never_pays_the_judge_for_a_dropped_answer(tmp_path, monkeypatch):
+    """With truncated=drop the judge is asked about exactly the finished answers of the rows that keep two or
+    more of them (a row with fewer is dropped unjudged); keep asks about every answer. labels counts what the
+    judge saw, in both modes."""
+    from collections import Counter
+
+    seen = {}
+    for mode in ("keep", "drop"):
+        log = tmp_path / f"{mode}.judged"
+        monkeypatch.setenv("SELFALIGN_TEST_JUDGED", str(log))
+        out = tmp_path / mode
+        history = run(tiny(out, "iterations=1", "method=iterative_dpo", "generation.max_new_tokens=6", "eval.prompts=0",
+                           f"generation.truncated={mode}", "judge.function=tests.judge_fns:logging_gold"),
+                      progress=False)
+        judged = Counter(tuple(json.dumps(x) for x in json.loads(line)) for line in log.read_text().splitlines())
+        gens = rows(out / "iter_000" / "generations.jsonl")
+        expected = Counter((json.dumps(g["prompt"]), json.dumps(r)) for g in gens
+                           for r, cut in zip(g["responses"], g["truncated"])
+                           if mode == "keep" or (not cut and len(finished(g["truncated"])) >= 2))
+        assert judged == expected
+        assert history[-1]["labels"] == sum(judged.values())
+        assert all((s is None) == (mode == "drop" and (cut or len(finished(g["truncated"])) < 2))
+                   for g in gens for s, cut in zip(g["scores"], g["truncated"]))
+        seen[mode] = history[-1]
+    cut = seen["keep"]["truncated"]
+    assert cut > 0 and seen["drop"]["truncated"] == cut  # same samples: same seed, same policy
+    assert seen["drop"]["labels"] <= seen["keep"]["labels"] - cut == 16 * 3 - cut
+    assert seen["drop"]["labelled_pairs"] == 16 - seen["drop"]["truncation_dropped"]
+
+
 def test_truncation_rule_and_penalty():
     """A response is truncated when it fills max_new_tokens without ending on an end token; penalize ranks
     it below every finished response (default: 1 below the lowest score) or gives it the set score."""
