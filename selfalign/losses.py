@@ -1,7 +1,8 @@
 """Preference losses as pure functions of per-sequence log-probabilities.
 
 Every function takes summed response log-probs (one value per sequence, shape [B]) and
-returns per-example values; the caller reduces. Notation follows ALGORITHMS.md:
+returns per-example values; the caller reduces. ipo_loss also takes each response's token
+count, because it averages over tokens (as TRL's IPO does). Notation follows ALGORITHMS.md:
 
     h = beta * ((logp(y_w) - ref_logp(y_w)) - (logp(y_l) - ref_logp(y_l)))
     F = log sigmoid(h)
@@ -72,13 +73,45 @@ def dpo_loss(
 
 
 def ipo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    chosen_tokens: Tensor,
+    rejected_tokens: Tensor,
+    beta: float,
+) -> PairLoss:
+    """IPO (Azar et al. 2023, arXiv 2310.12036) on length-averaged log-probs, as TRL runs it.
+
+        u    = (logp(y_w) - ref_logp(y_w)) / |y_w| - (logp(y_l) - ref_logp(y_l)) / |y_l|
+        loss = (u - 1 / (2 * beta))**2
+
+    |y| is the response's token count (chosen_tokens, rejected_tokens: [B]); beta plays the
+    role of the paper's tau. The paper's loss (its eq. 17) is stated for whole-sequence
+    probabilities; TRL's DPOTrainer (and the trl 0.8.6 that SELM's code pins) divides each
+    summed log-prob by its completion length when loss_type is ipo, and that is the IPO that
+    published fine-tuning results use, so it is this function. The implicit rewards are
+    beta times the averaged log-ratios, as TRL logs them. ipo_sum_loss keeps the summed form.
+    """
+    # A response of no tokens has log-prob 0; counting it as one token keeps 0 instead of 0/0.
+    n_w, n_l = chosen_tokens.clamp(min=1), rejected_tokens.clamp(min=1)
+    chosen, rejected = policy_chosen / n_w, policy_rejected / n_l
+    ref_w, ref_l = ref_chosen / n_w, ref_rejected / n_l
+    h = preference_logits(chosen, rejected, ref_w, ref_l, beta)
+    loss = (h / beta - 1.0 / (2.0 * beta)) ** 2
+    return PairLoss(loss, _rewards(chosen, ref_w, beta), _rewards(rejected, ref_l, beta))
+
+
+def ipo_sum_loss(
     policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
 ) -> PairLoss:
-    """IPO (Azar et al. 2023, arXiv 2310.12036): loss = (h / beta - 1 / (2 * beta))**2.
+    """IPO on summed log-probs: loss = (h / beta - 1 / (2 * beta))**2, h as everywhere in this module.
 
-    h / beta is the difference of log-ratios; beta plays the role of the paper's tau.
-    Log-probs are summed over tokens, as everywhere in selfalign (the IPO paper averages;
-    pass averaged log-probs to reproduce that).
+    This was selfalign's `ipo` until that became TRL's length-averaged form (ipo_loss); it is
+    kept as train.loss=ipo_sum to reproduce runs made with it. It drives the summed log-ratio
+    difference to 1/(2 beta), so at the same beta the per-token margin it aims for is |y|
+    times smaller than ipo_loss's, while its loss and gradient are far larger on responses
+    of many tokens: the same beta does not mean the same thing in the two.
     """
     h = preference_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     loss = (h / beta - 1.0 / (2.0 * beta)) ** 2

@@ -106,9 +106,10 @@ class EvalConfig:
 class RunTrainConfig(TrainConfig):
     """The preference update of each iteration; its loss is the method's unless train.loss names another."""
 
-    loss: Literal["dpo", "ipo", "selm", "xpo", "sail"] | None = field(
-        None, help="Preference loss; null: the method's. dpo or ipo trains any non-SAIL method's pairs and reference "
-                   "with that loss (train.alpha must then be 0); selm, xpo and sail only with their own methods.")
+    loss: Literal["dpo", "ipo", "ipo_sum", "selm", "xpo", "sail"] | None = field(
+        None, help="Preference loss; null: the method's. dpo, ipo (length-averaged, as TRL's) or ipo_sum (IPO on "
+                   "summed log-probs) trains any non-SAIL method's pairs and reference with that loss (train.alpha "
+                   "must then be 0); selm, xpo and sail only with their own methods.")
 
 
 def expand_path(value: str) -> str:
@@ -223,7 +224,7 @@ class RunConfig:
         check(not method.is_sail, "train.loss",
               f"{self.method} trains with sail (its routes need it); drop train.loss or choose a non-SAIL method")
         own = f"the y_ref that method={loss} draws" if loss in PAPER_ALPHA else "a sail_* method's routes"
-        check(loss in ("dpo", "ipo"), "train.loss",
+        check(loss in ("dpo", "ipo", "ipo_sum"), "train.loss",
               f"{loss} cannot train {self.method}: it needs {own}; change the method, or set train.loss=dpo or ipo")
         check(not self.train.alpha, "train.alpha",
               f"{loss} has no optimism term, so alpha={self.train.alpha:g} would be unused; set train.alpha=0 "

@@ -51,6 +51,7 @@ class Logps:
     """Per-example sequence log-probs for one micro-batch, each [B] float32.
 
     chosen, rejected: policy (with gradient); ref_chosen, ref_rejected: reference (constants).
+    chosen_tokens, rejected_tokens: the responses' token counts (IPO averages over them).
     ref_sample / ref_ref_sample: policy / reference log-probs of y_ref, or None.
     route: [B] Route.index of each example (loss=sail); uniform: [B] draws in [0, 1) for SAIL-DP's
     per-step relabelling; f_baseline: the running mean of F for SAIL's response term.
@@ -60,6 +61,8 @@ class Logps:
     rejected: Tensor
     ref_chosen: Tensor
     ref_rejected: Tensor
+    chosen_tokens: Tensor
+    rejected_tokens: Tensor
     ref_sample: Tensor | None = None
     ref_ref_sample: Tensor | None = None
     route: Tensor | None = None
@@ -83,6 +86,8 @@ class Logps:
         return cls(
             chosen=lp[:n], rejected=lp[n : 2 * n],
             ref_chosen=const([r.chosen for r in reference]), ref_rejected=const([r.rejected for r in reference]),
+            chosen_tokens=const([len(ex.chosen_ids) for ex in chunk]),
+            rejected_tokens=const([len(ex.rejected_ids) for ex in chunk]),
             ref_sample=lp[ref_sample_rows(chunk)] if with_sample else None,
             ref_ref_sample=const([r.ref_sample for r in reference]) if with_sample else None,
             route=torch.tensor([Route(ex.route or Route.OFFLINE).index for ex in chunk], device=device)
@@ -173,7 +178,13 @@ def _sail(lp: Logps, c: TrainConfig) -> losses.PairLoss:
 OBJECTIVES: dict[str, Objective] = {
     "dpo": Objective("dpo", False, _dpo),
     "ipo": Objective(
-        "ipo", False, lambda lp, c: losses.ipo_loss(lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, c.beta)
+        "ipo", False, lambda lp, c: losses.ipo_loss(
+            lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, lp.chosen_tokens, lp.rejected_tokens, c.beta
+        ),
+    ),
+    "ipo_sum": Objective(
+        "ipo_sum", False,
+        lambda lp, c: losses.ipo_sum_loss(lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, c.beta),
     ),
     "selm": Objective(
         "selm", False,

@@ -112,7 +112,9 @@ class SailConfig:
 class TrainConfig:
     """Everything one preference update needs."""
 
-    loss: Literal["dpo", "ipo", "selm", "xpo", "sail"] = cfield("dpo", help="Preference loss (see selfalign.losses).")
+    loss: Literal["dpo", "ipo", "ipo_sum", "selm", "xpo", "sail"] = cfield(
+        "dpo", help="Preference loss (see selfalign.losses). ipo averages log-probs over each response's tokens, as "
+                    "TRL's IPO does; ipo_sum is IPO on summed log-probs (selfalign's ipo before it matched TRL).")
     beta: float = cfield(0.1, help="KL strength beta in h = beta * (log-ratio difference).")
     alpha: float | None = cfield(
         None, help="Optimism coefficient for selm (alpha*beta*...) and xpo (alpha*...); null: the paper's value for the "

@@ -84,7 +84,7 @@ def test_bad_data_exits_2_with_file_and_line(tmp_path, task, capsys, line, messa
     [
         ("train.lerning_rate=1", "did you mean 'train.learning_rate'"),
         ("train.beta=0", "train.beta: must be > 0"),
-        ("train.loss=ppo", "expected one of 'dpo', 'ipo', 'selm', 'xpo'"),
+        ("train.loss=ppo", "expected one of 'dpo', 'ipo', 'ipo_sum', 'selm', 'xpo'"),
         ("data.eval_fraction=1.5", "data.eval_fraction: must be in [0, 1)"),
     ],
 )

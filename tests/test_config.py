@@ -28,7 +28,7 @@ def test_unknown_key_names_the_nearest_valid_one():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("loss=kto", r"loss: expected one of 'dpo', 'ipo', 'selm', 'xpo', 'sail', got 'kto'"),
+        ("loss=kto", r"loss: expected one of 'dpo', 'ipo', 'ipo_sum', 'selm', 'xpo', 'sail', got 'kto'"),
         ("beta=-1", r"train\.beta: must be > 0, got -1"),
         ("batch_size=0", r"train\.batch_size: must be >= 1, got 0"),
         ("batch_size=two", r"batch_size: expected an integer, got 'two'"),

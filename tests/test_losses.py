@@ -43,10 +43,41 @@ def test_dpo_label_smoothing_hand_worked():
 
 
 def test_ipo_hand_worked():
-    """beta = 0.5: h/beta = 1, 1/(2 beta) = 1 -> loss 0.
+    """IPO on log-probs averaged over each response's tokens (TRL's loss_type=ipo).
+
+    logp(y_w) = -2 over 4 tokens, logp(y_l) = -6 over 3 tokens, ref_logp(y_w) = -4, ref_logp(y_l) = -4.5:
+        averaged log-ratios: chosen (-2 + 4) / 4 = 0.5, rejected (-6 + 4.5) / 3 = -0.5, u = 0.5 + 0.5 = 1
+        beta = 0.25: 1/(2 beta) = 2 -> loss (1 - 2)^2 = 1; rewards 0.25 * 0.5 = 0.125 and -0.125
+        d loss / d logp(y_w) = 2 * (1 - 2) / 4 = -0.5;  d loss / d logp(y_l) = 2 * (1 - 2) * (-1/3) = 2/3
+        beta = 0.5: 1/(2 beta) = 1 -> loss 0
+    Summed, as ipo_sum_loss takes them, u would be 2 + 1.5 = 3.5 and the loss at beta 0.25 (3.5 - 2)^2 = 2.25.
+    """
+    pc, pr = t(-2.0, grad=True), t(-6.0, grad=True)
+    out = losses.ipo_loss(pc, pr, t(-4.0), t(-4.5), t(4.0), t(3.0), beta=0.25)
+    assert out.loss.item() == pytest.approx(1.0)
+    assert out.chosen_rewards.item() == pytest.approx(0.125)
+    assert out.rejected_rewards.item() == pytest.approx(-0.125)
+    out.loss.sum().backward()
+    assert pc.grad.item() == pytest.approx(-0.5)
+    assert pr.grad.item() == pytest.approx(2 / 3)
+    assert losses.ipo_loss(t(-2.0), t(-6.0), t(-4.0), t(-4.5), t(4.0), t(3.0), beta=0.5).loss.item() == pytest.approx(
+        0.0, abs=1e-12)
+    assert losses.ipo_sum_loss(t(-2.0), t(-6.0), t(-4.0), t(-4.5), beta=0.25).loss.item() == pytest.approx(2.25)
+
+
+def test_ipo_sum_hand_worked():
+    """IPO on summed log-probs (the shared example): beta = 0.5: h/beta = 1, 1/(2 beta) = 1 -> loss 0.
     beta = 0.25: h = 0.25, h/beta = 1, 1/(2 beta) = 2 -> loss (1 - 2)^2 = 1."""
-    assert losses.ipo_loss(*pair(), beta=0.5).loss.item() == pytest.approx(0.0, abs=1e-12)
-    assert losses.ipo_loss(*pair(), beta=0.25).loss.item() == pytest.approx(1.0)
+    assert losses.ipo_sum_loss(*pair(), beta=0.5).loss.item() == pytest.approx(0.0, abs=1e-12)
+    assert losses.ipo_sum_loss(*pair(), beta=0.25).loss.item() == pytest.approx(1.0)
+
+
+def test_ipo_of_one_token_responses_is_ipo_sum():
+    """With one token per response the average is the sum: ipo and ipo_sum agree."""
+    pc, pr, rc, rr, _, _ = _random_pairs(n=5)
+    ones = torch.ones(5, dtype=pc.dtype)
+    torch.testing.assert_close(losses.ipo_loss(pc, pr, rc, rr, ones, ones, 0.1).loss,
+                               losses.ipo_sum_loss(pc, pr, rc, rr, 0.1).loss)
 
 
 def test_selm_hand_worked():
@@ -153,7 +184,8 @@ def test_sail_terms_with_zero_coefficients_leave_dpo_unchanged():
 def test_losses_are_per_example():
     pc, pr, rc, rr, ps, rs = _random_pairs(n=5)
     assert losses.dpo_loss(pc, pr, rc, rr, 0.1).loss.shape == (5,)
-    assert losses.ipo_loss(pc, pr, rc, rr, 0.1).loss.shape == (5,)
+    assert losses.ipo_loss(pc, pr, rc, rr, torch.full((5,), 3.0), torch.full((5,), 2.0), 0.1).loss.shape == (5,)
+    assert losses.ipo_sum_loss(pc, pr, rc, rr, 0.1).loss.shape == (5,)
     assert losses.selm_loss(pc, pr, rc, rr, ps, rs, 0.1, 0.01).loss.shape == (5,)
     h = losses.preference_logits(pc, pr, rc, rr, 0.1)
     assert losses.sail_response_term(h, pc, pr, 0.2).shape == (5,)

@@ -55,6 +55,7 @@ def _logps(route: list[str], uniform: list[float]) -> Logps:
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     return Logps(chosen=t([-3.0, -2.0, -4.0, -1.5]).requires_grad_(), rejected=t([-2.5, -3.5, -3.0, -2.0]).requires_grad_(),
                  ref_chosen=t([-3.2, -2.4, -3.5, -1.0]), ref_rejected=t([-2.0, -3.0, -3.3, -2.2]),
+                 chosen_tokens=t([3.0, 2.0, 4.0, 2.0]), rejected_tokens=t([3.0, 4.0, 3.0, 2.0]),
                  route=torch.tensor([ROUTES.index(r) for r in route]), uniform=t(uniform))
 
 

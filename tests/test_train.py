@@ -189,19 +189,22 @@ def test_no_reference_without_lora_is_an_error():
         PreferenceTrainer(make_model(), TrainConfig(), pad_token_id=0)
 
 
-def hand_gradient(model, reference, examples, per_example_loss) -> tuple[float, dict[str, torch.Tensor]]:
+def hand_gradient(model, reference, examples, per_example_loss,
+                  per_token: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
     """Mean per-example loss and its gradient w.r.t. model's parameters, from the formula a test writes out.
 
     per_example_loss(u, logp_ref_sample) gets u = (logp(y_w) - ref_logp(y_w)) - (logp(y_l) - ref_logp(y_l))
     [B] (ref: `reference`, constant) and the policy's log-prob of y_ref [B] (None without y_ref).
+    per_token: each log-ratio is divided by its response's token count first (IPO's averaging).
     """
     def logps(m, responses):
         return sequence_logprobs(m, collate([e.prompt_ids for e in examples], responses, 0))
 
     chosen, rejected = [e.chosen_ids for e in examples], [e.rejected_ids for e in examples]
+    n_c, n_r = (torch.tensor([float(len(r)) if per_token else 1.0 for r in rs]) for rs in (chosen, rejected))
     with torch.no_grad():
         ref_c, ref_r = logps(reference, chosen), logps(reference, rejected)
-    u = (logps(model, chosen) - ref_c) - (logps(model, rejected) - ref_r)
+    u = (logps(model, chosen) - ref_c) / n_c - (logps(model, rejected) - ref_r) / n_r
     y_ref = logps(model, [e.ref_sample_ids for e in examples]) if examples[0].ref_sample_ids is not None else None
     loss = per_example_loss(u, y_ref).mean()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -222,21 +225,26 @@ def assert_step(t: PreferenceTrainer, before: dict[str, torch.Tensor], expected:
     assert max(d.abs().max().item() for d in expected.values()) > 1e-3  # the step is measurable
 
 
-def test_ipo_step_by_hand():
-    """IPO: loss = (u - 1/(2 beta))**2 per example, u the difference of log-ratios (h = beta * u).
+@pytest.mark.parametrize("loss_name, per_token", [("ipo", True), ("ipo_sum", False)])
+def test_ipo_step_by_hand(loss_name, per_token):
+    """IPO: loss = (u - 1/(2 beta))**2 per example, u the difference of log-ratios, each log-ratio divided
+    by its response's token count for ipo (TRL's form) and summed for ipo_sum.
 
     At the first step the policy is pi_0 = pi_ref, so u = 0 for every pair: loss = (1/(2 beta))**2
     = 1.0 at beta = 0.5 (DPO's would be log 2 = 0.693), and d loss / d u = 2 * (0 - 1/(2 beta))
-    = -1/beta = -2 per example (DPO's: -beta/2 = -0.25). The parameter step is AdamW's first step
-    on that gradient (LINEAR_STEP: delta = -lr * g / (|g| + eps)).
+    = -1/beta = -2 per example (DPO's: -beta/2 = -0.25); for ipo, d u / d logp(y_w) = 1/|y_w|, so the
+    two losses step differently on the make_examples responses of 1-6 tokens. The parameter step
+    is AdamW's first step on that gradient (LINEAR_STEP: delta = -lr * g / (|g| + eps)).
     """
     beta = 0.5
     examples = make_examples(4)
-    t = trainer(TrainConfig(loss="ipo", beta=beta, batch_size=4, micro_batch_size=2, **LINEAR_STEP))
+    assert len({len(e.chosen_ids) for e in examples} | {len(e.rejected_ids) for e in examples}) > 1
+    t = trainer(TrainConfig(loss=loss_name, beta=beta, batch_size=4, micro_batch_size=2, **LINEAR_STEP))
     before = params(t)
     steps = t.update(examples, progress=False).steps
     assert steps[0]["loss"] == pytest.approx(1.0, abs=1e-5)
-    loss, grads = hand_gradient(make_model(0), make_model(0), examples, lambda u, _: (u - 1 / (2 * beta)) ** 2)
+    loss, grads = hand_gradient(make_model(0), make_model(0), examples, lambda u, _: (u - 1 / (2 * beta)) ** 2,
+                                per_token=per_token)
     assert loss == pytest.approx(1.0, abs=1e-6)
     assert_step(t, before, adam_first_step(grads, LINEAR_STEP["learning_rate"], LINEAR_STEP["adam_epsilon"]))
 
