@@ -46,7 +46,7 @@ from selfalign import ifeval  # noqa: E402
 METHODS = ["iterative_dpo", "selm", "selm_official", "xpo", "sail_pr", "offline_dpo"]
 EXTRA = {
     "selm": ["train.alpha=0.001"],
-    "selm_official": ["train.alpha=0.001"],
+    "selm_official": ["generation.num_samples=1", "train.alpha=0.001"],
     "xpo": ["generation.num_samples=2", "train.alpha=1e-5"],
     "sail_pr": ["generation.num_samples=2"],
 }

@@ -105,12 +105,13 @@ def overrides(method: str, seed: int, out: Path, size: dict, alpha: float | None
               f"eval.prompts={size['eval_prompts']}", f"eval.samples={size['eval_samples']}"]
     if task == "constraints":
         # XPO as published pairs one policy sample with one pi_0 sample, and SAIL's PP and PR routes draw 2
-        # responses per prompt; every other method draws the task's K.
-        k = 2 if method == "xpo" or method.startswith("sail") else size.get("k", 4)
+        # responses per prompt; selm_official draws only y_ref; every other method draws the task's K.
+        k = 1 if method == "selm_official" else 2 if method == "xpo" or method.startswith("sail") else size.get("k", 4)
         return [*common, "model=constraints", f"generation.num_samples={k}",
                 f"generation.backend={'vllm' if vllm_installed() else 'hf'}", "eval.implicit_pairs=0"]
     return [*common, "model=builtin",
-            "generation.num_samples=2", "generation.temperature=1.0", "generation.max_new_tokens=12",
+            f"generation.num_samples={1 if method == 'selm_official' else 2}", "generation.temperature=1.0",
+            "generation.max_new_tokens=12",
             "generation.batch_size=64", "judge.noise=0.1", "train.beta=0.1",
             "train.learning_rate=1e-4", "train.batch_size=16", "train.micro_batch_size=16", "train.epochs=2",
             "train.warmup_ratio=0.1"]

@@ -419,7 +419,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_policy
     from .judges.function import FunctionJudge
     from .judges.gold import load_reward_model
-    from .models import load_tokenizer
+    from .models import ModelLoadError, check_source, load_tokenizer
     from .run_config import resolve_task
 
     target = Path(args.target)
@@ -433,6 +433,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if pi0 is None:
         raise UsageError(f"{target}: no run records the model this policy was trained from; pass --baseline DIR "
                          "(that model: the opponent of the win rate, and the KL reference unless --reference is given)")
+    for flag, given in (("--baseline", args.baseline), ("--reference", args.reference)):
+        try:
+            if given:
+                check_source(given)
+        except ModelLoadError as e:  # name the flag: the path alone does not say which one is wrong
+            raise UsageError(f"{flag} {e}") from None
     pi0, baseline = Path(pi0), Path(baseline)
     _check_tokenizer(policy, baseline, "--baseline")
     _check_tokenizer(policy, pi0, "--reference")
@@ -481,6 +487,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from .report import write_comparison
 
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out}: is a file, but compare writes compare.md and compare.png into a directory; "
+                         "pass a directory (new or existing)")
     print(write_comparison([Path(r) for r in args.runs], out))
     print(f"selfalign: wrote {out / 'compare.md'} and {out / 'compare.png'}")
 

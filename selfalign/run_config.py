@@ -93,6 +93,8 @@ class EvalConfig:
                                            "need them all); 0: every prompt.")
 
     def __post_init__(self) -> None:
+        check(self.prompts >= 0, "eval.prompts", f"must be >= 0 (0 disables evaluation), got {self.prompts}")
+        check(self.samples >= 1, "eval.samples", f"must be >= 1, got {self.samples}")
         check(self.implicit_pairs >= 0, "eval.implicit_pairs", f"must be >= 0, got {self.implicit_pairs}")
         check(self.every >= 0, "eval.every", f"must be >= 0 (0: the last iteration only), got {self.every}")
         check(self.benchmark_max_new_tokens >= 1, "eval.benchmark_max_new_tokens",
@@ -179,7 +181,8 @@ class RunConfig:
         check(self.prompts_per_iteration >= 1, "prompts_per_iteration", f"must be >= 1, got {self.prompts_per_iteration}")
         check(self.generate_every >= 0, "generate_every", f"must be >= 0, got {self.generate_every}")
         parse_report_to(self.report_to)
-        check(self.generation.num_samples >= 2, "generation.num_samples", "must be >= 2 to form a pair")
+        check(self.generation.num_samples >= 2 or self.method_spec.ranks_dataset_pair, "generation.num_samples",
+              "must be >= 2 to form a pair")
         check_repo_id("push_to_hub", self.push_to_hub)
         check(not self.iteration_learning_rates or len(self.iteration_learning_rates) == self.iterations,
               "iteration_learning_rates", f"needs one value per iteration ({self.iterations}), "
@@ -204,6 +207,7 @@ class RunConfig:
                   f"{self.method} ranks y_ref against a preference file's chosen and rejected (prompt, chosen, rejected)")
         elif self.model not in TASKS:
             check(bool(self.prompts), "prompts", "required when model is not 'builtin' (a JSONL file of prompts)")
+        self._check_greedy_ties(method)
         if method.pairing == "policy_vs_ref":
             check(self.generation.num_samples == 2, "generation.num_samples",
                   f"{self.method} pairs one policy sample with one pi_ref sample: 2 responses per prompt; set "
@@ -212,9 +216,31 @@ class RunConfig:
             check(self.pair_selector == "best_worst", "pair_selector",
                   f"{self.method} pairs the best and worst of y_ref, chosen and rejected, as SELM's code does; "
                   f"set pair_selector=best_worst (got {self.pair_selector})")
+            # SELM's code generates one greedy answer per prompt and reads the preference file's prompts:
+            # a setting it would ignore is refused rather than silently dropped.
+            check(self.generation.num_samples == 1, "generation.num_samples",
+                  f"{self.method} generates one response per prompt (pi_ref's greedy y_ref, ranked with the preference "
+                  f"file's chosen and rejected, as SELM's code does) and no policy samples; set "
+                  f"generation.num_samples=1 (got {self.generation.num_samples})")
+            for key in ("prompts", "prompts_split"):
+                check(not getattr(self, key), key,
+                      f"{self.method} answers the preference file's prompts (preferences=, preferences_split=), "
+                      f"which {key}= cannot change; drop {key}={getattr(self, key)}")
         if self.model not in TASKS and not (method.is_sail and self.sail.g == 0):
             check(bool(self.judge.function or self.judge.reward_model or self.judge.kind == "llm"), "judge",
                   "set judge.function='pkg.module:fn' or judge.reward_model=PATH for a model other than 'builtin'")
+
+    def _check_greedy_ties(self, method: Method) -> None:
+        """Greedy decoding draws K identical responses, which a noiseless judge scores equal: every prompt ties, so a
+        round pays for generation and judging and trains on nothing. Refused up front."""
+        if self.generation.temperature != 0 or self.judge.noise != 0 or method.pairing != "policy_samples":
+            return
+        if method.is_sail and self.sail.p + self.sail.g == 0:  # SAIL-DP only: no policy pair is drawn
+            return
+        check(False, "generation.temperature",
+              f"0 is greedy decoding: the {self.generation.num_samples} responses to a prompt are identical and the "
+              "noiseless judge (judge.noise=0) ties them all, leaving no pair to train on; set "
+              "generation.temperature > 0 (1.0 samples from the policy itself)")
 
     def _check_loss(self, method: Method) -> None:
         """train.loss may swap the method's loss for one that needs nothing the method does not supply."""

@@ -7,6 +7,7 @@ built and checked without importing torch or accelerate.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -79,6 +80,7 @@ class SailConfig:
     def __post_init__(self) -> None:
         for key in self.VALUES:
             value = getattr(self, key)
+            check(value is None or math.isfinite(value), f"train.sail.{key}", f"must be a finite number, got {value}")
             check(value is None or value >= 0, f"train.sail.{key}", f"must be >= 0, got {value}")
         for key in ("r", "p", "g"):
             value = getattr(self, key)
@@ -153,7 +155,15 @@ class TrainConfig:
     lora: LoraSettings = cfield(default_factory=LoraSettings, help="LoRA settings.")
     sail: SailConfig = cfield(default_factory=SailConfig, help="SAIL routing and extra terms (loss=sail).")
 
+    # Float settings that must be finite numbers: inf or nan (YAML's .inf, or `train.beta=inf`) passes a range
+    # check such as beta > 0 and surfaces steps later as a non-finite loss blamed on the learning rate.
+    FINITE = ("beta", "alpha", "label_smoothing", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
+              "adam_epsilon", "warmup_ratio", "max_grad_norm")
+
     def __post_init__(self) -> None:
+        for key in self.FINITE:
+            value = getattr(self, key)
+            check(value is None or math.isfinite(value), f"train.{key}", f"must be a finite number, got {value}")
         check(self.beta > 0, "train.beta", f"must be > 0, got {self.beta}")
         check(self.alpha is None or self.alpha >= 0, "train.alpha", f"must be >= 0, got {self.alpha}")
         check(0.0 <= self.label_smoothing < 0.5, "train.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")

@@ -103,8 +103,34 @@ CASES = [
     ("unknown key", lambda f, o: [*RUN, "iteration=3"], "did you mean 'iterations'"),
     ("wrong type", lambda f, o: [*RUN, "iterations=two"], "iterations: expected an integer, got 'two'"),
     ("beta out of range", lambda f, o: [*RUN, "train.beta=-1"], "train.beta: must be > 0"),
+    ("beta zero", lambda f, o: [*RUN, "train.beta=0"], "train.beta: must be > 0, got 0.0"),
+    ("beta infinite", lambda f, o: [*RUN, "train.beta=inf"], "train.beta: must be a finite number, got inf"),
+    ("beta not a number", lambda f, o: [*RUN, "train.beta=nan"], "train.beta: must be a finite number, got nan"),
+    ("learning rate infinite", lambda f, o: [*RUN, "train.learning_rate=inf"],
+     "train.learning_rate: must be a finite number, got inf"),
+    ("grad norm not a number", lambda f, o: [*RUN, "train.max_grad_norm=nan"],
+     "train.max_grad_norm: must be a finite number, got nan"),
+    ("sail coefficient infinite", lambda f, o: [*RUN, "method=sail_dp", "train.sail.rho=inf"],
+     "train.sail.rho: must be a finite number, got inf"),
+    ("negative eval prompts", lambda f, o: [*RUN, "eval.prompts=-1"],
+     "eval.prompts: must be >= 0 (0 disables evaluation), got -1"),
+    ("zero eval samples", lambda f, o: [*RUN, "eval.samples=0"], "eval.samples: must be >= 1, got 0"),
+    ("greedy samples with a noiseless judge", lambda f, o: [*RUN, "generation.temperature=0", "judge.noise=0"],
+     "generation.temperature: 0 is greedy decoding: the 2 responses to a prompt are identical"),
     ("unknown method", lambda f, o: [*RUN, "method=ppo"], "method: expected one of"),
     ("one sample", lambda f, o: [*RUN, "generation.num_samples=1"], "generation.num_samples: must be >= 2"),
+    ("selm_official with policy samples", lambda f, o: [*RUN, "method=selm_official"],
+     "generation.num_samples: selm_official generates one response per prompt (pi_ref's greedy y_ref, ranked with "
+     "the preference file's chosen and rejected, as SELM's code does) and no policy samples; set "
+     "generation.num_samples=1 (got 2)"),
+    ("selm_official with a prompt file",
+     lambda f, o: [*RUN, "method=selm_official", "generation.num_samples=1", f"prompts={f['prompts']}"],
+     "prompts: selm_official answers the preference file's prompts (preferences=, preferences_split=), which "
+     "prompts= cannot change; drop prompts="),
+    ("selm_official with a prompt split",
+     lambda f, o: [*RUN, "method=selm_official", "generation.num_samples=1", "prompts_split=train[:8]"],
+     "prompts_split: selm_official answers the preference file's prompts (preferences=, preferences_split=), "
+     "which prompts_split= cannot change; drop prompts_split=train[:8]"),
     ("too few prompts", lambda f, o: [*RUN, "prompts_per_iteration=100000"], "prompts, but only"),
     ("learning rates per iteration", lambda f, o: [*RUN, "iteration_learning_rates=[0.1,0.2]"],
      "needs one value per iteration"),
@@ -178,6 +204,15 @@ CASES = [
     ("eval: not a policy or run", lambda f, o: ["eval", str(f["dir"])], "neither a policy directory"),
     ("eval: wrong reward-model path", lambda f, o: ["eval", str(f["model"]), f"--prompts={f['prompts']}",
                                                     f"--baseline={f['model']}", f"--reward-model={f['dir'] / 'rm'}"], "--reward-model: no directory"),
+    ("eval: missing baseline", lambda f, o: ["eval", str(f["model"]), f"--prompts={f['prompts']}",
+                                             f"--baseline={f['dir'] / 'base'}", "--reward=tests.judge_fns:length"],
+     "--baseline {dir}/base: no such file or directory"),
+    ("eval: missing reference", lambda f, o: ["eval", str(f["model"]), f"--prompts={f['prompts']}",
+                                              f"--baseline={f['model']}", f"--reference={f['dir'] / 'ref'}",
+                                              "--reward=tests.judge_fns:length"], "--reference {dir}/ref: no such file or directory"),
+    # selfalign compare.
+    ("compare: output is a file", lambda f, o: ["compare", str(f["dir"]), "--output", str(f["a_file"])],
+     "a_file: is a file, but compare writes compare.md and compare.png into a directory"),
 ]
 
 
@@ -206,7 +241,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_run_directory(files, out, b
     argv = build(files, out)
     if argv[0] == "run" and not any(a.startswith("output_dir=") for a in argv):
         argv = [*argv, f"output_dir={out}"]
-    check_refused(argv, out, capsys, message)
+    check_refused(argv, out, capsys, message.replace("{dir}", str(files["dir"])))
 
 
 def test_the_battery_has_at_least_30_cases():

@@ -96,7 +96,8 @@ def test_selm_official_ranks_pi_ref_greedy_answer_with_the_dataset_pair(tmp_path
     from selfalign.generation.hf import HFGenerator
 
     out = tmp_path / "run"
-    history = run(small(out, "method=selm_official", "iterations=1", "train.alpha=0.01"), progress=False)
+    history = run(small(out, "method=selm_official", "generation.num_samples=1", "iterations=1", "train.alpha=0.01"),
+                  progress=False)
     it = out / "iter_000"
     gens, judged, pairs = rows(it / "responses.jsonl"), rows(it / "generations.jsonl"), rows(it / "pairs.jsonl")
     prompts = [r["prompt"] for r in rows(it / "prompts.jsonl")]
