@@ -105,6 +105,9 @@ def run_train(cfg: TrainRunConfig, progress: bool = True) -> dict[str, float]:
     if not cfg.data.path:
         raise ConfigError("data.path: required (prompt/chosen/rejected rows: a JSONL or Parquet file, a save_to_disk "
                           "folder or a dataset name)")
+    from .tasks.smollm2 import named_model
+
+    cfg.model, cfg.reference = named_model(cfg.model, progress), cfg.reference and named_model(cfg.reference, progress)
     check_pretrained("model", cfg.model)
     if cfg.reference:
         check_pretrained("reference", cfg.reference)
@@ -413,6 +416,11 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a policy directory, or a run's final policy with the run's own settings."""
+    from .tasks.smollm2 import named_model
+
+    for key in ("target", "baseline", "reference"):  # `smollm2` names the cached SmolLM2-135M-Instruct
+        if getattr(args, key):
+            setattr(args, key, named_model(getattr(args, key), progress=not args.no_progress))
     if args.benchmark:
         return cmd_benchmark(args)
     from .data import load_prompts
@@ -640,7 +648,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="where it runs (default: cuda when the recipe states a GPU, else cpu)")
     est.set_defaults(func=cmd_estimate)
     ev = sub.add_parser("eval", help="evaluate a policy (or a run's final policy) on held-out prompts")
-    ev.add_argument("target", help="a policy directory, or a run directory (its last iteration, its settings)")
+    ev.add_argument("target", help="a policy directory (smollm2: the cached SmolLM2-135M-Instruct), or a run "
+                    "directory (its last iteration, its settings)")
     ev.add_argument("overrides", nargs="*", help="run-config overrides key.sub=value (eval.samples=8, seed=1, ...)")
     ev.add_argument("--prompts", help="JSONL held-out prompts (default: the run's or the built-in task's)")
     ev.add_argument("--reward", help="'pkg.module:fn' reward (default: the run's gold reward)")

@@ -286,7 +286,7 @@ def estimate_run(cfg: Any, sharding: Sharding | None = None, processes: int | No
         from .tasks.builtin import build_task
 
         source = str(build_task(progress=False).policy_dir)
-    elif source in (CONSTRAINTS, INSTRUCTIONS):
+    elif source in (CONSTRAINTS, INSTRUCTIONS, "smollm2"):
         source = "HuggingFaceTB/SmolLM2-135M-Instruct"
     shape = model_shape(source, hw.model_config or None)
     reward = model_shape(cfg.judge.reward_model, classifier=True) \

