@@ -8,7 +8,9 @@ calls `setup()` or configures the "selfalign" logger as usual.
 Progress bars (tqdm) are drawn only when stderr is a terminal. Piped or redirected, a bar
 becomes plain log lines, one every SELFALIGN_PROGRESS_EVERY seconds (default 30) while the
 stage runs (a stage shorter than that prints none; its stage line follows): no carriage
-returns in a log file.
+returns in a log file. The clock runs on its own thread, so a stage whose single step takes
+minutes (one generate() call, one judge call) still prints on time; of nested bars only the
+innermost one prints.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -95,8 +99,28 @@ def progress_bar(iterable: Iterable | None = None, total: int | None = None, des
     return PlainProgress(iterable, total=total, desc=desc, disable=disable, initial=initial)
 
 
+_open: list[weakref.ref] = []  # PlainProgress bars not yet finished, innermost last
+_open_lock = threading.Lock()
+_clock: threading.Thread | None = None
+
+
+def _tick() -> None:
+    """The clock thread: every interval, the innermost open bar prints its line if nothing printed it since."""
+    while True:
+        time.sleep(max(progress_interval() / 4, 0.01))
+        with _open_lock:
+            _open[:] = [r for r in _open if (b := r()) is not None and not b.finished]
+            bar = _open[-1]() if _open else None
+        if bar is not None:
+            bar.beat(time.monotonic())
+        del bar  # the clock holds no bar between ticks: an abandoned one is collected and leaves the list
+
+
 class PlainProgress:
-    """The part of tqdm's interface selfalign uses, reported as a log line every progress_interval() seconds."""
+    """The part of tqdm's interface selfalign uses, reported as a log line every progress_interval() seconds.
+
+    A bar is finished when closed, when it reaches its total, or when it is garbage collected (an exception
+    unwound past it); until then the clock thread prints it on time between updates."""
 
     def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "",
                  disable: bool = False, initial: int = 0) -> None:
@@ -107,11 +131,26 @@ class PlainProgress:
         self.start = self.last = time.monotonic()
         self.interval = progress_interval()
         self.postfix = ""
+        self.closed = False
+        if not disable and self.interval > 0:  # at 0 every update prints: no clock needed
+            global _clock
+            with _open_lock:
+                _open.append(weakref.ref(self))
+                if _clock is None:
+                    _clock = threading.Thread(target=_tick, name="selfalign-progress", daemon=True)
+                    _clock.start()
+
+    @property
+    def finished(self) -> bool:
+        return self.closed or (self.total is not None and self.n >= self.total)
 
     def __iter__(self) -> Iterator[Any]:
-        for item in self.iterable:
-            yield item
-            self.update(1)
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
 
     def __enter__(self) -> PlainProgress:
         return self
@@ -121,8 +160,11 @@ class PlainProgress:
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        now = time.monotonic()
-        if not self.disable and now - self.last >= self.interval:
+        self.beat(time.monotonic())
+
+    def beat(self, now: float) -> None:
+        """Print the line if the interval has passed since the last one."""
+        if not self.disable and not self.closed and now - self.last >= self.interval:
             self.last = now
             info("%s", self.line(now))
 
@@ -146,4 +188,4 @@ class PlainProgress:
         self.postfix = text
 
     def close(self) -> None:
-        pass
+        self.closed = True
