@@ -119,8 +119,31 @@ def prompt_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("the prompt is a list of chat messages but the tokenizer has no chat template "
                             "(give prompts as plain text, or use a model whose tokenizer has a chat_template)")
-        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+        from jinja2 import TemplateError
+
+        try:
+            return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=False))
+        except TemplateError as e:  # the template's raise_exception(), or a role it cannot render
+            raise DataError(_template_refusal(tokenizer, prompt, e)) from e
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def _template_refusal(tokenizer, messages: list[dict[str, str]], error: Exception) -> str:
+    """What the chat template refused: the first message whose conversation so far fails to render (its
+    position and role), else the roles of the whole conversation; the template's own words follow."""
+    from jinja2 import TemplateError
+
+    which = "the conversation (roles " + ", ".join(repr(m["role"]) for m in messages) + ")"
+    for i in range(1, len(messages) + 1):
+        try:
+            tokenizer.apply_chat_template(messages[:i], add_generation_prompt=False, tokenize=False)
+        except TemplateError:
+            which = f"message {i} (role {messages[i - 1]['role']!r})"
+            break
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return (f"the tokenizer's chat template rejects {which}: {reason} (use the roles and order its template "
+            "accepts, e.g. system first, then user and assistant alternating)")
 
 
 def located(where: str, fn, *args: Any) -> Any:

@@ -85,6 +85,18 @@ def files(tmp_path_factory, sorting):
     config.pop("chat_template", None)
     (plain / "tokenizer_config.json").write_text(json.dumps(config))
     f["no_template"] = plain
+    # The sorting model with a chat template that refuses any role but user and assistant (as Gemma's and
+    # Mistral's templates refuse a system turn, through raise_exception).
+    strict = d / "strict_template"
+    shutil.copytree(model_dir, strict)
+    (strict / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+        "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+        "<|{{ m['role'] }}|> {{ m['content'] }} <eos> {% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    f["strict_template"] = strict
+    put("system_turn.jsonl", '{"prompt": [{"role": "user", "content": "sort : 2 1"}]}\n'
+                             '{"prompt": [{"role": "user", "content": "sort : 2 1"}, {"role": "assistant", "content": '
+                             '"1 2"}, {"role": "system", "content": "be brief"}]}\n')
     return f
 
 
@@ -161,6 +173,11 @@ CASES = [
     ("messages without a chat template",
      lambda f, o: [*RUN, f"model={f['no_template']}", f"prompts={f['messages']}", "judge.function=tests.judge_fns:length"],
      "messages.jsonl line 1: the prompt is a list of chat messages but the tokenizer has no chat template"),
+    ("a role the chat template refuses",
+     lambda f, o: [*RUN, f"model={f['strict_template']}", f"prompts={f['system_turn']}",
+                   "judge.function=tests.judge_fns:length"],
+     "system_turn.jsonl line 2: the tokenizer's chat template rejects message 3 (role 'system'): Only user and "
+     "assistant roles are supported!"),
     # Model, reward-model and judge paths.
     ("misspelt model path", lambda f, o: [*RUN, f"model={f['dir'] / 'modle'}", f"prompts={f['prompts']}",
                                           "judge.function=tests.judge_fns:length"], "model: no directory"),
