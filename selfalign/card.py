@@ -14,10 +14,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .vocabulary import cell, columns
+
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-CARD_METRICS = [("labels_total", "judge labels", "{:d}"), ("gold/greedy", "reward (greedy)", "{:.3f}"),
-                ("gold/sampled", "reward (sampled)", "{:.3f}"), ("win_rate", "win vs pi_0", "{:.3f}"),
-                ("kl_to_pi0", "KL(pi‖pi_0)", "{:.3f}")]
+CARD_METRICS = columns("labels_total", "gold/greedy", "gold/sampled", "win_rate", "kl_to_pi0", "kl_k1_to_pi0")
 
 
 class PushError(RuntimeError):
@@ -63,7 +63,7 @@ def run_card(cfg: Any, history: list[dict[str, Any]], pi0: dict[str, Any] | None
              "|---|" + "---:|" * len(metric_cols)]
     for r in rows:
         table.append(f"| {r['iteration']} | " + " | ".join(
-            fmt.format(r[k]) if k in r else "" for k, _, fmt in metric_cols) + " |")
+            cell(r, k, fmt) for k, _, fmt in metric_cols) + " |")
     reward = cfg.eval.reward_model or cfg.eval.reward or ("the judge's reward model" if cfg.judge.kind ==
                                                           "reward_model" else "the task's gold reward")
     text = [

@@ -207,7 +207,9 @@ def recipe_path(name: str) -> Path:
 
 
 def iteration_table(out: Path, history: list[dict]) -> str:
-    """One row for pi_0 and one per iteration: the numbers a user watches."""
+    """One row for pi_0 and one per iteration: the numbers a user watches, titled as selfalign.vocabulary says."""
+    from .vocabulary import COLUMNS, cell
+
     rows = []
     pi0 = out / "pi0_metrics.json"
     if pi0.exists():
@@ -217,21 +219,16 @@ def iteration_table(out: Path, history: list[dict]) -> str:
     for r in rows:
         for source, n in r.get("labels_total_by_source", {}).items():
             r[f"labels/{source}"] = n
-    extra = [(f"labels/{s}", f"{s} labels", "{:>14d}") for s in ("policy", "dataset")
+    extra = [(f"labels/{s}", f"{s} labels", "{:d}") for s in ("policy", "dataset")
              if any(r.get(f"labels/{s}") for r in rows)]
-    cols = [("labels_total", "judge labels", "{:>12d}"), *extra, ("gold/greedy", "gold(greedy)", "{:>13.3f}"),
-            ("gold/sampled", "gold(sampled)", "{:>14.3f}"), ("gold/high_reward_fraction", "perfect", "{:>8.3f}"),
-            ("win_rate", "win vs pi_0", "{:>12.3f}"), ("tie_rate", "ties", "{:>6.3f}"), ("kl_to_pi0", "KL(pi|pi_0)", "{:>12.3f}"),
-            ("kl_k1_to_pi0", "KL k1", "{:>8.3f}"),
-            # Share of the iteration's sampled responses cut off at max_new_tokens (generation.truncated).
-            ("truncated_share", "truncated", "{:>10.3f}")]
+    cols = [c for c in COLUMNS if c[0] not in ("labelled_pairs_total", "implicit/gap")]
+    cols = [cols[0], *extra, *cols[1:]]
     # A column no row has (no held-out evaluation, no win rate) is left out rather than printed empty.
     cols = [c for c in cols if c[0] == "labels_total" or any(c[0] in r for r in rows)]
-    lines = [f"{'iteration':>9} " + " ".join(f"{title:>{len(fmt.format(0))}}" for _, title, fmt in cols)]
-    for r in rows:
-        cells = [fmt.format(r[key]) if key in r else " " * len(fmt.format(0)) for key, _, fmt in cols]
-        lines.append(f"{str(r['iteration']):>9} " + " ".join(cells))
-    return "\n".join(lines)
+    table = [["iteration", *(title for _, title, _ in cols)]]
+    table += [[str(r["iteration"]), *(cell(r, key, fmt) for key, _, fmt in cols)] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table)
 
 
 def cmd_run(args: argparse.Namespace) -> None:

@@ -120,10 +120,12 @@ class Estimate:
     peak: float
     notes: list[str]
     phases: dict[str, float]  # resident + each transient: training, generation, judging, reference
+    device: str = "cuda"
 
     def table(self) -> str:
         rows = [f"  {name:<28}{value / GIB:>10.2f} GiB" for name, value in self.components.items()]
-        return "\n".join([*rows, f"  {'peak per GPU':<28}{self.peak / GIB:>10.2f} GiB"])
+        peak = "peak per GPU" if self.device == "cuda" else "peak per process (CPU)"
+        return "\n".join([*rows, f"  {peak:<28}{self.peak / GIB:>10.2f} GiB"])
 
 
 def _config_from(source: str, fields: dict[str, Any] | None) -> tuple[Any, str]:
@@ -272,7 +274,7 @@ def estimate(cfg: Any, shape: ModelShape, reward: ModelShape | None, sharding: S
     if resolved_backend(cfg.generation) == "vllm":
         notes.append(f"vLLM takes generation.vllm_memory={cfg.generation.vllm_memory} of the GPU while awake; "
                      "not counted")
-    return Estimate(c, peak, notes, phases)
+    return Estimate(c, peak, notes, phases, device)
 
 
 def estimate_run(cfg: Any, sharding: Sharding | None = None, processes: int | None = None,

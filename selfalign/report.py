@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .data import write_atomic
+from .vocabulary import COLUMNS, cell
 
 LABELS_AXIS = "labelled pairs used (judged prompts + dataset pairs)"
 
@@ -139,22 +140,12 @@ def plot_kl(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-COLUMNS = [("labelled_pairs_total", "labelled pairs"), ("labels_total", "judge labels"),
-           ("gold/greedy", "reward (greedy)"), ("gold/sampled", "reward (sampled)"),
-           ("gold/high_reward_fraction", "high-reward share"), ("win_rate", "win vs pi_0"), ("tie_rate", "ties"),
-           ("kl_to_pi0", "KL to pi_0"), ("implicit/gap", "implicit gap")]
-
-
 def metrics_table(rows: list[dict[str, Any]], first: str = "iteration", names: list[str] | None = None) -> str:
-    cols = [(k, t) for k, t in COLUMNS if any(k in r for r in rows)]
-    lines = [f"| {first} | " + " | ".join(t for _, t in cols) + " |", "|---|" + "---:|" * len(cols)]
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = [f"| {first} | " + " | ".join(t for _, t, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
     for i, r in enumerate(rows):
         name = names[i] if names else _name(r)
-        lines.append(f"| {name} | " + " | ".join(_fmt(r[k]) if k in r else "" for k, _ in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(r, k, fmt) for k, _, fmt in cols) + " |")
     return "\n".join(lines)
 
 

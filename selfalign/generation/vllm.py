@@ -231,7 +231,7 @@ class VLLMBackend:
         self.llm = LLM(
             model=str(model_path), skip_tokenizer_init=True, seed=seed, dtype=config.vllm_dtype, enforce_eager=True,
             max_model_len=max_model_len, gpu_memory_utilization=config.vllm_memory, enable_sleep_mode=self.on_gpu,
-            worker_extension_cls=f"{__name__}.WeightSync", generation_config="vllm",
+            worker_extension_cls=f"{__name__}.WeightSync", generation_config="vllm", use_tqdm_on_load=False,
         )
         self.dtype = self.llm.llm_engine.model_config.dtype
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
