@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -204,15 +204,52 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
     return rows
 
 
-def check_same_config(saved: Path, cfg: Any) -> None:
-    """Refuse (ConfigError) to resume a run whose saved config.yaml differs from cfg, showing the difference."""
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def fill_missing_keys(old: dict[str, Any], cfg: Any, legacy: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Give a saved config the keys it lacks (it was written before they existed); returns their dotted names.
+
+    A missing key stands for what the version that wrote `old` did: legacy[key] where the key's
+    default does not reproduce that, else the default. Where cfg holds the default and legacy[key]
+    differs, cfg takes legacy[key] too, so a run resumed with its old command goes on as it began;
+    any other value of cfg's is a real difference, left for the comparison to refuse.
+    """
+    filled = []
+    for f in dataclasses.fields(cfg):
+        key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            section = old.setdefault(f.name, {})
+            if isinstance(section, dict):
+                filled += fill_missing_keys(section, value, legacy, f"{key}.")
+            continue
+        if f.name in old or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
+            continue
+        default = _default(f)
+        old[f.name] = legacy.get(key, default)
+        if value == default:
+            setattr(cfg, f.name, old[f.name])
+        filled.append(key)
+    return filled
+
+
+def check_same_config(saved: Path, cfg: Any, legacy: Mapping[str, Any] | None = None) -> list[str]:
+    """Refuse (ConfigError) to resume a run whose saved config.yaml differs from cfg, showing the difference.
+
+    Keys the saved config lacks are filled first (fill_missing_keys; legacy: the values that
+    reproduce older versions where a key's default does not). Returns the keys filled.
+    """
     if not saved.exists():
-        return
-    old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
+        return []
+    old = yaml.safe_load(saved.read_text())
+    filled = fill_missing_keys(old, cfg, legacy or {}) if isinstance(old, dict) else []
+    new = to_dict(cfg)
     if old != new:
         diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in config_diff(old, new))
         raise ConfigError(f"{saved} was made with a different config ({diff}); re-run with the same settings "
                           "or choose another output_dir")
+    return filled
 
 
 def dump_yaml(cfg: Any) -> str:

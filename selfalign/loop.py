@@ -55,6 +55,7 @@ from .records import LabelCounts, PreferenceExample, ReferenceLogps, Route, Row
 from .run_config import (  # noqa: F401  (re-exported: callers import the run config from selfalign.loop)
     BUILTIN,
     CONSTRAINTS,
+    RESUME_LEGACY,
     TASKS,
     EvalConfig,
     JudgeConfig,
@@ -195,10 +196,15 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
     from .models import is_gguf, load_tokenizer, materialize
 
     out = Path(cfg.output_dir)
+    # A resumed run from an older version takes the values it ran with for keys added since, before anything
+    # is built from cfg; a real difference is refused here, before any work.
+    filled = check_same_config(out / "config.yaml", cfg, RESUME_LEGACY)
     method = cfg.method_spec
     accelerator = make_accelerator(resolve_mixed_precision(cfg.train.mixed_precision),
                                    **accelerator_kwargs(cfg.report_to, out))
     show = progress and accelerator.is_main_process
+    if filled and accelerator.is_main_process:
+        log("%s predates %s: resumed with the values its version ran with", out / "config.yaml", ", ".join(filled))
 
     # Build: pi_0, prompts (and dataset pairs), judge, gold reward.
     task = resolve_task(cfg, progress=show)
@@ -500,7 +506,7 @@ def build_judge(cfg: RunConfig, reward_fn: str) -> Judge:
 def check_run_dir(out: Path, cfg: RunConfig, accelerator: Accelerator) -> None:
     """Save the config, or refuse to resume a run made with a different one."""
     saved = out / "config.yaml"
-    check_same_config(saved, cfg)
+    check_same_config(saved, cfg, RESUME_LEGACY)
     if not saved.exists() and accelerator.is_main_process:
         write_atomic(saved, dump_yaml(cfg))
     accelerator.wait_for_everyone()

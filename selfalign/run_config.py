@@ -298,6 +298,13 @@ class RunConfig:
             self.method_spec.is_sail and (self.sail.online_share < 1 or self.sail.r > 0))
 
 
+# What a key missing from a saved config.yaml stood for, where its default does not reproduce the versions
+# that wrote configs without it (config.fill_missing_keys; every other missing key takes its default). Before
+# train.dtype and judge.dtype every model loaded in fp32 (auto is bf16 on a GPU); before train.lora.merge a
+# LoRA iterate was saved merged. A new key whose default changes what an older run did belongs here.
+RESUME_LEGACY: dict[str, object] = {"train.dtype": "fp32", "judge.dtype": "fp32", "train.lora.merge": True}
+
+
 @dataclass
 class Task:
     """Where a run's pieces come from (files and 'pkg.module:fn' names)."""
@@ -323,6 +330,8 @@ def resolve_task(cfg: RunConfig, progress: bool) -> Task:
         return Task(real.policy_dir, cfg.prompts or str(real.train_prompts), cfg.eval_prompts or str(real.eval_prompts),
                     cfg.preferences, cfg.judge.function or real.reward_fn, cfg.eval.reward or real.reward_fn)
     if cfg.model != BUILTIN:
+        from .tasks.smollm2 import named_model
+
         # A pairwise judge's function compares two responses: it is no reward to evaluate with.
         return Task(Path(named_model(cfg.model, progress)), cfg.prompts, cfg.eval_prompts, cfg.preferences,
                     cfg.judge.function, cfg.eval.reward or (cfg.judge.function if cfg.judge.kind == "function" else ""))
@@ -330,7 +339,5 @@ def resolve_task(cfg: RunConfig, progress: bool) -> Task:
 
     task = build_task(progress=progress)
     preferences = cfg.preferences or (str(task.train_preferences) if cfg.needs_dataset else "")
-        from .tasks.smollm2 import named_model
-
     return Task(task.policy_dir, cfg.prompts or str(task.train_prompts), cfg.eval_prompts or str(task.eval_prompts),
                 preferences, cfg.judge.function or task.reward_fn, cfg.eval.reward or task.reward_fn)

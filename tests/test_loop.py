@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from selfalign.cli import main
 from selfalign.config import load_config
@@ -163,6 +164,32 @@ def test_changed_config_refuses_to_resume(tmp_path, capsys):
                  "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "train.beta: 0.1 -> 0.5" in err
+
+
+def test_a_run_from_an_older_version_resumes_with_the_values_it_ran_with(tmp_path, capsys):
+    """A config.yaml written before eval.every, eval.benchmark, generation.vllm_dtype, judge.llm (a whole section),
+    train.dtype and train.lora.merge existed: the run resumes, the missing keys standing for the old behaviour
+    (train.dtype: fp32, train.lora.merge: true, which the current defaults auto and false are not); a value
+    that differs from that is still refused."""
+    out = tmp_path / "run"
+    history = run(small(out, "iterations=1", "eval.prompts=4"), progress=False)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    for section, key in [("eval", "every"), ("eval", "benchmark"), ("generation", "vllm_dtype"), ("judge", "llm"),
+                         ("train", "dtype")]:
+        del saved[section][key]
+    del saved["train"]["lora"]["merge"]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+
+    cfg = small(out, "iterations=1", "eval.prompts=4")
+    assert run(cfg, progress=False) == history
+    assert cfg.train.dtype == "fp32" and cfg.train.lora.merge is True and cfg.eval.every == 1
+
+    argv = ["run", "quickstart", *SMALL, "iterations=1", "eval.prompts=4", f"output_dir={out}", "--no-progress"]
+    for change, shown in [("eval.every=2", "eval.every: 1 -> 2"), ("train.dtype=bf16", "train.dtype: 'fp32' -> 'bf16'"),
+                          ("generation.vllm_dtype=bfloat16", "generation.vllm_dtype: 'float32' -> 'bfloat16'")]:
+        code = main([*argv, change])
+        err = capsys.readouterr().err
+        assert code == 2 and shown in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize(
