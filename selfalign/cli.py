@@ -38,7 +38,7 @@ from .data import DataError, PreferenceDataConfig, load_preferences, pad_token_i
 from .judges import JudgeError
 from .records import PreferenceExample, ReferenceLogps
 from .report import ReportError
-from .rundir import RunLock
+from .rundir import RunLock, check_same_data, data_digest
 from .tracking import RunTracker
 from .train import NonFiniteError, PreferenceTrainer, TrainConfig
 
@@ -122,6 +122,8 @@ def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
     tokenizer = load_tokenizer(cfg.model)
     examples = load_preferences(cfg.data, tokenizer)
     out = _prepare_run_dir(cfg)
+    check_same_data(out, {"data": data_digest(cfg.data.path, [[e.prompt_ids, e.chosen_ids, e.rejected_ids]
+                                                              for e in examples])}, write=True)
     random.Random(cfg.train.seed).shuffle(examples)
     n_eval = int(len(examples) * cfg.data.eval_fraction)
     heldout, train_set = examples[:n_eval], examples[n_eval:]

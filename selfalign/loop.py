@@ -65,7 +65,7 @@ from .run_config import (  # noqa: F401  (re-exported: callers import the run co
     Task,
     resolve_task,
 )
-from .rundir import RunLock
+from .rundir import RunLock, check_same_data, data_digest
 from .tracking import RunTracker, accelerator_kwargs
 from .train import NonFiniteError, PreferenceTrainer, resolve_mixed_precision
 from .truncation import end_token_ids, finished, is_truncated, penalized_scores
@@ -221,6 +221,7 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
     judge = build_judge(cfg, task.judge_fn)
     gold = eval_reward(cfg, task.gold_fn, judge, bool(eval_prompts))
     check_run_dir(out, cfg, accelerator)
+    check_same_data(out, run_data(task, data, eval_prompts), accelerator.is_main_process)
     tracker = RunTracker(out, accelerator, to_dict(cfg))
     log("%s: %s on %d prompts (%d iteration(s) x %d), %d held-out prompts; per-step metrics in %s",
         out, cfg.method, len(data.prompts), len(slices), len(slices[0]), len(eval_prompts), out / "steps.jsonl")
@@ -396,6 +397,19 @@ def load_dataset(cfg: RunConfig, task: Task, tokenizer) -> Dataset:
     prompts, ids = load_prompt_ids(task.prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens,
                                    *cfg.source_split("prompts"))
     return Dataset(prompts, ids)
+
+
+def run_data(task: Task, data: Dataset, eval_prompts: list[Prompt]) -> dict[str, dict[str, Any]]:
+    """The data sources a run records (rundir.check_same_data): the prompts it slices (the preference file's, with
+    its pairs, where the method reads one) and the held-out prompts."""
+    if data.pairs is not None:
+        rows = [[p, e.prompt_ids, e.chosen_ids, e.rejected_ids] for p, e in zip(data.prompts, data.pairs)]
+        sources = {"preferences": data_digest(task.preferences, rows)}
+    else:
+        sources = {"prompts": data_digest(task.prompts, data.prompts)}
+    if eval_prompts:
+        sources["eval_prompts"] = data_digest(task.eval_prompts, eval_prompts)
+    return sources
 
 
 def round_dir(it: Path, k: int, rounds: int) -> Path:

@@ -9,15 +9,19 @@ never renamed into place) are removed before the resumed run writes anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import socket
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError
 
 LOCK = "run.lock"
+DATA = "data.json"  # what the run's data sources held when it started (check_same_data)
 
 
 class RunLockedError(ConfigError):
@@ -67,6 +71,39 @@ def clean_temporaries(out: Path) -> list[Path]:
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def data_digest(source: str | Path, rows: Sequence[Any]) -> dict[str, Any]:
+    """What a run records of one data source: where it came from, its row count and the sha256 of its rows as read
+    (a prompt's text or messages, a pair's token ids): an edit that changes what the run trains on changes the
+    digest, reformatting the file does not."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return {"source": str(source), "rows": len(rows), "sha256": h.hexdigest()}
+
+
+def check_same_data(out: Path, data: dict[str, dict[str, Any]], write: bool) -> None:
+    """Record the run's data sources (data_digest each) in RUN/data.json, or refuse (ConfigError) to resume when one
+    holds other rows than when the run started: the slices already trained on would no longer be the file's.
+
+    A run started before data.json existed is not refused; its data is recorded from this resume on.
+    write: whether this process writes (the main one).
+    """
+    from .data import write_atomic
+
+    path = out / DATA
+    if not path.exists():
+        if write:
+            write_atomic(path, json.dumps(data, indent=1) + "\n")
+        return
+    saved = json.loads(path.read_text())
+    changed = [f"{key} {now['source']}: {was['rows']} rows, sha256 {was['sha256'][:12]} -> {now['rows']} rows, "
+               f"sha256 {now['sha256'][:12]}"
+               for key, now in data.items() if (was := saved.get(key)) and was["sha256"] != now["sha256"]]
+    if changed:
+        raise ConfigError(f"{path}: the run started on other data ({'; '.join(changed)}); restore the data as it was "
+                          "to resume, or choose another output_dir to start afresh")
 
 
 class RunLock:

@@ -277,6 +277,39 @@ def test_resume_with_a_changed_config_is_refused(files, out, builtin_task, capsy
     check_refused([*argv, "train.beta=0.5"], out, capsys, "train.beta: 0.1 -> 0.5")
 
 
+def test_resume_on_an_edited_prompt_file_is_refused(out, builtin_task, capsys):
+    """A prompt file edited between a kill and the resume is refused as a changed config is: the run recorded what
+    its data held (RUN/data.json). A run from before data.json existed is resumed on the file as it is now."""
+    prompts = out.parent / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"sort : {a} {b} {c}"}) + "\n"
+                               for a, b, c in [(3, 1, 2), (2, 3, 1), (1, 3, 2), (2, 1, 3)] * 2))
+    argv = ["run", "quickstart", *TINY, f"output_dir={out}", f"prompts={prompts}"]
+    assert main([*argv, "--no-progress"]) == 0
+    recorded = json.loads((out / "data.json").read_text())
+    assert recorded["prompts"]["rows"] == 8 and recorded["prompts"]["source"] == str(prompts)
+    prompts.write_text(prompts.read_text().replace("sort : 2 3 1", "sort : 3 2 1", 1))
+    check_refused(argv, out, capsys, f"the run started on other data (prompts {prompts}: 8 rows, sha256 "
+                                     f"{recorded['prompts']['sha256'][:12]} -> 8 rows, sha256 ")
+    (out / "data.json").unlink()  # as a run saved before runs recorded their data
+    assert main([*argv, "--no-progress"]) == 0
+    assert json.loads((out / "data.json").read_text())["prompts"]["sha256"] != recorded["prompts"]["sha256"]
+
+
+def test_train_resume_on_edited_data_is_refused(files, out, capsys):
+    """`selfalign train` records its data.path too; a resume on edited pairs is refused before any training."""
+    pairs = out.parent / "pairs.jsonl"
+    pairs.write_text(Path(files["pairs"]).read_text())
+    recipe = train_recipe(files, out, data={"path": str(pairs)})
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    rows = pairs.read_text().splitlines()
+    recorded = json.loads((out / "data.json").read_text())["data"]
+    assert recorded["rows"] == len(rows) and recorded["source"] == str(pairs)
+    shutil.rmtree(out / "policy")  # as if killed before the trained policy was renamed into place
+    pairs.write_text("\n".join(rows[:-1]) + "\n")  # the last pair deleted
+    check_refused(["train", str(recipe)], out, capsys,
+                  f"data {pairs}: {len(rows)} rows, sha256 {recorded['sha256'][:12]} -> {len(rows) - 1} rows")
+
+
 def test_train_resume_with_a_changed_config_and_a_finished_run_are_refused(files, out, capsys):
     recipe = train_recipe(files, out)
     (out / "config.yaml").write_text(dump_yaml(load_config(TrainRunConfig, recipe)))
