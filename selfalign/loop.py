@@ -153,6 +153,9 @@ class RoundPairs:
     """A round's training examples, in row order, and the reference log-probs already known for them.
 
     reference[i]: examples[i]'s, where labelling computed them (SAIL-PP's policy labels); None elsewhere.
+    pairs.jsonl keeps them (ref_logps), so a resumed round trains on the very values the uninterrupted
+    one did: recomputed among the round's other rows, in batches of other lengths, they can differ in
+    their last bits.
     """
 
     examples: list[PreferenceExample]
@@ -760,9 +763,10 @@ def stage_round(ctx: RunContext, rnd: Round, trainer: PreferenceTrainer) -> Roun
     """
     rd, rows = rnd.dir, rnd.rows
     if (rd / "pairs.jsonl").exists() and (rd / "labels.json").exists():
+        stored = load_jsonl(rd / "pairs.jsonl")
         examples = [PreferenceExample(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"], r.get("ref_sample_ids"),
-                                      Route.parse(r.get("route"))) for r in load_jsonl(rd / "pairs.jsonl")]
-        return RoundPairs(examples, [None] * len(examples))
+                                      Route.parse(r.get("route"))) for r in stored]
+        return RoundPairs(examples, [ReferenceLogps(*r["ref_logps"]) if "ref_logps" in r else None for r in stored])
     cfg, method, data, accelerator = ctx.cfg, ctx.method, ctx.data, ctx.accelerator
     online = rnd.generated
     with timed(rnd.timings, "generation", rnd.key), generation_models(ctx, rnd, trainer) as models:
@@ -830,7 +834,9 @@ def stage_round(ctx: RunContext, rnd: Round, trainer: PreferenceTrainer) -> Roun
         write_jsonl(rd / "pairs.jsonl", [
             {"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": e.rejected_ids,
              "ref_sample_ids": e.ref_sample_ids, "route": e.route, "label_source": rows[j].label_source,
-             **({"policy_prob": by_policy[j].prob} if j in by_policy else {})}
+             **({"policy_prob": by_policy[j].prob,
+                 "ref_logps": [by_policy[j].reference.chosen, by_policy[j].reference.rejected]}
+                if j in by_policy else {})}
             for j, e in sorted(examples.items())])
         write_atomic(rd / "labels.json", json.dumps(counts.to_dict(), indent=1))
     accelerator.wait_for_everyone()

@@ -275,3 +275,28 @@ def test_a_damaged_journal_line_is_named_unless_it_is_the_torn_last_one(tmp_path
     assert forked(argv) == 0
     entries = [json.loads(line) for line in journal.read_text().splitlines()]
     assert entries[0] == json.loads(good[0]) and len(entries) >= 2
+
+
+def test_a_sail_pp_round_resumed_after_its_pairs_trains_bit_for_bit_as_uninterrupted(tmp_path, task):
+    """SAIL-PP labels its pairs with the policy's preference h, for which it computes the pairs' reference
+    log-probs in a batch of their own; the round's other rows get theirs later, in batches without them.
+    Killed right after the round's pairs.jsonl (before any training or checkpoint), the resume must train
+    on those same values: recomputed, all rows in one pass, a value can differ in its last bits (batches of
+    other lengths) and the weights with it."""
+    out, log = tmp_path / "run", tmp_path / "writes.log"
+    argv = ["run", "sail_pp_quickstart", "iterations=1", "prompts_per_iteration=48", "generate_every=0",
+            "generation.max_new_tokens=8", "generation.batch_size=48", "train.batch_size=16",
+            "train.micro_batch_size=16", "train.checkpoint_every=0", "eval.prompts=4", "eval.samples=1",
+            f"output_dir={out}"]
+    assert forked(argv, {"SELFALIGN_WRITE_LOG": str(log)}) == 0
+    expected = snapshot(out)
+    writes = [Path(line.split("\t")[1]) for line in log.read_text().splitlines()]
+    pairs = writes.index(out / "iter_000" / "pairs.jsonl") + 1
+    routes = [json.loads(line)["route"] for line in (out / "iter_000" / "pairs.jsonl").read_text().splitlines()]
+    assert "pp" in routes and "offline" in routes  # the PP rows' reference log-probs come from a batch of their own
+    shutil.rmtree(out)
+    assert forked(argv, {"SELFALIGN_KILL_AFTER_WRITE": str(pairs)}) == -signal.SIGKILL
+    assert (out / "iter_000" / "pairs.jsonl").exists() and not (out / "iter_000" / "train.json").exists()
+    assert forked(argv) == 0
+    got = snapshot(out)
+    assert sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k)) == []
