@@ -612,6 +612,56 @@ def _describe_os_error(e: OSError) -> str:
     return f"{e.strerror or e}{where} ({hint})"
 
 
+# TRL / transformers argument names and the selfalign key each stands for (`--learning_rate 1e-6`); any other
+# `--name value` is taken as the key `name` itself (`--train.beta 0.2`), and load_config judges it as it judges
+# `name=value` (an unknown key names the nearest valid one).
+TRL_NAMES = {
+    "learning_rate": "train.learning_rate", "beta": "train.beta", "num_train_epochs": "train.epochs",
+    "warmup_ratio": "train.warmup_ratio", "lr_scheduler_type": "train.lr_scheduler", "loss_type": "train.loss",
+    "gradient_checkpointing": "train.gradient_checkpointing", "max_grad_norm": "train.max_grad_norm",
+    "per_device_train_batch_size": "train.micro_batch_size", "model_name_or_path": "model",
+}
+TRL_RUN_NAMES = {**TRL_NAMES, "max_new_tokens": "generation.max_new_tokens", "temperature": "generation.temperature",
+                 "dataset_name": "prompts"}
+TRL_TRAIN_NAMES = {**TRL_NAMES, "dataset_name": "data.path"}
+
+
+def trl_spellings(argv: list[str], command: str, options: set[str]) -> list[str]:
+    """argv after the subcommand with TRL's spellings made selfalign's: `--config FILE` becomes the positional
+    recipe, `--name value` and `--name=value` (not one of the subcommand's own options) become `key=value`
+    overrides, TRL's names mapped to selfalign's keys (TRL_NAMES) and dashes to underscores; a bare
+    `--flag` is `flag=true`."""
+    names = TRL_TRAIN_NAMES if command == "train" else TRL_RUN_NAMES
+    out: list[str] = []
+    config = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("--") or arg.split("=", 1)[0] in options or arg == "--":
+            out.append(arg)
+            continue
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i < len(argv) and not argv[i].startswith("--"):
+                value, i = argv[i], i + 1
+            else:
+                value = "true"
+        if name == "config":
+            if config is not None:
+                raise UsageError(f"--config given twice ({config}, {value}): pass one recipe")
+            config = value
+            continue
+        key = name.replace("-", "_")
+        out.append(f"{names.get(key, key)}={value}")
+    if config is not None:
+        if command == "quickstart":
+            raise UsageError("quickstart runs the bundled quickstart recipe: use `selfalign run --config FILE` for "
+                             "your own")
+        out.insert(0, config)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfalign", description="Online preference alignment: SELM, SAIL, DPO.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -689,6 +739,15 @@ def main(argv: list[str] | None = None) -> int:
                                                     "zero3) for `accelerate launch --config_file`")
     acc.add_argument("name", nargs="?", default=None, help="the config; without one, list them all")
     acc.set_defaults(func=cmd_accelerate_config)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    at = next((i for i, a in enumerate(argv) if a in sub.choices), None)
+    if at is not None and argv[at] in ("run", "train", "quickstart", "estimate"):
+        options = set(sub.choices[argv[at]]._option_string_actions)
+        try:
+            argv = [*argv[: at + 1], *trl_spellings(argv[at + 1 :], argv[at], options)]
+        except UsageError as e:
+            print(f"selfalign: error: {e}", file=sys.stderr)
+            return 2
     args, extra = parser.parse_known_args(argv)
     # `eval RUN --limit 8 eval.samples=4`: argparse leaves overrides that follow an option unparsed.
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):

@@ -132,3 +132,29 @@ def test_accelerate_config_prints_the_path_of_a_shipped_config(capsys):
     assert all(f"{name}.yaml" in listing for name in ("ddp", "fsdp2", "zero2", "zero3"))
     assert main(["accelerate-config", "fsdp1"]) == 2
     assert "no shipped accelerate config 'fsdp1'; choose one of ddp, fsdp2, zero2, zero3" in capsys.readouterr().err
+
+
+def test_trl_spellings_parse_to_the_same_config(tmp_path, capsys):
+    """`--config FILE --output_dir X --learning_rate V --key value --flag` (TRL's and transformers' habits) is the
+    positional recipe plus key=value overrides: the same config, and the same one-line errors."""
+    from selfalign.cli import TrainRunConfig, recipe_path, trl_spellings
+    from selfalign.config import load_config
+    from selfalign.run_config import RunConfig
+
+    recipe = str(recipe_path("quickstart"))
+    ours = load_config(RunConfig, recipe, [f"output_dir={tmp_path}", "train.learning_rate=1e-06", "train.beta=0.2",
+                                           "train.gradient_checkpointing=true", "generation.max_new_tokens=8"])
+    argv = trl_spellings(["--config", recipe, "--output_dir", str(tmp_path), "--learning_rate=1e-06", "--train.beta",
+                          "0.2", "--gradient_checkpointing", "--max-new-tokens", "8", "--no-progress"], "run",
+                         {"--no-progress"})
+    assert argv[0] == recipe and argv[-1] == "--no-progress"
+    assert load_config(RunConfig, argv[0], argv[1:-1]) == ours
+    train = trl_spellings(["--config=r.yaml", "--dataset_name", "prefs.jsonl", "--beta", "0.3"], "train", set())
+    assert train == ["r.yaml", "data.path=prefs.jsonl", "train.beta=0.3"]
+    assert load_config(TrainRunConfig, None, train[1:]).data.path == "prefs.jsonl"
+    # Errors are the key=value ones: an unknown name names the nearest key; one line, exit 2.
+    assert main(["run", "--config", recipe, "--learnin_rate", "1e-6", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "learnin_rate" in err and "learning_rate" in err, err
+    assert main(["run", "--config", recipe, "--config", recipe]) == 2
+    assert "--config given twice" in capsys.readouterr().err
