@@ -94,6 +94,13 @@ def files(tmp_path_factory, sorting):
         "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
         "<|{{ m['role'] }}|> {{ m['content'] }} <eos> {% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
     f["strict_template"] = strict
+    # A causal LM whose config.json claims a sequence-classification architecture: its checkpoint has no score head.
+    relabelled = d / "relabelled_lm"
+    shutil.copytree(model_dir, relabelled)
+    config = json.loads((relabelled / "config.json").read_text())
+    config["architectures"] = ["LlamaForSequenceClassification"]
+    (relabelled / "config.json").write_text(json.dumps(config))
+    f["relabelled_lm"] = relabelled
     put("system_turn.jsonl", '{"prompt": [{"role": "user", "content": "sort : 2 1"}]}\n'
                              '{"prompt": [{"role": "user", "content": "sort : 2 1"}, {"role": "assistant", "content": '
                              '"1 2"}, {"role": "system", "content": "be brief"}]}\n')
@@ -196,6 +203,11 @@ CASES = [
      "judge: set judge.function="),
     ("wrong reward-model path", lambda f, o: [*RUN, "judge.kind=reward_model", f"judge.reward_model={f['dir'] / 'rm'}"],
      "judge.reward_model: no directory"),
+    ("causal LM as the reward model", lambda f, o: [*RUN, "judge.kind=reward_model", f"judge.reward_model={f['model']}"],
+     "judge.reward_model: {model}: is a LlamaForCausalLM, not a sequence-classification reward model"),
+    ("reward model without score weights",
+     lambda f, o: [*RUN, "judge.kind=reward_model", f"judge.reward_model={f['relabelled_lm']}"],
+     "judge.reward_model: {dir}/relabelled_lm: its checkpoint has no score.weight weights, which would be random"),
     ("reward model without a path", lambda f, o: [*RUN, "judge.kind=reward_model"], "judge.reward_model: required"),
     ("judge function spec", lambda f, o: [*RUN, "judge.function=length"], "is not of the form 'pkg.module:function'"),
     ("judge module missing", lambda f, o: [*RUN, "judge.function=no_such_module:fn"], "cannot import module"),
@@ -221,6 +233,9 @@ CASES = [
     ("eval: not a policy or run", lambda f, o: ["eval", str(f["dir"])], "neither a policy directory"),
     ("eval: wrong reward-model path", lambda f, o: ["eval", str(f["model"]), f"--prompts={f['prompts']}",
                                                     f"--baseline={f['model']}", f"--reward-model={f['dir'] / 'rm'}"], "--reward-model: no directory"),
+    ("eval: causal LM as the reward model", lambda f, o: ["eval", str(f["model"]), f"--prompts={f['prompts']}",
+                                                          f"--baseline={f['model']}", f"--reward-model={f['model']}"],
+     "--reward-model: {model}: is a LlamaForCausalLM, not a sequence-classification reward model"),
     ("eval: missing baseline", lambda f, o: ["eval", str(f["model"]), f"--prompts={f['prompts']}",
                                              f"--baseline={f['dir'] / 'base'}", "--reward=tests.judge_fns:length"],
      "--baseline {dir}/base: no such file or directory"),
@@ -258,7 +273,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_run_directory(files, out, b
     argv = build(files, out)
     if argv[0] == "run" and not any(a.startswith("output_dir=") for a in argv):
         argv = [*argv, f"output_dir={out}"]
-    check_refused(argv, out, capsys, message.replace("{dir}", str(files["dir"])))
+    check_refused(argv, out, capsys, message.replace("{dir}", str(files["dir"])).replace("{model}", str(files["model"])))
 
 
 def test_the_battery_has_at_least_30_cases():

@@ -24,6 +24,32 @@ def render(tokenizer, prompt: Prompt, response: str) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
+def check_classifier(path: str | Path) -> None:
+    """Refuse, before loading it, a checkpoint whose config names no sequence-classification architecture (a causal
+    LM): loaded as a classifier, its score head would be random weights, which transformers only warns about, and
+    every label would be noise."""
+    from transformers import AutoConfig
+
+    from ..models import ModelLoadError
+
+    architectures = AutoConfig.from_pretrained(str(path)).architectures or []
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ModelLoadError(f"{path}: is a {', '.join(architectures)}, not a sequence-classification reward model (its "
+                             "score head would be random weights); give a reward model whose config.json architectures "
+                             "end in ForSequenceClassification")
+
+
+def check_loaded(path: str | Path, missing: Sequence[str]) -> None:
+    """Refuse a reward model whose checkpoint lacks weights the classifier needs (transformers initialises them at
+    random and only warns)."""
+    from ..models import ModelLoadError
+
+    if missing:
+        names = sorted(missing)
+        raise ModelLoadError(f"{path}: its checkpoint has no {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} "
+                             "weights, which would be random; give a trained sequence-classification reward model")
+
+
 class RewardModelJudge:
     """Scores with AutoModelForSequenceClassification (logit 0), loaded with from_pretrained."""
 
@@ -33,12 +59,18 @@ class RewardModelJudge:
     ) -> None:
         from transformers import AutoModelForSequenceClassification
 
-        from ..models import load_model, load_tokenizer
+        from ..models import is_gguf, load_model, load_tokenizer
 
         self.tokenizer = load_tokenizer(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = load_model(path, dtype=dtype, auto_class=AutoModelForSequenceClassification)
+        if is_gguf(path):
+            self.model = load_model(path, dtype=dtype, auto_class=AutoModelForSequenceClassification)
+        else:
+            check_classifier(path)
+            self.model, info = load_model(path, dtype=dtype, auto_class=AutoModelForSequenceClassification,
+                                          output_loading_info=True)
+            check_loaded(path, info["missing_keys"])
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
