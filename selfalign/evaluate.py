@@ -11,7 +11,9 @@ Metrics (per policy directory):
                                    (pi_ref = pi_0 by default). Unbiased like the plain mean of -r
                                    (k1), but never negative per sample: k1 on a few samples can
                                    come out below 0, which a KL cannot be. k1 is reported beside it:
-                                   k3's exp(r) explodes on a far-moved policy's rare samples. The
+                                   k3's exp(r) explodes on a far-moved policy's rare samples (past
+                                   r ~ 709 it overflows: kl_to_pi0 is then left out and kl_k3_overflow
+                                   counts those samples; no inf is written or printed). The
                                    samples are drawn at temperature 1 (extra ones when generation
                                    samples at another temperature): y must come from pi.
     eval/truncated_share           share of sampled responses that hit max_new_tokens without an end token
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,19 @@ def kl_k3(logp_policy: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     """
     r = logp_ref.double() - logp_policy.double()
     return torch.expm1(r) - r
+
+
+def kl_metrics(k3: torch.Tensor, k1: torch.Tensor) -> dict[str, float | int]:
+    """kl_to_pi0 (k3) and kl_k1_to_pi0 as metrics. A sample whose log ratio passes ~709 overflows k3's exp() to
+    inf (a far-moved policy's rare sample); its mean is then no number to print or plot, so kl_to_pi0 is left
+    out and kl_k3_overflow counts those samples; k1 stays."""
+    out: dict[str, float | int] = {"kl_k1_to_pi0": k1.mean().item()}
+    mean = k3.mean().item()
+    if math.isfinite(mean):
+        out["kl_to_pi0"] = mean
+    else:
+        out["kl_k3_overflow"] = int((~torch.isfinite(k3)).sum())
+    return out
 
 
 def baseline_greedy(baseline_path: Path, prompts: list[Prompt], tokenizer, max_new_tokens: int,
@@ -205,9 +221,8 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
         "gold/high_reward_fraction": sum(v >= high_reward for v in g_sampled) / len(g_sampled),
         "win_rate": wins / n,
         "tie_rate": ties / n,
-        "kl_to_pi0": kl.mean().item(),
         # k1 (the plain log-ratio mean) beside k3: k3's exp() explodes on a far-moved policy's few extreme samples.
-        "kl_k1_to_pi0": kl1.mean().item(),
+        **kl_metrics(kl, kl1),
         "eval/truncated_share": sum(map(sum, trunc)) / len(flat_r),
     }
     metrics.update(implicit_reward_gap(policy, pi0, pairs or [], cfg.train.beta, pad, progress))

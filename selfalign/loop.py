@@ -388,6 +388,8 @@ def summary_line(metrics: dict[str, Any]) -> str:
                       ("kl_to_pi0", "KL")):
         if key in metrics:
             parts.append(f"{name} {metrics[key]:.3f}")
+    if "kl_k3_overflow" in metrics:
+        parts.append(f"KL k3 overflowed on {metrics['kl_k3_overflow']} sample(s), k1 {metrics['kl_k1_to_pi0']:.3f}")
     return ", ".join(parts) or "no evaluation"
 
 

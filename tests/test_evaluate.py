@@ -12,7 +12,7 @@ import yaml
 
 from selfalign.cli import main
 from selfalign.config import dump_yaml, load_config
-from selfalign.evaluate import evaluate_policy, kl_k3
+from selfalign.evaluate import evaluate_policy, kl_k3, kl_metrics
 from selfalign.loop import RunConfig
 
 
@@ -26,6 +26,21 @@ def test_k3_kl_is_non_negative_where_the_old_k1_mean_went_negative():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(10_000, generator=g) * 20, torch.randn(10_000, generator=g) * 20
     assert bool((kl_k3(a, b) >= 0).all()) and kl_k3(a, a).abs().max().item() == 0.0
+
+
+def test_an_overflowing_k3_is_left_out_not_written_as_inf():
+    """One sample that pi_0 finds e^800 times likelier than the policy (a loop the policy unlearned): e^800
+    overflows float64, so k3's mean is inf. The metrics keep k1 = mean(log pi - log pi_0) = (-800 + 0) / 2 = -400 and
+    count the overflow; nothing non-finite reaches metrics.json, the table or the trackers."""
+    logp_policy, logp_ref = torch.tensor([-801.0, -2.0]), torch.tensor([-1.0, -2.0])
+    m = kl_metrics(kl_k3(logp_policy, logp_ref), logp_policy.double() - logp_ref.double())
+    assert m == {"kl_k1_to_pi0": -400.0, "kl_k3_overflow": 1}
+    json.dumps(m, allow_nan=False)
+    ok = kl_metrics(kl_k3(torch.tensor([-1.0, -3.0]), torch.tensor([-0.5, -2.0])), torch.tensor([-0.5, -1.0]))
+    assert ok["kl_to_pi0"] == pytest.approx(0.4335015, abs=1e-7) and ok["kl_k1_to_pi0"] == -0.75
+    from selfalign.loop import summary_line
+
+    assert "KL k3 overflowed on 1 sample(s), k1 -400.000" in summary_line(m) and "inf" not in summary_line(m)
 
 
 def test_evaluation_saves_its_responses_and_shows_progress(builtin_task, tmp_path, capsys, monkeypatch):
