@@ -13,8 +13,10 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,16 +30,80 @@ from .config import to_dict
 from .records import PreferenceExample, ReferenceLogps
 from .train_config import TrainConfig
 
+# A weights write that failed for want of room: a full disk, a quota, a file-size limit (ulimit -f, FAT32's 4 GiB).
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def tensor_bytes(obj: object) -> int:
+    """Bytes of the tensors in obj (nested dicts, lists and tuples), each storage counted once (tied weights)."""
+    seen: dict[int, int] = {}
+
+    def walk(x: object) -> None:
+        if isinstance(x, torch.Tensor):
+            seen[x.untyped_storage().data_ptr() or id(x)] = x.untyped_storage().nbytes()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(obj)
+    return sum(seen.values())
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _errno_of(error: BaseException, tmp: Path) -> int | None:
+    """The errno behind a failed write: an OSError's own, the 'os error N' safetensors reports, or, since torch's
+    zip writer keeps none ("unexpected pos ..."), what a one-byte write beside the partial file gets now."""
+    if isinstance(error, OSError):
+        return error.errno
+    found = re.search(r"os error (\d+)", str(error))
+    if found:
+        return int(found.group(1))
+    probe = tmp / "probe" if tmp.is_dir() else tmp
+    try:
+        with open(probe, "ab") as f:
+            f.write(b"\0")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.errno
+    return None
+
+
+@contextmanager
+def writing_weights(what: str, tmp: Path, need: int) -> Iterator[None]:
+    """Weights written to `tmp` (a file or a directory, renamed into place after the block): a write that fails for
+    want of room (NO_ROOM) becomes OSError(errno, 'reason while writing WHAT (about N needed, M free there)', the
+    directory), with the partial temporary removed; whatever was saved before is untouched (it is renamed over only
+    after a complete write)."""
+    try:
+        yield
+    except Exception as e:  # OSError, safetensors' SafetensorError, torch's RuntimeError: each carries the cause differently
+        code = _errno_of(e, tmp)
+        if code not in NO_ROOM:
+            raise
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(tmp.parent).free
+        raise OSError(code, f"{os.strerror(code)} while writing {what} (about {_size(need)} needed, {_size(free)} "
+                            "free there)", str(tmp.parent)) from e
+
 
 def atomic_torch_save(obj: object, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        try:
-            torch.save(obj, f)
-        except RuntimeError as e:  # torch reports a full disk as a failed zip write
-            if shutil.disk_usage(tmp.parent).free < 1 << 20:
-                raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from e
-            raise
+    with writing_weights("a checkpoint", tmp, tensor_bytes(obj)), open(tmp, "wb") as f:
+        torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     faults.before_rename()

@@ -588,8 +588,8 @@ def version() -> str:
 
 USER_ERRORS = (ConfigError, DataError, JudgeError, ReportError, UsageError, NonFiniteError, PushError)
 # OS errors a user fixes (a full disk, a read-only or unwritable place, a file where a directory goes).
-USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
-               errno.ENAMETOOLONG}
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+               errno.EISDIR, errno.ENAMETOOLONG}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -607,7 +607,9 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 def _describe_os_error(e: OSError) -> str:
     where = f": {e.filename}" if e.filename else ""
     hint = {errno.ENOSPC: "free some space or choose another output_dir=...",
-            errno.EDQUOT: "free some space or choose another output_dir=..."}.get(
+            errno.EDQUOT: "free some space or choose another output_dir=...",
+            errno.EFBIG: "a file-size limit (ulimit -f, or the file system's largest file) stops it; raise the limit or "
+                         "choose another output_dir=..."}.get(
         e.errno, "check the path and its permissions, or choose another output_dir=...")
     return f"{e.strerror or e}{where} ({hint})"
 

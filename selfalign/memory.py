@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import faults
+from .checkpoint import tensor_bytes, writing_weights
 from .models import is_adapter_dir, load_causal_lm, resolve_dtype
 from .train import LoraSettings, PreferenceTrainer, TrainConfig, apply_lora, is_peft_model
 
@@ -121,17 +122,21 @@ def save_iterate(trainer: PreferenceTrainer, tokenizer, path: Path, policy: nn.M
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     policy = trainer.policy if policy is None else policy
-    if is_peft_model(policy):
-        if trainer.config.lora.merge:
-            policy.save_pretrained(tmp / ADAPTER_SUBDIR)
-            policy.merge_and_unload().save_pretrained(tmp)
+    adapter_only = is_peft_model(policy) and not trainer.config.lora.merge
+    need = tensor_bytes(dict(policy.named_parameters()) if not adapter_only else
+                        {n: p for n, p in policy.named_parameters() if p.requires_grad})
+    with writing_weights("the policy", tmp, need):
+        if is_peft_model(policy):
+            if trainer.config.lora.merge:
+                policy.save_pretrained(tmp / ADAPTER_SUBDIR)
+                policy.merge_and_unload().save_pretrained(tmp)
+            else:
+                policy.save_pretrained(tmp)
         else:
             policy.save_pretrained(tmp)
-    else:
-        policy.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if card is not None:
-        (tmp / "README.md").write_text(card)
+        tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
     faults.before_rename()
     if path.exists():  # a run from before stage files were ordered left a policy without its stage files
         shutil.rmtree(path)

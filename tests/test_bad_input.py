@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -352,6 +353,44 @@ def test_a_run_directory_owned_by_a_live_process_is_refused(files, out, builtin_
     with RunLock(out):
         assert json.loads((out / "run.lock").read_text())["pid"] != owner.pid
     assert not (out / "run.lock").exists()
+
+
+# Runs `selfalign train` with every file it writes limited to LIMIT bytes (RLIMIT_FSIZE: a longer write fails with
+# EFBIG, as on a file system whose largest file is smaller than the weights), SIGXFSZ ignored so the write fails
+# instead of killing the process.
+UNDER_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+from selfalign.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("checkpoint_every, what", [(1, "a checkpoint"), (0, "the policy")])
+def test_weights_too_large_to_write_are_one_line_and_the_run_resumes(files, out, checkpoint_every, what):
+    """The weights (~0.5 MB) cannot be written, the small files can: one line naming the directory and the room the
+    weights need, exit 2, no partial file left; with the limit lifted the same command resumes and finishes."""
+    from tests.conftest import subprocess_env
+
+    recipe = train_recipe(files, out, train={"batch_size": 8, "micro_batch_size": 8,
+                                             "checkpoint_every": checkpoint_every})
+    argv = ["train", str(recipe), "--no-progress"]
+    done = subprocess.run([sys.executable, "-c", UNDER_FILE_SIZE_LIMIT, "200000", *argv], capture_output=True,
+                          text=True, env=subprocess_env(), timeout=300)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    where = out / "checkpoint" if checkpoint_every else out
+    assert err.startswith(f"selfalign: error: File too large while writing {what} (about "), err
+    assert f"free there): {where} (a file-size limit (ulimit -f" in err, err
+    assert (out / "config.yaml").exists() and not (out / "policy").exists() and not (out / "run.lock").exists()
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.safetensors")) and not list(out.rglob("*.pt"))
+    assert main(argv) == 0
+    weights = (out / "policy" / "model.safetensors").stat().st_size
+    number, unit = re.search(r"about ([0-9.]+) (KB|MB) needed", err).groups()
+    need = float(number) * {"KB": 1e3, "MB": 1e6}[unit]
+    # The policy's weights; a checkpoint's also hold AdamW's two moments of each.
+    assert 0.9 * weights < need < 1.1 * weights if not checkpoint_every else need > 2.5 * weights, (need, weights)
 
 
 @pytest.fixture
