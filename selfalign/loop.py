@@ -42,7 +42,7 @@ from .data import (
 from .distributed import make_accelerator
 from .generation import Backend, GenerationConfig, build_backend, load_generation_config, stop_token_ids
 from .generation.hf import HFBackend
-from .judges import Judge, Prompt
+from .judges import Judge, JudgeError, Prompt
 from .judges.function import FunctionJudge
 from .judges.gold import eval_reward
 from .logprobs import head_scale
@@ -484,6 +484,7 @@ class UncalledJudge:
     """Stands in for a reward model the method never calls (sail_dp, sail_pp), so it is never loaded."""
 
     labels = 0
+    keeps_answers = False
 
     def __init__(self, method: str) -> None:
         self.method = method
@@ -523,7 +524,7 @@ def build_judge(cfg: RunConfig, reward_fn: str) -> Judge:
 
         # Every answer paid for is kept in the run directory, so a resumed run never asks twice.
         llm = LLMJudge(cfg.judge.llm, journal=Path(cfg.output_dir) / "judge_answers.jsonl")
-        judge = llm if cfg.judge.llm.mode == "pointwise" else PairwiseJudge(llm.compare)
+        judge = llm if cfg.judge.llm.mode == "pointwise" else PairwiseJudge(llm.compare, keeps_answers=True)
     else:
         judge = FunctionJudge(reward_fn)
     return NoisyJudge(judge, cfg.judge.noise, seed=cfg.seed) if cfg.judge.noise > 0 else judge
@@ -651,7 +652,7 @@ def stage_generate(ctx: RunContext, rnd: Round, models: Models) -> list[dict[str
 
 def stage_judge(ctx: RunContext, rd: Path, prompts: list[Prompt], responses: list[list[str]],
                 truncated: list[list[bool]] | None = None,
-                ask: list[list[int]] | None = None) -> tuple[list[list[float | None]], int]:
+                ask: list[list[int]] | None = None) -> tuple[list[list[float | None]], JournalLabels]:
     """RUN/iter[/round]/generations.jsonl: prompt, responses[], scores[], truncated[]; returns (scores, labels paid).
 
     ask[i]: which of row i's responses the judge is asked about (None: all of every row); the others'
@@ -662,11 +663,13 @@ def stage_judge(ctx: RunContext, rd: Path, prompts: list[Prompt], responses: lis
     dealt round-robin (each process scores one chunk per round, the main process journals the
     round's chunks in order): no process waits at a barrier through the whole judging, and
     each chunk is scored as one process would score it (a noisy judge is keyed by the chunk).
+    Before each call a pending line names its rows, so a call whose answer a kill lost still counts
+    as paid (journal_labels).
     """
     judge, accelerator = ctx.judge, ctx.accelerator
     path, journal = rd / "generations.jsonl", rd / "judge_journal.jsonl"
     if not prompts:
-        return [], 0
+        return [], JournalLabels(0, 0)
     if not path.exists():
         main = accelerator.is_main_process
         done: dict[int, list[float]] = {}
@@ -678,7 +681,8 @@ def stage_judge(ctx: RunContext, rd: Path, prompts: list[Prompt], responses: lis
             read_journal(journal, drop_torn_last=True)
         accelerator.wait_for_everyone()
         for entry in read_journal(journal):
-            done.update({int(k): v for k, v in entry["scores"].items()})
+            if "scores" in entry:
+                done.update({int(k): v for k, v in entry["scores"].items()})
         size, rank, world = ctx.cfg.judge.chunk_size, accelerator.process_index, accelerator.num_processes
         starts = list(range(0, len(prompts), size))
         asked = ask if ask is not None else [list(range(len(r))) for r in responses]
@@ -688,24 +692,34 @@ def stage_judge(ctx: RunContext, rd: Path, prompts: list[Prompt], responses: lis
             rd.mkdir(parents=True, exist_ok=True)
         with open(journal, "a") if main else contextlib.nullcontext() as f:
             for first in range(0, len(starts), world):
+                # The rows each process asks about this round (every process can tell), journaled before any call.
+                asking = [[i for i in range(s, min(s + size, len(prompts))) if i not in done and asked[i]]
+                          for s in starts[first : first + world]]
+                if main:
+                    for todo in filter(None, asking):
+                        # Not a kill point for the fault tests: a kill here counts a call that was never made.
+                        append_line(f, {"pending": todo})
+                if world > 1:
+                    accelerator.wait_for_everyone()  # no call before its pending line is on disk
                 entry = None
-                if first + rank < len(starts):
-                    s = starts[first + rank]
-                    todo = [i for i in range(s, min(s + size, len(prompts))) if i not in done and asked[i]]
-                    if todo:
-                        before = judge.labels
+                if rank < len(asking) and asking[rank]:
+                    s, todo = starts[first + rank], asking[rank]
+                    before = judge.labels
+                    try:
                         # The key names the chunk, so a noisy judge draws the same noise for it on a resumed run.
                         scores = judge.score([prompts[i] for i in todo], [[responses[i][c] for c in asked[i]]
                                                                           for i in todo], key=f"{stage_key(rd)}:{s}")
-                        # The judge's own count: one per response scored, one per comparison for a ranker.
-                        entry = {"scores": {str(i): spread(sc, asked[i], len(responses[i]))
-                                            for i, sc in zip(todo, scores)}, "labels": judge.labels - before}
+                    except JudgeError:
+                        if main:  # the judge answered nothing: the call is settled unpaid
+                            append_line(f, {"failed": todo})
+                        raise
+                    # The judge's own count: one per response scored, one per comparison for a ranker.
+                    entry = {"scores": {str(i): spread(sc, asked[i], len(responses[i]))
+                                        for i, sc in zip(todo, scores)}, "labels": judge.labels - before}
                 entries = [e for e in (gather_object([entry]) if world > 1 else [entry]) if e is not None]
                 for e in entries:
                     if main:
-                        f.write(json.dumps(e) + "\n")
-                        f.flush()
-                        os.fsync(f.fileno())
+                        append_line(f, e)
                         faults.after_write(journal, renamed=False)
                     done.update({int(k): v for k, v in e["scores"].items()})
                     bar.update(len(e["scores"]))
@@ -716,8 +730,47 @@ def stage_judge(ctx: RunContext, rd: Path, prompts: list[Prompt], responses: lis
                                 **({"truncated": truncated[i]} if truncated is not None else {})}
                                for i in range(len(prompts))])
     accelerator.wait_for_everyone()
-    labels = sum(entry["labels"] for entry in read_journal(journal))
-    return [row["scores"] for row in load_jsonl(path)], labels
+    return [row["scores"] for row in load_jsonl(path)], journal_labels(read_journal(journal), judge.keeps_answers)
+
+
+def append_line(f, entry: dict[str, Any]) -> None:
+    """One journal line, on disk (fsynced) before this returns."""
+    f.write(json.dumps(entry) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+@dataclass(frozen=True)
+class JournalLabels:
+    """What a judge journal says was paid: every label (paid), of which those paid again (repaid) for calls
+    whose answers a kill lost before their journal line."""
+
+    paid: int
+    repaid: int
+
+
+def journal_labels(entries: list[dict[str, Any]], keeps_answers: bool) -> JournalLabels:
+    """Labels paid by the calls a journal records.
+
+    Each call has a pending line ({"pending": rows}) before it and a settlement after it: its scores
+    ({"scores", "labels"}), or {"failed": rows} when the judge raised. A pending line a kill left
+    unsettled is a call the judge may have answered and billed: its rows were asked again, at the
+    same cost, so the settlement that answered them counts once more. A judge that keeps its own
+    answers (keeps_answers) answered the repeat from them: nothing is counted twice. A journal
+    from before pending lines existed counts each settlement once.
+    """
+    paid = repaid = 0
+    pending: dict[frozenset[int], int] = {}
+    for e in entries:
+        if "pending" in e or "failed" in e:
+            rows = frozenset(e.get("pending", e.get("failed")))
+            pending[rows] = pending.get(rows, 0) + (1 if "pending" in e else -1)
+        else:
+            calls = pending.pop(frozenset(map(int, e["scores"])), 0)  # this one and any a kill cut off
+            lost = 0 if keeps_answers else max(calls - 1, 0)
+            paid += e["labels"] * (1 + lost)
+            repaid += e["labels"] * lost
+    return JournalLabels(paid, repaid)
 
 
 def spread(scores: list[float], asked: list[int], n: int) -> list[float | None]:
@@ -729,7 +782,8 @@ def spread(scores: list[float], asked: list[int], n: int) -> list[float | None]:
 
 
 def read_journal(journal: Path, drop_torn_last: bool = False) -> list[dict[str, Any]]:
-    """The judge journal's entries ({"scores": {row: [...]}, "labels": n}); [] when there is none.
+    """The judge journal's entries in order: settlements ({"scores": {row: [...]}, "labels": n}), and the pending
+    ({"pending": [rows]}) and failed ({"failed": [rows]}) lines around each call; [] when there is none.
 
     A damaged last line is a write a kill tore: with drop_torn_last it is removed (its chunk is judged, and
     paid for, again). A damaged line anywhere else holds labels that were paid for and cannot be re-derived:
@@ -744,10 +798,15 @@ def read_journal(journal: Path, drop_torn_last: bool = False) -> list[dict[str, 
             continue
         try:
             entry = json.loads(line)
-            if not (isinstance(entry, dict) and isinstance(entry.get("scores"), dict)
-                    and isinstance(entry.get("labels"), int)):
+            rows = entry.get("pending", entry.get("failed")) if isinstance(entry, dict) else None
+            if isinstance(rows, list) and len(entry) == 1:
+                if not all(isinstance(i, int) for i in rows):
+                    raise ValueError("a pending or failed line holds row numbers")
+            elif not (isinstance(entry, dict) and isinstance(entry.get("scores"), dict)
+                      and isinstance(entry.get("labels"), int)):
                 raise ValueError("not a {scores, labels} entry")
-            {int(k): list(v) for k, v in entry["scores"].items()}  # row numbers and score lists
+            else:
+                {int(k): list(v) for k, v in entry["scores"].items()}  # row numbers and score lists
         except (ValueError, TypeError) as e:
             if n == len(lines) and drop_torn_last:
                 write_atomic(journal, "".join(x + "\n" for x in lines[:-1]))
@@ -829,7 +888,7 @@ def stage_round(ctx: RunContext, rnd: Round, trainer: PreferenceTrainer) -> Roun
                            "(generation.truncated=drop); no pair to train on")
     routes = [row.route for row in rows]
     counts = LabelCounts(
-        judge=judge_labels,
+        judge=judge_labels.paid, judge_repaid=judge_labels.repaid,
         judged_prompts=len(judged) if ask is None else sum(map(bool, ask)),
         # SAIL-DP redraws each of its labels from the policy at every visit (once per epoch).
         policy=routes.count(Route.PP) + routes.count(Route.DP) * cfg.train.epochs,
@@ -898,6 +957,8 @@ def stage_eval(ctx: RunContext, it: Path, t: int) -> dict[str, Any]:
     # across methods where judge labels are not (K judge labels make one labelled prompt).
     labelled = labels.judged_prompts + labels.dataset
     metrics = {"iteration": t, "labels": labels.judge, "labels_total": previous.get("labels_total", 0) + labels.judge,
+               # Of those, paid twice: calls whose answers a kill lost before their journal line (asked again).
+               **({"labels_repaid": labels.judge_repaid} if labels.judge_repaid else {}),
                "labels_by_source": by_source,
                "labels_total_by_source": {k: before.get(k, 0) + v for k, v in by_source.items()},
                "labelled_pairs": labelled, "labelled_pairs_total": previous.get("labelled_pairs_total", 0) + labelled,

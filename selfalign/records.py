@@ -121,15 +121,16 @@ class Row:
         return "judge" if self.route is None else self.route.label_source
 
 
-LABEL_COUNT_KEYS = ("judge", "judged_prompts", "policy", "dataset", "pairs", "ties", "responses", "truncated",
-                    "truncation_dropped")
+LABEL_COUNT_KEYS = ("judge", "judge_repaid", "judged_prompts", "policy", "dataset", "pairs", "ties", "responses",
+                    "truncated", "truncation_dropped")
 
 
 @dataclass
 class LabelCounts:
     """What one round (or iteration) paid for and kept: RUN/iter[/round]/labels.json.
 
-    judge: labels the judge reported (one per response scored, one per comparison for a ranker);
+    judge: labels the judge was paid for (one per response scored, one per comparison for a ranker);
+    judge_repaid: those of them paid a second time, for calls whose answers a kill lost before they were journaled;
     judged_prompts: prompts whose candidates the judge scored; policy: labels drawn from the
     policy itself (SAIL-PP once, SAIL-DP once per epoch); dataset: dataset pairs trained on;
     pairs, ties: examples kept and rows lost to a judge tie; responses, truncated: policy
@@ -138,6 +139,7 @@ class LabelCounts:
     """
 
     judge: int = 0
+    judge_repaid: int = 0
     judged_prompts: int = 0
     policy: int = 0
     dataset: int = 0

@@ -177,7 +177,9 @@ def paid(log: Path) -> int:
 @pytest.mark.parametrize("chunk_size", [1, 2])
 def test_a_kill_inside_a_judge_chunk_re_pays_at_most_that_chunk(tmp_path, task, chunk_size):
     """Killed after the judge returned (was paid for) chunk 2 and before it was journaled: the resumed run
-    pays reference + one chunk (chunk_size prompts x K = 2 responses) and nothing more."""
+    pays reference + one chunk (chunk_size prompts x K = 2 responses) and nothing more, and its record says so:
+    labels_total is what the judge function was paid for (its pending line counted the lost call), labels_repaid
+    the chunk paid twice; everything else equals the uninterrupted run."""
     argv = ["run", "quickstart", *TINY, f"judge.chunk_size={chunk_size}", "judge.function=tests.judge_fns:paid_then_killed"]
     ref_log, log = tmp_path / "ref.log", tmp_path / "run.log"
     assert forked([*argv, f"output_dir={tmp_path / 'ref'}"], {"SELFALIGN_TEST_LABEL_LOG": str(ref_log)}) == 0
@@ -187,8 +189,15 @@ def test_a_kill_inside_a_judge_chunk_re_pays_at_most_that_chunk(tmp_path, task, 
     assert forked([*argv, f"output_dir={tmp_path / 'run'}"], {"SELFALIGN_TEST_LABEL_LOG": str(log)}) == 0
     assert paid(ref_log) == 2 * 8 * 2  # 2 iterations x 8 prompts x K = 2
     assert paid(log) == paid(ref_log) + chunk_size * 2
-    assert without_timings((tmp_path / "run" / "metrics.jsonl").read_text()) == \
-        without_timings((tmp_path / "ref" / "metrics.jsonl").read_text())
+    got = without_timings((tmp_path / "run" / "metrics.jsonl").read_text())
+    ref = without_timings((tmp_path / "ref" / "metrics.jsonl").read_text())
+    assert ref[-1]["labels_total"] == paid(ref_log) and got[-1]["labels_total"] == paid(log)
+    assert got[0]["labels_repaid"] == chunk_size * 2 and "labels_repaid" not in got[1]
+    assert got[0]["labels_total_by_source"]["judge"] == got[0]["labels"] == ref[0]["labels"] + chunk_size * 2
+    assert got[1]["labels"] == ref[1]["labels"]
+    same = ("labels", "labels_total", "labels_repaid", "labels_by_source", "labels_total_by_source")
+    assert [{k: v for k, v in r.items() if k not in same} for r in got] == \
+        [{k: v for k, v in r.items() if k not in same} for r in ref]
 
 
 def test_nan_loss_stops_with_one_line_keeping_checkpoint_and_labels(tmp_path, task, capsys, monkeypatch):
@@ -264,17 +273,17 @@ def test_a_damaged_journal_line_is_named_unless_it_is_the_torn_last_one(tmp_path
     assert forked(argv, {"SELFALIGN_KILL_AFTER_WRITE": str(second)}) == -signal.SIGKILL
     journal = out / "iter_000" / "judge_journal.jsonl"
     good = journal.read_text().splitlines()
-    assert len(good) == 2
-    journal.write_text('{"scores": {"0": [0.5, 0.2]}, "lab\n' + good[1] + "\n")  # line 1 damaged
+    assert [sorted(json.loads(x)) for x in good] == [["pending"], ["labels", "scores"]] * 2  # before, after a call
+    journal.write_text('{"scores": {"0": [0.5, 0.2]}, "lab\n' + "".join(x + "\n" for x in good[1:]))  # line 1 damaged
     capsys.readouterr()
     assert main([*argv, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{journal} line 1: damaged judge journal entry" in err[0] and "paid for" in err[0]
-    assert journal.read_text().splitlines()[1] == good[1]  # nothing rewritten
-    journal.write_text(good[0] + "\n" + good[1][: len(good[1]) // 2] + "}\n")  # the last line torn
+    assert journal.read_text().splitlines()[1:] == good[1:]  # nothing rewritten
+    journal.write_text("".join(x + "\n" for x in good[:3]) + good[3][: len(good[3]) // 2] + "}\n")  # the last line torn
     assert forked(argv) == 0
     entries = [json.loads(line) for line in journal.read_text().splitlines()]
-    assert entries[0] == json.loads(good[0]) and len(entries) >= 2
+    assert entries[:3] == [json.loads(x) for x in good[:3]] and len(entries) >= 4
 
 
 def test_a_sail_pp_round_resumed_after_its_pairs_trains_bit_for_bit_as_uninterrupted(tmp_path, task):

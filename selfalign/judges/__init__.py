@@ -23,6 +23,9 @@ class JudgeError(ValueError):
 
 class Judge(Protocol):
     labels: int
+    # Whether the judge keeps every answer it paid for and answers a repeated question from that record (the
+    # LLM judge's judge_answers.jsonl): a call the loop asks again after a kill then costs nothing twice.
+    keeps_answers: bool
 
     def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]],
               key: str = "") -> list[list[float]]:

@@ -18,6 +18,7 @@ class FunctionJudge:
         self.name = fn if isinstance(fn, str) else getattr(fn, "__qualname__", repr(fn))
         self.fn = load_callable(fn) if isinstance(fn, str) else fn
         self.labels = 0
+        self.keeps_answers = False
 
     def score(self, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]],
               key: str = "") -> list[list[float]]:

@@ -192,6 +192,7 @@ class LLMJudge:
         self.where = config.base_url or os.environ.get("OPENAI_BASE_URL", "") or "OpenAI's API"
         self.journal = Journal(journal)
         self.labels = 0
+        self.keeps_answers = True  # a repeated request is answered from the journal, not paid again
         self.requests = 0
         self._count = threading.Lock()
 

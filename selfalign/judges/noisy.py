@@ -33,6 +33,10 @@ class NoisyJudge:
     def labels(self) -> int:
         return self.inner.labels
 
+    @property
+    def keeps_answers(self) -> bool:
+        return self.inner.keeps_answers
+
     def _gumbel(self, key: str) -> float:
         u = min(max(random.Random(key).random(), 1e-12), 1 - 1e-12)
         return -math.log(-math.log(u))

@@ -22,12 +22,16 @@ Compare = Callable[[list[Prompt], list[str], list[str]], Sequence[float]]
 
 
 class PairwiseJudge:
-    """Scores = mean pairwise win probability; `compare` is a batched callable or 'pkg.module:function'."""
+    """Scores = mean pairwise win probability; `compare` is a batched callable or 'pkg.module:function'.
 
-    def __init__(self, compare: Compare | str) -> None:
+    keeps_answers: whether `compare` answers a repeated comparison from its own record of paid answers
+    (the LLM judge's compare does)."""
+
+    def __init__(self, compare: Compare | str, keeps_answers: bool = False) -> None:
         self.name = compare if isinstance(compare, str) else getattr(compare, "__qualname__", repr(compare))
         self.compare = load_callable(compare) if isinstance(compare, str) else compare
         self.labels = 0
+        self.keeps_answers = keeps_answers
 
     def _probs(self, prompts: list[Prompt], a: list[str], b: list[str]) -> list[float]:
         try:

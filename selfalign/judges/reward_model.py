@@ -79,6 +79,7 @@ class RewardModelJudge:
         self.model.to("cpu" if self.offload else self.device).eval()
         self.batch_size, self.max_length = batch_size, max_length
         self.labels = 0
+        self.keeps_answers = False
 
     @torch.no_grad()
     def score_texts(self, texts: list[str]) -> list[float]:
