@@ -45,8 +45,8 @@ def test_too_long_prompt_still_names_its_line(tmp_path: Path) -> None:
 def test_a_batch_gives_each_prompts_own_ids_and_a_bad_row_is_still_named(tmp_path: Path) -> None:
     """The batched encode equals encoding one at a time, on a real chat template (the built-in task's) with
     messages of several roles; a row the template refuses is found by encoding one by one."""
-    from selfalign.tasks.builtin import build_task
     from selfalign.models import load_tokenizer
+    from selfalign.tasks.builtin import build_task
 
     tok = load_tokenizer(build_task(progress=False).policy_dir)
     rows = [*PROMPTS, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sort : 3 2"}],
