@@ -944,6 +944,7 @@ def label_by_policy(trainer: PreferenceTrainer, examples: dict[int, PreferenceEx
 def stage_eval(ctx: RunContext, it: Path, t: int) -> dict[str, Any]:
     """Gold reward of greedy and sampled responses, win rate and KL against pi_0, labels used by source."""
     from .evaluate import evaluate_policy
+    from .judges.llm import journal_totals
 
     cfg, eval_prompts, gold = ctx.cfg, ctx.eval_prompts, ctx.gold
     labels = LabelCounts.from_dict(json.loads((it / "labels.json").read_text()))
@@ -967,6 +968,9 @@ def stage_eval(ctx: RunContext, it: Path, t: int) -> dict[str, Any]:
                "truncated_share": labels.truncated / labels.responses if labels.responses else 0.0,
                "truncation_dropped": labels.truncation_dropped,
                **({"routes": labels.routes} if labels.routes else {}),
+               # What the LLM judge cost so far (tokens) and its lean to the first response shown (pairwise).
+               **(journal_totals(Path(cfg.output_dir) / "judge_answers.jsonl", cfg.judge.llm.mode)
+                  if cfg.judge.kind == "llm" else {}),
                **{f"train/{k}": v for k, v in train["summary"].items() if k in ("loss", "rewards/accuracies",
                                                                                  "rewards/margins")}}
     last = t == len(prompt_slices(len(ctx.data.prompts), cfg)) - 1

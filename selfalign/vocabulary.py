@@ -3,6 +3,9 @@ the model card and the README use these titles; metrics.json, the trackers and d
 
     labelled pairs      labelled_pairs_total            judged prompts + dataset pairs used so far
     judge labels        labels_total                    labels the judge was paid for so far
+    judge tokens        judge_tokens_total              an LLM judge's prompt + completion tokens so far
+    judge says A        judge_first_position_share      a pairwise LLM judge's verdicts for the first response
+                                                        shown (0.5 without position bias)
     reward (greedy)     gold/greedy                     held-out gold reward of the greedy answers
     reward (sampled)    gold/sampled                    ... of the sampled answers
     perfect (sampled)   gold/high_reward_fraction       share of sampled answers at the top reward (the built-in
@@ -21,6 +24,8 @@ from __future__ import annotations
 COLUMNS: list[tuple[str, str, str]] = [
     ("labelled_pairs_total", "labelled pairs", "{:d}"),
     ("labels_total", "judge labels", "{:d}"),
+    ("judge_tokens_total", "judge tokens", "{:d}"),
+    ("judge_first_position_share", "judge says A", "{:.2f}"),
     ("gold/greedy", "reward (greedy)", "{:.3f}"),
     ("gold/sampled", "reward (sampled)", "{:.3f}"),
     ("gold/high_reward_fraction", "perfect (sampled)", "{:.3f}"),

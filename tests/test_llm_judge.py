@@ -184,6 +184,11 @@ def test_the_loop_with_an_llm_judge_resumes_after_a_kill_without_paying_twice(se
     gens = [json.loads(line) for line in (out / "iter_000" / "generations.jsonl").read_text().splitlines()]
     assert all(1 <= s <= 10 for g in gens for s in g["scores"])
     assert json.loads((out / "iter_000" / "labels.json").read_text())["judge"] == 16
+    # What judging cost: the server's token counts of every paid answer, summed into the iteration's metrics.
+    metrics = json.loads((out / "iter_000" / "metrics.json").read_text())
+    lines = [json.loads(line) for line in (out / "judge_answers.jsonl").read_text().splitlines()]
+    assert metrics["judge_tokens_total"] == sum(sum(r["usage"].values()) for r in lines) > 0
+    assert "judge tokens" in done.stdout
     assert (out / "iter_000" / "policy" / "README.md").exists()
     leaked = [p for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked == [] and KEY_ENV in (out / "config.yaml").read_text()  # the variable's name only

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -65,3 +66,21 @@ def test_without_the_openai_client_the_llm_judge_is_a_one_line_error(monkeypatch
     monkeypatch.setitem(sys.modules, "openai", None)  # as if not installed: `import openai` raises ImportError
     with pytest.raises(ConfigError, match=r"judge.kind=llm needs the openai client: pip install 'selfalign\[llm\]'"):
         LLMJudge(LLMJudgeConfig(model="judge"))
+
+
+def test_journal_totals_sum_what_was_paid_and_where_verdicts_point(tmp_path):
+    """Four paid answers: tokens 30+2, 31+3, 29+1 (no usage on the fourth: 0); verdicts A, [[B]], A and one
+    unparsable ('maybe'), so the first position got 2 of 3 verdicts; a torn last line is not counted."""
+    from selfalign.judges.llm import journal_totals
+
+    path = tmp_path / "judge_answers.jsonl"
+    rows = [{"key": "k1", "answer": "A", "usage": {"prompt_tokens": 30, "completion_tokens": 2}},
+            {"key": "k2", "answer": "I pick [[B]]", "usage": {"prompt_tokens": 31, "completion_tokens": 3}},
+            {"key": "k3", "answer": "A.", "usage": {"prompt_tokens": 29, "completion_tokens": 1}},
+            {"key": "k4", "answer": "maybe"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"key": "k5", "answ')
+    pairwise = journal_totals(path, "pairwise")
+    assert pairwise == {"judge_prompt_tokens_total": 90, "judge_completion_tokens_total": 6,
+                        "judge_tokens_total": 96, "judge_first_position_share": 2 / 3}
+    assert "judge_first_position_share" not in journal_totals(path, "pointwise")
+    assert journal_totals(tmp_path / "none.jsonl", "pairwise")["judge_tokens_total"] == 0

@@ -135,6 +135,35 @@ def parse_choice(answer: str) -> str | None:
     return match.group(1).upper() if match else None
 
 
+def journal_totals(path: Path, mode: str) -> dict[str, float | int]:
+    """What a run's LLM judge cost, and (pairwise) where its verdicts pointed, from RUN/judge_answers.jsonl: every
+    answer paid for, across resumes, retried unparsable answers included.
+
+    judge_prompt_tokens_total, judge_completion_tokens_total, judge_tokens_total: the server's usage counts
+    summed (answers whose server sent none count 0). judge_first_position_share (pairwise): the share of
+    verdicts naming the first response shown, A; a judge without position bias sits near 0.5 (exactly, with
+    both_orders, when it does not flip with the order), one that always says A at 1.0."""
+    prompt_tokens = completion_tokens = 0
+    verdicts: list[str] = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a torn last line: not paid for in the record
+                continue
+            usage = row.get("usage") or {}
+            prompt_tokens += int(usage.get("prompt_tokens") or 0)
+            completion_tokens += int(usage.get("completion_tokens") or 0)
+            if mode == "pairwise" and (v := parse_choice(row.get("answer", ""))) is not None:
+                verdicts.append(v)
+    out: dict[str, float | int] = {"judge_prompt_tokens_total": prompt_tokens,
+                                   "judge_completion_tokens_total": completion_tokens,
+                                   "judge_tokens_total": prompt_tokens + completion_tokens}
+    if verdicts:
+        out["judge_first_position_share"] = verdicts.count("A") / len(verdicts)
+    return out
+
+
 class Journal:
     """RUN/judge_answers.jsonl: one line per answer paid for, appended and fsynced as it arrives."""
 
