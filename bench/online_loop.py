@@ -569,9 +569,9 @@ def main() -> None:
 
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "transformers": transformers.__version__}
-    for mod in ("trl", "vllm"):
+    for mod, interpreter in (("trl", sys.executable), ("vllm", vllm_python)):  # each where its configs run
         with contextlib.suppress(Exception):
-            versions[mod] = subprocess.run([vllm_python, "-c", f"import {mod}; print({mod}.__version__)"],
+            versions[mod] = subprocess.run([interpreter, "-c", f"import {mod}; print({mod}.__version__)"],
                                            capture_output=True, text=True).stdout.strip() or None
     command = "python bench/online_loop.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     print("pi_0 held-out reward ...", flush=True)
