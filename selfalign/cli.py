@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import os
 import random
 import re
 import signal
@@ -236,10 +235,15 @@ def iteration_table(out: Path, history: list[dict]) -> str:
 def cmd_run(args: argparse.Namespace) -> None:
     from .loop import RunConfig, run
 
+    from .distributed import launched_sharding, make_accelerator
     cfg = load_config(RunConfig, recipe_path(args.recipe), args.overrides)
-    if int(os.environ.get("RANK", "0")) == 0:
+    from .train import resolve_mixed_precision
+    # The launch's accelerator state, before anything runs: a launch that cannot run as asked is refused
+    # here, and the estimate sizes the sharding accelerate put in force, not the one the recipe states.
+    accelerator = make_accelerator(resolve_mixed_precision(cfg.train.mixed_precision))
+    if accelerator.is_main_process:
         logs.info("%s on %s, %d iteration(s), run directory %s", cfg.method, cfg.model, cfg.iterations, cfg.output_dir)
-        print_estimate(cfg)
+        print_estimate(cfg, launched_sharding(accelerator), accelerator.num_processes)
     history = run(cfg, progress=not args.no_progress)
     from accelerate import PartialState
 
@@ -262,13 +266,16 @@ def cmd_estimate(args: argparse.Namespace) -> None:
                          "(--sharding zero3 / fsdp2 with more processes), use LoRA, or lower the batch sizes")
 
 
-def print_estimate(cfg) -> None:
-    """The memory estimate a run prints before it starts; a model whose config is out of reach only says so."""
+def print_estimate(cfg, sharding: str, processes: int) -> None:
+    """The memory estimate a run prints before it starts, for the sharding and processes of its launch
+    (distributed.launched_sharding); a model whose config is out of reach only says so."""
     from .estimate import report
 
     try:
-        text, _ = report(cfg, device="cuda" if torch.cuda.is_available() else "cpu",
-                         processes=int(os.environ.get("WORLD_SIZE", "0")) or None)
+        text, _ = report(cfg, sharding, processes, device="cuda" if torch.cuda.is_available() else "cpu")
+        if sharding != cfg.hardware.sharding and {sharding, cfg.hardware.sharding} != {"none", "ddp"}:
+            text += (f"\n  note: the recipe states hardware.sharding {cfg.hardware.sharding}; this launch runs "
+                     f"{sharding} (the accelerate config it was launched with decides)")
     except Exception as e:  # informational: a model the estimate cannot size never stops the run
         text = f"memory estimate: not available ({str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__})"
     for line in text.splitlines():  # timestamped like every line before the table

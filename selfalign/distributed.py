@@ -22,13 +22,15 @@ Without a GPU accelerate never selects FSDP: a torchrun job on CPU is MULTI_CPU 
 ACCELERATE_USE_FSDP says. `make_accelerator` then switches the accelerator's state to FSDP
 with the plugin accelerate itself builds from the launch environment, so CPU tests drive the
 same `prepare`, `clip_grad_norm_`, `save_state` and `get_state_dict` code paths a GPU run takes
-(over gloo instead of NCCL). DeepSpeed is not switched on CPU: its engine needs a GPU.
+(over gloo instead of NCCL). DeepSpeed is not switched on CPU: its engine needs a GPU, so a
+DeepSpeed launch without one is refused (`check_deepspeed_launch`) rather than run as DDP.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,6 +65,7 @@ def make_accelerator(mixed_precision: str, **kwargs) -> Accelerator:
     """The run's Accelerator, with FSDP honoured on CPU (see the module docstring) and FSDP1 refused.
 
     kwargs go to Accelerator (the trackers: tracking.accelerator_kwargs)."""
+    check_deepspeed_launch()
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
     if (accelerator.distributed_type == DistributedType.MULTI_CPU
             and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
@@ -80,12 +83,42 @@ def make_accelerator(mixed_precision: str, **kwargs) -> Accelerator:
     return accelerator
 
 
+def check_deepspeed_launch() -> None:
+    """Refuse a DeepSpeed launch that would not run DeepSpeed: without CUDA accelerate silently runs plain DDP."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"this launch asks for DeepSpeed ZeRO-{stage}, which needs a GPU (CUDA), and there is none: accelerate "
+            f"would run it as plain data parallel, nothing sharded; on a CPU launch with the fsdp2 config "
+            f"(accelerate launch --config_file {config_path('fsdp2')}) to shard, or with torchrun for data parallel")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"this launch asks for DeepSpeed ZeRO-{stage}, and deepspeed is not installed: "
+                          "pip install deepspeed, or launch with the fsdp2 config (selfalign accelerate-config fsdp2)")
+
+
 def sharding_kind(accelerator: Accelerator) -> Kind:
     if accelerator.distributed_type == DistributedType.FSDP:
         return "fsdp2"
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return "deepspeed"
     return "none"
+
+
+def launched_sharding(accelerator: Accelerator) -> str:
+    """The sharding in force, from accelerate's state (not the recipe's hardware.sharding), in estimate's names.
+
+    none (one process), ddp, fsdp2, zero2 or zero3; ZeRO-1 (optimizer states only) is reported
+    as ddp, the estimate's nearest upper bound.
+    """
+    kind = sharding_kind(accelerator)
+    if kind == "fsdp2":
+        return "fsdp2"
+    if kind == "deepspeed":
+        stage = Sharding(accelerator).zero_stage
+        return f"zero{stage}" if stage in (2, 3) else "ddp"
+    return "ddp" if accelerator.num_processes > 1 else "none"
 
 
 def meta_copy(model: nn.Module) -> nn.Module:

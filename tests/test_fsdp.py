@@ -120,6 +120,8 @@ def test_fsdp2_online_loop_matches_ddp(tmp_path):
         proc = subprocess.run([sys.executable, *launcher, *args, f"output_dir={out}"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        # The memory estimate sizes the launch's sharding (accelerate's state), not the recipe's (none).
+        assert f"2 process(es), sharding {name}" in proc.stdout
         runs[name] = out
     it = "iter_000"
     fsdp, ddp = runs["fsdp2"] / it, runs["ddp"] / it
