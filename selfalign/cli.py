@@ -236,8 +236,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .loop import RunConfig, run
 
     from .distributed import launched_sharding, make_accelerator
-    cfg = load_config(RunConfig, recipe_path(args.recipe), args.overrides)
     from .train import resolve_mixed_precision
+    cfg = load_config(RunConfig, recipe_path(args.recipe), args.overrides)
     # The launch's accelerator state, before anything runs: a launch that cannot run as asked is refused
     # here, and the estimate sizes the sharding accelerate put in force, not the one the recipe states.
     accelerator = make_accelerator(resolve_mixed_precision(cfg.train.mixed_precision))
