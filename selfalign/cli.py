@@ -233,10 +233,10 @@ def iteration_table(out: Path, history: list[dict]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .loop import RunConfig, run
-
     from .distributed import launched_sharding, make_accelerator
+    from .loop import RunConfig, run
     from .train import resolve_mixed_precision
+
     cfg = load_config(RunConfig, recipe_path(args.recipe), args.overrides)
     # The launch's accelerator state, before anything runs: a launch that cannot run as asked is refused
     # here, and the estimate sizes the sharding accelerate put in force, not the one the recipe states.
