@@ -28,16 +28,16 @@ def test_quick_mode_runs_every_method_and_reports(tmp_path, builtin_task):
         s = result["summary"][m]
         assert len(s["seeds"]) == 2 and 0 <= s["gold/sampled"][0] <= 1
     # Same rows per iteration for everyone; SAIL-PP's own labels are free.
-    assert result["summary"]["iterative_dpo"]["labelled_pairs"] == result["summary"]["sail_dp"]["labelled_pairs"] == 32
-    assert result["summary"]["sail_pp"]["labelled_pairs"] < 32 and result["summary"]["sail_dp"]["judge_labels"] == 0
+    assert result["summary"]["iterative_dpo"]["labelled_pairs"] == result["summary"]["sail_dp"]["labelled_pairs"] == 16
+    assert result["summary"]["sail_pp"]["labelled_pairs"] < 16 and result["summary"]["sail_dp"]["judge_labels"] == 0
     # The ablation's alpha = 0 run is iterative DPO exactly, seed for seed.
     a0, it = result["runs"]["selm alpha=0"], result["runs"]["iterative_dpo"]
     for x, y in zip(a0, it):
         assert without_timings([x["history"][-1]]) == without_timings([y["history"][-1]])
     # SAIL's own baseline is DPO on the dataset pairs: no judge call, every row a dataset pair.
-    assert result["sail"]["dataset_dpo"]["judge_labels"] == 0 and result["sail"]["dataset_dpo"]["labelled_pairs"] == 32
+    assert result["sail"]["dataset_dpo"]["judge_labels"] == 0 and result["sail"]["dataset_dpo"]["labelled_pairs"] == 16
     assert set(result["sail"]) == {"dataset_dpo", "sail_dp", "sail_pp", "sail_pp +baseline", "sail_pr", "sail_pr +baseline"}
-    assert result["sail_pr_only"]["pr-only gamma=0.3"]["judge_labels"] == 64  # g = 1: every row judged
+    assert result["sail_pr_only"]["pr-only gamma=0.3"]["judge_labels"] == 32  # g = 1: every row judged
     md = (tmp_path / "out" / "sample_efficiency_quick.md").read_text()
     assert "| sail_pr |" in md and "## SELM alpha ablation" in md and "Command: `python bench/sample_efficiency.py" in md
     assert "## SAIL against its own baseline" in md and "| pr-only gamma=0.3 +baseline |" in md
