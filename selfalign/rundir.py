@@ -112,6 +112,11 @@ class RunLock:
     Creates `out` if needed (a ConfigError names it if it cannot be created or written), and
     removes any directories it created if they are still empty on exit, so a run refused for
     bad input leaves no trace. Only the main process of a distributed job should take it.
+
+    Hand-written rather than filelock's FileLock: the lock file names its owner (host, pid, start time), so a
+    refusal says who holds the run and a lock left by a killed process is taken over once its owner is gone;
+    an flock()-based lock names nobody and is unreliable on the network file systems cluster runs often
+    write to.
     """
 
     def __init__(self, out: Path, enabled: bool = True) -> None:
