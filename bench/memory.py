@@ -50,7 +50,7 @@ spec = json.loads(sys.argv[1])
 from transformers import AutoConfig, AutoModelForCausalLM
 from selfalign.config import load_config
 from selfalign.loop import RunConfig
-from selfalign.memory import policy_dtype, frozen_dtype
+from selfalign.iterates import policy_dtype, frozen_dtype
 from selfalign.train import PreferenceExample, PreferenceTrainer
 torch.manual_seed(0)
 import dataclasses

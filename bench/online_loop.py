@@ -197,10 +197,11 @@ def read_prompts(path: Path, n: int | None = None) -> list:
 
 def heldout_reward(model, tokenizer, prompts: list, reward_fn: str, max_new_tokens: int, batch: int) -> dict[str, Any]:
     """The one evaluation every run gets: mean gold reward of the greedy answers to the held-out prompts."""
-    from selfalign.data import pad_token_id, prompt_ids
-    from selfalign.generation import GenerationConfig, load_generation_config, stop_token_ids
+    from selfalign.data import prompt_ids
+    from selfalign.generation import GenerationConfig, load_generation_config
     from selfalign.generation.hf import HFGenerator
     from selfalign.judges import load_callable
+    from selfalign.tokens import pad_token_id, stop_token_ids
 
     gen_cfg = load_generation_config(model.name_or_path) if model.name_or_path else None
     generator = HFGenerator(model, pad_token_id(tokenizer), stop_token_ids(tokenizer, gen_cfg))

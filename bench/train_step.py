@@ -330,8 +330,8 @@ def run_worker(args) -> dict[str, Any]:
     make_inputs, train = (trl_inputs, train_trl) if library == "trl" else (selfalign_inputs, train_selfalign)
     inputs = make_inputs(pairs, vocab_size)
 
-    # Both libraries get the models selfalign's train.dtype would load (selfalign.memory): like with like.
-    from selfalign.memory import frozen_dtype, policy_dtype
+    # Both libraries get the models selfalign's train.dtype would load (selfalign.iterates): like with like.
+    from selfalign.iterates import frozen_dtype, policy_dtype
     from selfalign.train import TrainConfig
 
     weights = TrainConfig(dtype=args.weights)
@@ -560,8 +560,8 @@ def run_profile(args) -> None:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     pairs = make_pairs(args.pairs, args.seq_len, MODEL_SIZES[args.model_size]["vocab_size"], args.seed)
-    # Both libraries get the models selfalign's train.dtype would load (selfalign.memory): like with like.
-    from selfalign.memory import frozen_dtype, policy_dtype
+    # Both libraries get the models selfalign's train.dtype would load (selfalign.iterates): like with like.
+    from selfalign.iterates import frozen_dtype, policy_dtype
 
     weights = TrainConfig(dtype=args.weights)
     policy = build_policy(args.model_size, args.seq_len, args.seed).to(args.device, policy_dtype(weights))

@@ -31,14 +31,16 @@ import torch
 
 from . import logs
 from .card import PushError, check_repo_id, push_folder, train_card
-from .checks import check_pretrained
-from .config import ConfigError, check_same_config, describe, dump_yaml, field, load_config
-from .data import DataError, PreferenceDataConfig, load_preferences, pad_token_id, write_atomic, write_jsonl
+from .config import ConfigError, check_same_config, describe, dump_yaml, field, load_config, to_dict
+from .data import PreferenceDataConfig, load_preferences, write_atomic, write_jsonl
 from .judges import JudgeError
+from .models import check_source
 from .records import PreferenceExample, ReferenceLogps
 from .report import ReportError
 from .rundir import RunLock, check_same_data, data_digest
-from .tracking import RunTracker
+from .sources import DataError
+from .tokens import pad_token_id
+from .tracking import RunTracker, accelerator_kwargs, parse_report_to
 from .train import NonFiniteError, PreferenceTrainer, TrainConfig
 
 
@@ -107,16 +109,18 @@ def run_train(cfg: TrainRunConfig, progress: bool = True) -> dict[str, float]:
     from .tasks.smollm2 import named_model
 
     cfg.model, cfg.reference = named_model(cfg.model, progress), cfg.reference and named_model(cfg.reference, progress)
-    check_pretrained("model", cfg.model)
+    check_source(cfg.model, "model")
     if cfg.reference:
-        check_pretrained("reference", cfg.reference)
+        check_source(cfg.reference, "reference")
     with RunLock(Path(cfg.output_dir)):
         return _train(cfg, progress)
 
 
 def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
-    from .memory import frozen_dtype, policy_dtype
-    from .models import load_causal_lm, load_tokenizer, save_policy
+    from .distributed import make_accelerator
+    from .iterates import frozen_dtype, policy_dtype, save_policy
+    from .models import load_causal_lm, load_tokenizer
+    from .train import resolve_mixed_precision
 
     tokenizer = load_tokenizer(cfg.model)
     examples = load_preferences(cfg.data, tokenizer)
@@ -289,7 +293,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 def _eval_pairs(path: str, tokenizer) -> list[tuple[list[int], list[int], list[int]]]:
     """(prompt, chosen, rejected) ids from a run's pairs.jsonl or a preference JSONL (prompt, chosen, rejected)."""
-    from .data import read_jsonl
+    from .sources import read_jsonl
 
     first = next(iter(read_jsonl(path)), (0, {}))[1]
     if "prompt_ids" in first:
@@ -433,7 +437,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_policy
     from .judges.function import FunctionJudge
     from .judges.gold import load_reward_model
-    from .models import ModelLoadError, check_source, load_tokenizer
+    from .models import load_tokenizer
     from .run_config import resolve_task
 
     target = Path(args.target)
@@ -448,11 +452,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UsageError(f"{target}: no run records the model this policy was trained from; pass --baseline DIR "
                          "(that model: the opponent of the win rate, and the KL reference unless --reference is given)")
     for flag, given in (("--baseline", args.baseline), ("--reference", args.reference)):
-        try:
-            if given:
-                check_source(given)
-        except ModelLoadError as e:  # name the flag: the path alone does not say which one is wrong
-            raise UsageError(f"{flag} {e}") from None
+        if given:
+            check_source(given, flag)  # named: the path alone does not say which flag is wrong
     pi0, baseline = Path(pi0), Path(baseline)
     _check_tokenizer(policy, baseline, "--baseline")
     _check_tokenizer(policy, pi0, "--reference")

@@ -1,4 +1,4 @@
-"""Preference and prompt data: JSONL reading with precise errors, chat templates, tokenization.
+"""Preference and prompt data: rows (read by selfalign.sources) checked field by field, chat templates, tokenization.
 
 Rows are `{"prompt": ..., "chosen": ..., "rejected": ...}` where each value is plain text or
 a list of chat messages (`[{"role": "user", "content": "..."}]`). Column names are
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,8 @@ from . import faults
 from .config import field
 from .judges import Prompt
 from .records import PreferenceExample
-
-
-class DataError(ValueError):
-    """A data file is missing, malformed, or has a bad field; the message names file, line and field."""
+from .sources import DataError, chat_prompt, read_jsonl, read_rows
+from .tokens import response_end_id
 
 
 @dataclass
@@ -41,37 +38,6 @@ class PreferenceDataConfig:
     eval_fraction: float = field(0.1, help="Fraction of rows held out to measure preference accuracy.")
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, row) for each non-blank line; DataError names the broken line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found" if not path.exists() else f"{path}: not a file (a JSONL file is expected)")
-    with path.open("rb") as f:
-        head = f.read(4)
-    if head == b"PAR1":
-        raise DataError(f"{path}: a Parquet file; selfalign reads JSONL here (convert it, e.g. "
-                        "datasets.load_dataset('parquet', data_files=...).to_json(path, lines=True))")
-    with path.open(encoding="utf-8") as f:
-        lines = enumerate(f, start=1)
-        while True:
-            try:
-                lineno, line = next(lines)
-            except StopIteration:
-                return
-            except UnicodeDecodeError as e:  # decoded in blocks: the line is not known
-                raise DataError(f"{path}: not UTF-8 text (is it a binary file?); "
-                                "a JSONL file of one JSON object per line is expected") from e
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
-
-
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to a temp file, fsync it, rename it over `path`: readers see old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,11 +53,6 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def pad_token_id(tokenizer) -> int:
-    """The tokenizer's pad id, or its EOS id for tokenizers that define no pad token."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _is_messages(value: Any) -> bool:
@@ -176,16 +137,6 @@ def located(where: str, fn, *args: Any) -> Any:
         raise DataError(f"{where}: {e}") from e
 
 
-def response_end_id(tokenizer, chat: bool) -> int | None:
-    """The id a response ends with: the chat template's turn end after a conversational prompt
-    (chat=True; Llama 3's <|eot_id|>, Phi 3's <|end|>, ...), the tokenizer's EOS after a text prompt
-    or where the template has none. It is what the policy emits to stop there, so pairs teach it to stop."""
-    from .generation import turn_end_id
-
-    end = turn_end_id(tokenizer) if chat else None
-    return end if end is not None else tokenizer.eos_token_id
-
-
 def response_ids(tokenizer, response: str | list[dict[str, str]], end_id: int | None = -1) -> list[int]:
     """Token ids of a response, ending with end_id (default: the tokenizer's EOS; None: nothing added)."""
     if isinstance(response, list):
@@ -236,8 +187,6 @@ def load_prompt_ids(path: str, field_name: str, tokenizer, max_tokens: int, spli
                     chosen_field: str = "chosen", split_key: str = "split") -> tuple[list[Prompt], list[list[int]]]:
     """load_prompts and each prompt's token ids, tokenized once (the length check's ids are kept: a chat
     template costs ~0.7 ms a prompt, seconds for a file of thousands)."""
-    from .sources import chat_prompt, read_rows
-
     prompts, places = [], []
     for where, row in read_rows(path, split, subset, split_key=split_key):
         value = text_or_messages(row, field_name, where, hint="set prompt_field=... if the column differs")

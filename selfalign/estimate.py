@@ -45,6 +45,7 @@ from .config import ConfigError, check
 from .config import field as cfield
 from .generation import resolved_backend
 from .models import DTYPES, adapter_base, is_adapter_dir
+from .tasks import BUILTIN, CONSTRAINTS, INSTRUCTIONS
 
 GIB = 1024**3
 SHARDINGS = ("none", "ddp", "fsdp2", "zero2", "zero3")
@@ -201,7 +202,7 @@ def estimate(cfg: Any, shape: ModelShape, reward: ModelShape | None, sharding: S
     """Peak bytes per process of the online run `cfg` (a RunConfig) on `device` ('cuda' or 'cpu')."""
     t = cfg.train
     gpu = device == "cuda"
-    # The dtypes selfalign.memory resolves to on that device (resolve_dtype looks at this machine's GPU).
+    # The dtypes selfalign.iterates resolves to on that device (resolve_dtype looks at this machine's GPU).
     auto_dtype = torch.bfloat16 if gpu else torch.float32
     frozen = auto_dtype if t.dtype == "auto" else DTYPES[t.dtype]
     weights = frozen if (t.lora.enabled or t.dtype != "auto") else torch.float32
@@ -280,8 +281,6 @@ def estimate(cfg: Any, shape: ModelShape, reward: ModelShape | None, sharding: S
 def estimate_run(cfg: Any, sharding: Sharding | None = None, processes: int | None = None,
                  device: str = "cuda") -> tuple[Estimate, ModelShape, ModelShape | None]:
     """The estimate for a RunConfig, its model shapes read as the module doc says."""
-    from .run_config import BUILTIN, CONSTRAINTS, INSTRUCTIONS
-
     hw = cfg.hardware
     source = cfg.model
     if source == BUILTIN:

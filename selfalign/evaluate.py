@@ -34,13 +34,14 @@ from typing import Any
 
 import torch
 
-from .data import pad_token_id, prompt_ids, write_atomic, write_jsonl
+from .data import prompt_ids, write_atomic, write_jsonl
 from .generation import Backend, GenerationConfig, Generator, build_backend, load_generation_config
 from .judges import Prompt
 from .logprobs import collate, sequence_logprobs
 from .logs import progress_bar
 from .losses import preference_logits
-from .truncation import end_token_ids, is_truncated
+from .tokens import pad_token_id, stop_token_ids
+from .truncation import is_truncated
 
 HIGH_REWARD = 0.999
 
@@ -212,7 +213,7 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
         lp_pi0 = _logprobs(pi0, flat_p, flat_r, pad, progress, "KL: pi_0 log-probs")
         kl, kl1 = kl_k3(lp_policy, lp_pi0), lp_policy.double() - lp_pi0.double()
     stage("KL")
-    end_ids = set(end_token_ids(tokenizer, getattr(policy, "generation_config", None)))
+    end_ids = set(stop_token_ids(tokenizer, getattr(policy, "generation_config", None)))
     trunc = [[is_truncated(r, max_new, end_ids) for r in rs] for rs in sampled_ids]
     n = len(prompts)
     metrics: dict[str, Any] = {

@@ -24,7 +24,7 @@ _count = 0
 _pid = -1
 
 
-def _writes() -> int:
+def writes_so_far() -> int:
     """Durable writes this process has made so far (a forked child starts again from 0)."""
     global _count, _pid
     if _pid != os.getpid():
@@ -40,7 +40,7 @@ def _target() -> int:
 def before_rename() -> None:
     """Call when a write's temporary is complete, just before it replaces the real file."""
     target = _target()
-    if target and os.environ.get("SELFALIGN_KILL_BEFORE_RENAME") and _writes() + 1 == target:
+    if target and os.environ.get("SELFALIGN_KILL_BEFORE_RENAME") and writes_so_far() + 1 == target:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -50,7 +50,7 @@ def after_write(path: str | os.PathLike, renamed: bool = True) -> None:
 
     renamed=False marks a write with no temporary (a journal line): it dies here in either mode."""
     global _count
-    _writes()
+    writes_so_far()  # starts the count again in a forked child
     _count += 1
     log = os.environ.get("SELFALIGN_WRITE_LOG")
     if log:
@@ -58,10 +58,6 @@ def after_write(path: str | os.PathLike, renamed: bool = True) -> None:
             f.write(f"{_count}\t{os.fspath(path)}\n")
     if _count == _target() and not (renamed and os.environ.get("SELFALIGN_KILL_BEFORE_RENAME")):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def writes_so_far() -> int:
-    return _writes()
 
 
 def nan_at_step(step: int) -> bool:

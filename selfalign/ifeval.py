@@ -258,8 +258,9 @@ def answer(policy_path: str | Path, max_new_tokens: int = 1280, limit: int = 0, 
     generate() on the model. model: the policy already loaded. limit: the first N prompts only.
     """
     from .data import prompt_ids
-    from .generation import GenerationConfig, build_backend, load_generation_config, stop_token_ids
+    from .generation import GenerationConfig, build_backend, load_generation_config
     from .models import load_tokenizer
+    from .tokens import stop_token_ids
     from .truncation import is_truncated
 
     items = load_items()[: limit or None]

@@ -28,29 +28,20 @@ from accelerate.utils import gather_object
 
 from . import faults
 from .card import push_folder, run_card
-from .checks import check_pretrained, loading
 from .config import ConfigError, check_same_config, dump_yaml, to_dict
-from .data import (
-    DataError,
-    load_jsonl,
-    load_prompt_ids,
-    load_prompts,
-    pad_token_id,
-    write_atomic,
-    write_jsonl,
-)
+from .data import load_jsonl, load_prompt_ids, load_prompts, write_atomic, write_jsonl
 from .distributed import make_accelerator
-from .generation import Backend, GenerationConfig, build_backend, load_generation_config, stop_token_ids
+from .generation import Backend, GenerationConfig, build_backend, load_generation_config
 from .generation.hf import HFBackend
 from .judges import Judge, JudgeError, Prompt
 from .judges.function import FunctionJudge
+from .iterates import iteration_models, reference_view, save_policy
 from .judges.gold import eval_reward
 from .logprobs import head_scale
 from .logs import duration, progress_bar
 from .logs import info as log
-from .memory import iteration_models, reference_view
 from .methods import Method
-from .models import resolve_dtype, save_policy
+from .models import check_source, loading, resolve_dtype
 from .pairs import SELECTORS, Pair, selm_three_way
 from .records import LabelCounts, PreferenceExample, ReferenceLogps, Route, Row
 from .run_config import (  # noqa: F401  (re-exported: callers import the run config from selfalign.loop)
@@ -69,7 +60,9 @@ from .run_config import (  # noqa: F401  (re-exported: callers import the run co
 from .rundir import RunLock, check_same_data, data_digest
 from .tracking import RunTracker, accelerator_kwargs
 from .train import NonFiniteError, PreferenceTrainer, resolve_mixed_precision
-from .truncation import end_token_ids, finished, is_truncated, penalized_scores
+from .sources import DataError
+from .tokens import pad_token_id, stop_token_ids
+from .truncation import finished, is_truncated, penalized_scores
 
 
 # ---------------------------------------------------------------------------------- the recipe
@@ -218,7 +211,7 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
 
     # Build: pi_0, prompts (and dataset pairs), judge, gold reward.
     task = resolve_task(cfg, progress=show)
-    check_pretrained("model", task.policy)
+    check_source(task.policy, "model")
     tokenizer = load_tokenizer(task.policy)
     pad_id = pad_token_id(tokenizer)
     if not is_gguf(task.policy):  # refuse a logit scaling log-probs cannot reproduce, up front (GGUF: once converted)
@@ -505,7 +498,7 @@ def build_judge(cfg: RunConfig, reward_fn: str) -> Judge:
 
         if not cfg.judge.reward_model:
             raise ConfigError("judge.reward_model: required with judge.kind=reward_model (a model directory)")
-        check_pretrained("judge.reward_model", cfg.judge.reward_model)
+        check_source(cfg.judge.reward_model, "judge.reward_model")
         if not judge_called(cfg):
             return UncalledJudge(cfg.method)  # the method never asks: the reward model is not loaded
         with loading("judge.reward_model", cfg.judge.reward_model):
@@ -611,7 +604,7 @@ def stage_generate(ctx: RunContext, rnd: Round, models: Models) -> list[dict[str
     """
     cfg, method, tokenizer, accelerator, data = ctx.cfg, ctx.method, ctx.tokenizer, ctx.accelerator, ctx.data
     path, seed = rnd.dir / "responses.jsonl", rnd.seed
-    end_ids = set(end_token_ids(tokenizer, getattr(models.policy, "generation_config", None)))
+    end_ids = set(stop_token_ids(tokenizer, getattr(models.policy, "generation_config", None)))
     limit = cfg.generation.max_new_tokens
     if path.exists():
         rows = load_jsonl(path)

@@ -12,9 +12,11 @@ marks it "quantized with gguf" and its save_pretrained refuses it, while selfali
 every iterate as an ordinary safetensors directory. `materialize` does that once for a run,
 so later loads read safetensors instead of dequantising again.
 
-A source that cannot be loaded (a misspelt path, a directory without config.json, a file
-that is not GGUF, a GGUF transformers cannot read) is a ModelLoadError: one line naming the
-path and what to do, which the CLI prints with exit status 2.
+A source that cannot be loaded (a misspelt path, a directory without config.json or without
+weights, a file that is not GGUF, a GGUF transformers cannot read) is a ModelLoadError: one
+line naming the config key (where the caller gives it), the path and what to do, which the
+CLI prints with exit status 2. `check_source` is the one check of a model path; callers run
+it before a run starts, the loaders again as they load.
 """
 
 from __future__ import annotations
@@ -22,23 +24,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .config import ConfigError
 
-if TYPE_CHECKING:
-    from accelerate import Accelerator
-
-    from .train import PreferenceTrainer
-
 GGUF_SUFFIX = ".gguf"
 ADAPTER_CONFIG = "adapter_config.json"  # peft's save_pretrained output: a LoRA adapter over a named base model
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # anything else is meant as a local path
+WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
 class ModelLoadError(ConfigError):
@@ -47,12 +47,6 @@ class ModelLoadError(ConfigError):
 
 def is_gguf(source: str | os.PathLike) -> bool:
     return str(source).lower().endswith(GGUF_SUFFIX)
-
-
-def _looks_local(source: str) -> bool:
-    # A hub name is "name" or "owner/name"; anything else with a path shape is meant as a local path.
-    return (source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source
-            or is_gguf(source))
 
 
 def _first_line(e: BaseException) -> str:
@@ -92,28 +86,55 @@ def whole_model(source: str | os.PathLike) -> str:
     return source
 
 
-def check_source(source: str | os.PathLike) -> Path | str:
-    """The source as a Path (local) or str (hub name); ModelLoadError for a local path that cannot be a model."""
+def check_source(source: str | os.PathLike, key: str = "") -> Path | str:
+    """The source as a Path (local) or str (hub name); ModelLoadError for a local path that cannot be a model.
+
+    key: the config key or command-line flag the path came from (model, judge.reward_model, --baseline),
+    named first in the message. A hub name is left to from_pretrained (it may be in the local cache).
+    """
+    named = f"{key}: " if key else ""
     text = os.path.expanduser(str(source))
     if not text:
-        raise ModelLoadError("model path is empty: give a model directory, a hub name or a .gguf file")
+        raise ModelLoadError(f"{named}model path is empty: give a model directory, a hub name or a .gguf file")
     path = Path(text)
     if path.is_dir():
-        if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
+        if is_adapter_dir(path):
+            return path  # a LoRA iterate: load_causal_lm merges it into its base
+        if not (path / "config.json").is_file():
             ggufs = sorted(p.name for p in path.glob(f"*{GGUF_SUFFIX}"))
             hint = (f"it holds {', '.join(ggufs)}: give that file's path" if ggufs else
                     "give a directory written by save_pretrained, a hub name, or a .gguf file")
-            raise ModelLoadError(f"{path}: directory has no config.json, so it is not a model directory ({hint})")
+            raise ModelLoadError(f"{named}{path}: directory has no config.json, so it is not a model directory ({hint})")
+        if not any(next(path.glob(pattern), None) for pattern in WEIGHTS):
+            raise ModelLoadError(f"{named}{path}: has a config.json but no weights (*.safetensors or *.bin); give the "
+                                 "directory save_pretrained wrote")
         return path
     if path.is_file():
         if not is_gguf(path):
-            raise ModelLoadError(f"{path}: is a file but not a .gguf model; give a model directory (config.json) "
+            raise ModelLoadError(f"{named}{path}: is a file but not a .gguf model; give a model directory (config.json) "
                                  "or a .gguf file")
         return path
-    if _looks_local(text):
-        raise ModelLoadError(f"{path}: no such file or directory (check the spelling; a model is a directory with "
-                             "config.json, a hub name, or a .gguf file)")
+    if is_gguf(text) or not HUB_NAME.fullmatch(text):  # a hub name is 'name' or 'owner/name'; this is a path
+        raise ModelLoadError(f"{named}{path}: no such file or directory (check the spelling; a model is a directory "
+                             "with config.json, a hub name such as org/name, or a .gguf file)")
     return text
+
+
+@contextlib.contextmanager
+def loading(key: str, source: str | os.PathLike) -> Iterator[None]:
+    """Name `key` (as check_source does) in a load failure inside the block: a ConfigError gets the key in front,
+    and an OSError or ValueError from transformers (raised by a loader selfalign does not wrap, such as
+    AutoConfig.from_pretrained) becomes a ModelLoadError naming the key and the source."""
+    try:
+        yield
+    except ConfigError as e:
+        if str(e).startswith(f"{key}:"):
+            raise
+        raise type(e)(f"{key}: {e}") from e
+    except (OSError, ValueError) as e:  # transformers raises both for unusable paths and names
+        where = Path(os.path.expanduser(str(source)))
+        raise ModelLoadError(f"{key}: {source}: cannot load ({_first_line(e)})"
+                             f"{_hub_hint(where if where.exists() else str(source))}") from e
 
 
 def _gguf_args(path: Path) -> tuple[str, dict[str, Any]]:
@@ -258,18 +279,3 @@ def materialize(source: str | os.PathLike, directory: str | os.PathLike, tokeniz
     directory.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, directory)
     return directory
-
-
-def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: Accelerator,
-                card: str | None = None) -> None:
-    """The trained policy (LoRA: its adapter, see memory.save_iterate) and its tokenizer, renamed into `path` last:
-    its arrival marks training done.
-
-    card: a model card, written into the directory as README.md before the rename."""
-    from . import memory
-
-    accelerator.wait_for_everyone()
-    policy = trainer.saved_policy()  # collective under FSDP2 / ZeRO-3: the full state dict is gathered
-    if accelerator.is_main_process:
-        memory.save_iterate(trainer, tokenizer, path, policy, card)  # LoRA: the adapter
-    accelerator.wait_for_everyone()

@@ -18,13 +18,9 @@ from .estimate import HardwareConfig
 from .generation import GenerationConfig
 from .judges.llm import LLMJudgeConfig
 from .methods import METHODS, Method
+from .tasks import BUILTIN, CONSTRAINTS, INSTRUCTIONS, TASKS
 from .tracking import parse_report_to
 from .train_config import PAPER_ALPHA, SailConfig, TrainConfig, needs_ref_sample, resolve_alpha
-
-BUILTIN = "builtin"
-CONSTRAINTS = "constraints"  # SmolLM2-135M-Instruct on verifiable constraints (selfalign.tasks.smollm2)
-INSTRUCTIONS = "instructions"  # SmolLM2-135M-Instruct on the constraints widened toward IFEval (tasks.instructions)
-TASKS = (BUILTIN, CONSTRAINTS, INSTRUCTIONS)
 
 
 @dataclass

@@ -11,7 +11,7 @@ A source is one string:
   (HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1 after one online load).
 A source with several splits needs a split unless it has exactly one or a `train` split.
 Rows come back with where they are (file and line, or source, split and row index) so that a
-bad row's error names it. Everything but JSON is read through `datasets` (and its pyarrow),
+bad row's error (a DataError, here and in selfalign.data) names it. Everything but JSON is read through `datasets` (and its pyarrow),
 imported only when such a source is used.
 """
 
@@ -23,11 +23,44 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .data import DataError, read_jsonl
-
 PARQUET_MAGIC = b"PAR1"
 # An Arrow IPC file starts with ARROW1; the stream format `datasets` writes with a continuation marker.
 ARROW_MAGICS = (b"ARROW1", b"\xff\xff\xff\xff")
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed, or has a bad field; the message names file, line and field."""
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, row) for each non-blank line; DataError names the broken line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found" if not path.exists() else f"{path}: not a file (a JSONL file is expected)")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head == b"PAR1":
+        raise DataError(f"{path}: a Parquet file; selfalign reads JSONL here (convert it, e.g. "
+                        "datasets.load_dataset('parquet', data_files=...).to_json(path, lines=True))")
+    with path.open(encoding="utf-8") as f:
+        lines = enumerate(f, start=1)
+        while True:
+            try:
+                lineno, line = next(lines)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as e:  # decoded in blocks: the line is not known
+                raise DataError(f"{path}: not UTF-8 text (is it a binary file?); "
+                                "a JSONL file of one JSON object per line is expected") from e
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
 
 
 def read_rows(source: str | Path, split: str = "", subset: str = "", split_key: str = "split") -> Iterator[

@@ -3,22 +3,14 @@
 A truncated response is not a finished answer: judged and trained on as one, it teaches the
 policy that answers may stop anywhere. The generator keeps the end token it stopped at (and
 cuts what follows), so a response is truncated exactly when it is max_new_tokens long and
-its last token is not an end token. `generation.truncated` chooses what happens next:
-keep (judge and pair it like any other), penalize (its score becomes a penalty before
-pairing) or drop (it never enters a pair).
+its last token is not an end token (one of tokens.stop_token_ids, the ids generation stops
+at). `generation.truncated` chooses what happens next: keep (judge and pair it like any
+other), penalize (its score becomes a penalty before pairing) or drop (it never enters a pair).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-
-
-def end_token_ids(tokenizer, generation_config=None) -> list[int]:
-    """The ids generation stops at (selfalign.generation.stop_token_ids: EOS, the model's stop list, the
-    chat turn end); truncation is judged against the same ids."""
-    from .generation import stop_token_ids
-
-    return stop_token_ids(tokenizer, generation_config)
 
 
 def is_truncated(ids: Sequence[int], max_new_tokens: int, end_ids: Collection[int]) -> bool:

@@ -80,8 +80,8 @@ def chatml_tokenizer():
 def test_stop_token_ids_collect_eos_generation_config_and_turn_end():
     from transformers import GenerationConfig as HFGenerationConfig
 
-    from selfalign.generation import stop_token_ids, turn_end_id
     from selfalign.tasks.tiny import build_tokenizer
+    from selfalign.tokens import stop_token_ids, turn_end_id
 
     tok = chatml_tokenizer()
     assert turn_end_id(tok) == IM_END

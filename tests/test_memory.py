@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfalign import loop, memory
+from selfalign import iterates, loop
 from selfalign.config import load_config
 from selfalign.estimate import ModelShape, estimate, estimate_run, lora_params, model_shape, report
+from selfalign.iterates import frozen_dtype, iteration_models, policy_dtype, save_iterate
 from selfalign.logprobs import collate, sequence_logprobs
 from selfalign.loop import RunConfig, run
-from selfalign.memory import frozen_dtype, iteration_models, policy_dtype, save_iterate
 from selfalign.models import is_adapter_dir, load_causal_lm, resolve_dtype
 from selfalign.train import LoraSettings, PreferenceExample, PreferenceTrainer, TrainConfig, apply_lora
 from tests.conftest import make_examples, make_model
@@ -81,7 +81,7 @@ def test_lora_loop_holds_one_base_model_and_its_reference_is_pi_ref(tmp_path, mo
     the adapter trains on). Each iterate is saved as an adapter; peft reloads it over its base and
     reproduces the trained policy's log-probs; `load_causal_lm` loads it merged, following the chain."""
     at_begin, refs, trained, starts = [], [], [], []
-    begin, compute, save = PreferenceTrainer.begin, PreferenceTrainer.compute_reference_logps, memory.save_iterate
+    begin, compute, save = PreferenceTrainer.begin, PreferenceTrainer.compute_reference_logps, iterates.save_iterate
     probe = [PreferenceExample([3 + i, 4, 5], [6, 7 + i, 8], [9]) for i in range(6)]  # ids inside the task's vocabulary
 
     def counting_begin(self, *args, **kwargs):
@@ -102,7 +102,7 @@ def test_lora_loop_holds_one_base_model_and_its_reference_is_pi_ref(tmp_path, mo
 
     monkeypatch.setattr(PreferenceTrainer, "begin", counting_begin)
     monkeypatch.setattr(PreferenceTrainer, "compute_reference_logps", recording)
-    monkeypatch.setattr(memory, "save_iterate", saving)
+    monkeypatch.setattr(iterates, "save_iterate", saving)
     out = tmp_path / "run"
     run(tiny(out, "iterations=2", f"method={method}", "prompts_per_iteration=8", "train.lora.enabled=true",
              "train.lora.r=4", "train.lora.alpha=8", "train.lora.target_modules=all-linear", "train.learning_rate=1e-2",

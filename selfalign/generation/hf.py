@@ -15,7 +15,7 @@ from torch import nn
 
 from ..logprobs import collate
 from ..logs import progress_bar
-from . import GenerationConfig
+from .config import GenerationConfig
 
 
 class HFBackend:

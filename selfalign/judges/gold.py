@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..checks import check_pretrained, loading
 from ..config import ConfigError
+from ..models import check_source, loading, resolve_dtype
 from . import Judge
 from .function import FunctionJudge
 
@@ -22,10 +22,9 @@ def load_reward_model(key: str, path: str, judge: Any = None) -> Judge:
 
     judge: a JudgeConfig whose dtype, batch_size and offload it loads with (an 8B reward model in fp32
     would take 32 GB); None: fp32, batch 16, on the device throughout."""
-    from ..models import resolve_dtype
     from .reward_model import RewardModelJudge
 
-    check_pretrained(key, path)
+    check_source(path, key)
     settings = {} if judge is None else dict(dtype=resolve_dtype(judge.dtype), batch_size=judge.batch_size,
                                              offload=judge.offload)
     with loading(key, path):

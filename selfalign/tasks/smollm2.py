@@ -184,10 +184,11 @@ def per_kind(prompts: list, responses: list[list[str]]) -> dict[str, Any]:
 def policy_stats(policy_dir: str | Path, prompts: list, num_samples: int = 4, seed: int = 0,
                  max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
     """Greedy and sampled (temperature 1.0) constraint satisfaction of a policy on message prompts."""
-    from ..data import pad_token_id, prompt_ids
+    from ..data import prompt_ids
     from ..generation import GenerationConfig
     from ..generation.hf import HFGenerator
     from ..models import load_causal_lm, load_tokenizer
+    from ..tokens import pad_token_id
 
     model = load_causal_lm(policy_dir)
     tokenizer = load_tokenizer(policy_dir)

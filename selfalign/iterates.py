@@ -1,4 +1,5 @@
-"""What a run holds in memory: the weights' dtypes, LoRA iterates over one base model, and saving them.
+"""The model lifecycle of an iteration: which base and which adapter it trains, in what dtype, and how its
+iterate is saved (loading one back is models.load_causal_lm).
 
 dtype. Models load in the training dtype (`train.dtype`) instead of fp32 cast down by
 autocast at every matmul. `auto` is bf16 on a GPU for every frozen copy (the reference, a
@@ -29,6 +30,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -37,6 +39,9 @@ from . import faults
 from .checkpoint import tensor_bytes, writing_weights
 from .models import is_adapter_dir, load_causal_lm, resolve_dtype
 from .train import LoraSettings, PreferenceTrainer, TrainConfig, apply_lora, is_peft_model
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 ADAPTER_SUBDIR = "adapter"  # with train.lora.merge: policy/ is the merged model, policy/adapter/ the adapter
 
@@ -142,3 +147,16 @@ def save_iterate(trainer: PreferenceTrainer, tokenizer, path: Path, policy: nn.M
         shutil.rmtree(path)
     os.replace(tmp, path)
     faults.after_write(path)
+
+
+def save_policy(trainer: PreferenceTrainer, tokenizer, path: Path, accelerator: Accelerator,
+                card: str | None = None) -> None:
+    """The trained policy (LoRA: its adapter, see save_iterate) and its tokenizer, renamed into `path` last:
+    its arrival marks training done.
+
+    card: a model card, written into the directory as README.md before the rename."""
+    accelerator.wait_for_everyone()
+    policy = trainer.saved_policy()  # collective under FSDP2 / ZeRO-3: the full state dict is gathered
+    if accelerator.is_main_process:
+        save_iterate(trainer, tokenizer, path, policy, card)  # LoRA: the adapter
+    accelerator.wait_for_everyone()
