@@ -58,12 +58,12 @@ from .run_config import (  # noqa: F401  (re-exported: callers import the run co
     resolve_task,
 )
 from .rundir import RunLock, check_same_data, data_digest
-from .tracking import RunTracker, accelerator_kwargs
-from .train import NonFiniteError, PreferenceTrainer, resolve_mixed_precision
 from .sources import DataError
 from .tokens import pad_token_id, stop_token_ids
 from .truncation import finished, is_truncated, penalized_scores
 
+from .tracking import RunTracker, accelerator_kwargs
+from .train import NonFiniteError, PreferenceTrainer, resolve_mixed_precision
 
 # ---------------------------------------------------------------------------------- the recipe
 @dataclass
