@@ -50,7 +50,9 @@ class TrainRunConfig:
 
     model: str = field("", help="Policy to train: a local directory, hub name or .gguf file (selfalign.models).")
     reference: str = field("", help="Frozen reference model; empty means a copy of `model` (pi_0).")
-    output_dir: str = field("runs/train", help="Run directory: config.yaml, metrics.jsonl, policy/.")
+    output_dir: str = field("runs/train", help="Run directory: config.yaml, steps.jsonl, metrics.jsonl, policy/.")
+    report_to: str = field("none", help="Experiment trackers, as in `selfalign run`: none, or one or more "
+                                        "(comma-separated) of tensorboard (RUN/tensorboard/), wandb, trackio, mlflow, ...")
     push_to_hub: str = field("", help="Hub repository (user/name) to upload policy/ (with its model card) to at the "
                                       "end; needs network and a token (HF_TOKEN). Empty: no upload.")
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig, help="Preference data.")
@@ -60,6 +62,7 @@ class TrainRunConfig:
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.data.eval_fraction}")
         check_repo_id("push_to_hub", self.push_to_hub)
+        parse_report_to(self.report_to)
 
 
 class UsageError(Exception):
@@ -122,6 +125,9 @@ def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
     from .models import load_causal_lm, load_tokenizer
     from .train import resolve_mixed_precision
 
+    # The trackers first: one that is not installed stops the run before any work, as in `selfalign run`.
+    accelerator = make_accelerator(resolve_mixed_precision(cfg.train.mixed_precision),
+                                   **accelerator_kwargs(cfg.report_to, Path(cfg.output_dir)))
     tokenizer = load_tokenizer(cfg.model)
     examples = load_preferences(cfg.data, tokenizer)
     out = _prepare_run_dir(cfg)
@@ -136,16 +142,20 @@ def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
     if not cfg.train.lora.enabled:  # LoRA: the reference is the policy with its adapter disabled
         reference = load_causal_lm(cfg.reference or cfg.model, dtype=frozen_dtype(cfg.train))
     pad = pad_token_id(tokenizer)
-    trainer = PreferenceTrainer(policy, cfg.train, pad_token_id=pad, reference=reference)
+    trainer = PreferenceTrainer(policy, cfg.train, pad_token_id=pad, reference=reference, accelerator=accelerator)
 
     # The reference is frozen: the held-out pairs' reference log-probs serve before and after training.
     heldout_ref = trainer.compute_reference_logps(heldout, progress=False) if heldout else []
     before = heldout_accuracy(trainer, heldout, heldout_ref) if heldout else {}
-    steps = RunTracker(out, trainer.accelerator, {})  # RUN/steps.jsonl as training runs, as in `selfalign run`
+    # RUN/steps.jsonl as training runs, and the report_to trackers: the config, each step, held-out before/after.
+    steps = RunTracker(out, trainer.accelerator, to_dict(cfg))
     steps.begin_iteration(0)
+    steps.log_iteration(before, steps=0)
     trainer.on_step = steps.on_step
     result = trainer.update(train_set, checkpoint_dir=out / "checkpoint", progress=progress)
     after = heldout_accuracy(trainer, heldout, heldout_ref) if heldout else {}
+    steps.log_iteration(after, steps=len(result.steps))
+    steps.close()
     write_jsonl(out / "metrics.jsonl", [{"step": i + 1, **s} for i, s in enumerate(result.steps)])
     summary = {"train_pairs": len(train_set), "heldout_pairs": len(heldout), **after}
     write_atomic(out / "summary.json", json.dumps({"before": before, "after": after, **summary}, indent=2))

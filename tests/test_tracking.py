@@ -171,3 +171,50 @@ def test_steps_reach_disk_while_the_iteration_trains(tmp_path, capsys, monkeypat
     steps = [json.loads(line) for line in (out / STEPS_FILE).read_text().splitlines()]
     assert [(s["iteration"], s["step"], s["global_step"]) for s in steps] == [(0, 1, 1), (0, 2, 2)]
     assert all(s["loss"] > 0 and s["learning_rate"] > 0 and "rewards/margins" in s for s in steps)
+
+
+def test_offline_train_reports_to_tensorboard(tmp_path, capsys):
+    """`selfalign train report_to=tensorboard`: the event file holds every step of RUN/steps.jsonl, the held-out
+    accuracy before (step 0) and after (the last step) as in summary.json, and the resolved config."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from selfalign.tasks.sorting import build_task
+
+    model_dir, pairs = build_task(tmp_path / "task", n_rows=24)
+    out = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": str(model_dir), "data": {"path": str(pairs), "eval_fraction": 0.25}}))
+    argv = ["train", str(recipe), "train.batch_size=6", "train.micro_batch_size=6", "report_to=tensorboard",
+            f"output_dir={out}", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    steps = [json.loads(line) for line in (out / STEPS_FILE).read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(steps) == 3
+
+    (events,) = (out / "tensorboard" / "selfalign").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    for name in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "learning_rate"):
+        got = [(e.step, e.value) for e in acc.Scalars(f"train/{name}")]
+        assert got == [(s["global_step"], pytest.approx(s[name], rel=1e-6, abs=1e-9)) for s in steps], name
+    got = [(e.step, e.value) for e in acc.Scalars("iteration/eval/rewards/accuracies")]
+    assert got == [(0, pytest.approx(summary["before"]["eval/rewards/accuracies"])),
+                   (3, pytest.approx(summary["after"]["eval/rewards/accuracies"]))]
+    (hp_events,) = (out / "tensorboard" / "selfalign").glob("*/events.out.tfevents.*")
+    hp = EventAccumulator(str(hp_events))
+    hp.Reload()
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        hp.summary_metadata["_hparams_/session_start_info"].plugin_data.content).session_start_info.hparams
+    assert start["train.batch_size"].number_value == 6 and start["model"].string_value == str(model_dir)
+
+
+def test_offline_train_refuses_an_unknown_tracker_in_one_line(tmp_path, capsys):
+    out, recipe = tmp_path / "run", tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": "x", "data": {"path": "y"}}))
+    assert main(["train", str(recipe), "report_to=tensorbord", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("selfalign: error: report_to: unknown tracker 'tensorbord' (one or more of "
+                   "tensorboard, wandb, trackio, aim, comet_ml, mlflow, clearml, dvclive, swanlab, all, "
+                   "comma-separated, or none)") and not out.exists()
