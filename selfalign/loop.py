@@ -36,6 +36,7 @@ from .generation.hf import HFBackend
 from .judges import Judge, JudgeError, Prompt
 from .judges.function import FunctionJudge
 from .iterates import iteration_models, reference_view, save_policy
+from .iterates import iteration_models, reference_view, save_policy
 from .judges.gold import eval_reward
 from .logprobs import head_scale
 from .logs import duration, progress_bar
@@ -63,6 +64,8 @@ from .tokens import pad_token_id, stop_token_ids
 from .truncation import finished, is_truncated, penalized_scores
 
 from .tracking import RunTracker, accelerator_kwargs
+from .truncation import finished, is_truncated, penalized_scores
+
 from .train import NonFiniteError, PreferenceTrainer, resolve_mixed_precision
 
 # ---------------------------------------------------------------------------------- the recipe
