@@ -33,10 +33,9 @@ from .data import load_jsonl, load_prompt_ids, load_prompts, write_atomic, write
 from .distributed import make_accelerator
 from .generation import Backend, GenerationConfig, build_backend, load_generation_config
 from .generation.hf import HFBackend
+from .iterates import iteration_models, reference_view, save_policy
 from .judges import Judge, JudgeError, Prompt
 from .judges.function import FunctionJudge
-from .iterates import iteration_models, reference_view, save_policy
-from .iterates import iteration_models, reference_view, save_policy
 from .judges.gold import eval_reward
 from .logprobs import head_scale
 from .logs import duration, progress_bar
@@ -61,12 +60,10 @@ from .run_config import (  # noqa: F401  (re-exported: callers import the run co
 from .rundir import RunLock, check_same_data, data_digest
 from .sources import DataError
 from .tokens import pad_token_id, stop_token_ids
-from .truncation import finished, is_truncated, penalized_scores
-
 from .tracking import RunTracker, accelerator_kwargs
+from .train import NonFiniteError, PreferenceTrainer, resolve_mixed_precision
 from .truncation import finished, is_truncated, penalized_scores
 
-from .train import NonFiniteError, PreferenceTrainer, resolve_mixed_precision
 
 # ---------------------------------------------------------------------------------- the recipe
 @dataclass
