@@ -148,14 +148,38 @@ def response_ids(tokenizer, response: str | list[dict[str, str]], end_id: int | 
     return ids
 
 
-def load_preferences(config: PreferenceDataConfig, tokenizer) -> list[PreferenceExample]:
-    """Read and tokenize every row of config.path (any selfalign.sources source) into PreferenceExamples."""
-    from .sources import chat_prompt, read_rows
+def response_of(row: dict[str, Any], name: str, prompt: Any, where: str) -> str | list[dict[str, str]]:
+    """row[name] as a response to `prompt`: its text, or the assistant turns that end its conversation.
 
+    A conversation must end with an assistant answer, and any turns before it must be the prompt's (the
+    UltraFeedback shape repeats them); otherwise the row would train on the prompt's own text as the
+    response, or on an answer to another prompt. DataError naming `where` and the field then."""
+    value = text_or_messages(row, name, where)
+    if isinstance(value, str):
+        return value
+    start = len(value)
+    while start and value[start - 1]["role"] == "assistant":
+        start -= 1
+    roles = ", ".join(m["role"] for m in value)
+    if start == len(value):
+        raise DataError(f"{where}: field '{name}' is a conversation with no assistant answer at its end (roles "
+                        f"{roles}): it would train on the prompt's own text; fix the row or drop it")
+    before = [(m["role"], m["content"].strip()) for m in value[:start]]
+    if before and not (before == [(m["role"], m["content"].strip()) for m in prompt] if isinstance(prompt, list)
+                       else ("user", prompt.strip()) in before):
+        raise DataError(f"{where}: field '{name}' is a conversation (roles {roles}) whose turns before the answer "
+                        "are not the row's prompt: it answers another prompt; fix the row or drop it")
+    return value[start:]
+
+
+def load_preferences(config: PreferenceDataConfig, tokenizer) -> list[PreferenceExample]:
+    """Read and tokenize every row of config.path (any selfalign.sources source) into PreferenceExamples; a row
+    whose conversations do not fit its prompt (response_of, sources.chat_prompt) is a DataError naming it."""
     examples = []
     ends = {True: response_end_id(tokenizer, chat=True), False: response_end_id(tokenizer, chat=False)}
     for where, row in read_rows(config.path, config.split, config.subset, split_key="data.split"):
-        raw_prompt = chat_prompt(row, text_or_messages(row, config.prompt_field, where), config.chosen_field, tokenizer)
+        raw_prompt = located(where, chat_prompt, row, text_or_messages(row, config.prompt_field, where),
+                             config.chosen_field, tokenizer)
         prompt = located(where, prompt_ids, tokenizer, raw_prompt)
         if len(prompt) > config.max_prompt_tokens:
             raise DataError(
@@ -163,9 +187,9 @@ def load_preferences(config: PreferenceDataConfig, tokenizer) -> list[Preference
                 "(shorten it or raise data.max_prompt_tokens)"
             )
         end = ends[isinstance(raw_prompt, list)]
-        chosen = response_ids(tokenizer, text_or_messages(row, config.chosen_field, where), end)[
+        chosen = response_ids(tokenizer, response_of(row, config.chosen_field, raw_prompt, where), end)[
             : config.max_response_tokens]
-        rejected = response_ids(tokenizer, text_or_messages(row, config.rejected_field, where), end)[
+        rejected = response_ids(tokenizer, response_of(row, config.rejected_field, raw_prompt, where), end)[
             : config.max_response_tokens]
         examples.append(PreferenceExample(prompt, chosen, rejected))
     if not examples:
@@ -190,7 +214,7 @@ def load_prompt_ids(path: str, field_name: str, tokenizer, max_tokens: int, spli
     prompts, places = [], []
     for where, row in read_rows(path, split, subset, split_key=split_key):
         value = text_or_messages(row, field_name, where, hint="set prompt_field=... if the column differs")
-        prompts.append(chat_prompt(row, value, chosen_field, tokenizer))
+        prompts.append(located(where, chat_prompt, row, value, chosen_field, tokenizer))
         places.append(where)
     if not prompts:
         raise DataError(f"{path}: no prompts")

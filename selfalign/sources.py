@@ -180,9 +180,12 @@ def _load_hub(name: str, subset: str, split: str) -> Any:
 
 
 def _dataset_rows(source: str, ds: Any, split: str, split_key: str = "split") -> Iterator[tuple[str, dict[str, Any]]]:
-    """Rows of a Dataset, or of the chosen split of a DatasetDict."""
+    """Rows of a Dataset, or of the chosen split of a DatasetDict (a slice such as train[:8] too)."""
     if hasattr(ds, "keys") and not hasattr(ds, "features"):  # a DatasetDict
         names = list(ds.keys())
+        if "[" in split or "+" in split:
+            yield from _sliced_rows(source, ds, split, split_key)
+            return
         if split:
             if split not in ds:
                 raise DataError(f"{source}: no split '{split}' (splits: {', '.join(names)}); set {split_key}=...")
@@ -198,23 +201,45 @@ def _dataset_rows(source: str, ds: Any, split: str, split_key: str = "split") ->
         yield f"{label} row {i}", row
 
 
+def _sliced_rows(source: str, dd: Any, spec: str, split_key: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows of a DatasetDict (a save_to_disk folder) chosen with datasets' own split syntax, as load_dataset
+    reads it for Hub datasets: train[:1000], train[10%:20%], train[:8]+test[:8]. Rows keep their split's index."""
+    import datasets
+
+    try:
+        parts = datasets.ReadInstruction.from_spec(spec).to_absolute({name: len(d) for name, d in dd.items()})
+    except (ValueError, AssertionError) as e:
+        raise DataError(f"{source}: split '{spec}': {_first_line(e)}; set {split_key}=... to a split "
+                        f"({', '.join(dd)}) or a slice of one, e.g. {next(iter(dd))}[:1000]") from e
+    for part in parts:
+        for i, row in enumerate(dd[part.splitname].select(range(part.from_, part.to)), start=part.from_):
+            yield f"{source} split '{part.splitname}' row {i}", row
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 
 
 def chat_prompt(row: dict[str, Any], prompt: Any, chosen_field: str, tokenizer) -> Any:
-    """UltraFeedback's shape: a text prompt beside a chosen conversation [..., user: prompt, assistant: answer]
-    is that conversation's prompt turns, rendered with the chat template (when the tokenizer has one), as the
-    dataset's own responses were written for it. Any other prompt is returned as it is."""
+    """UltraFeedback's shape: a text prompt beside a chosen conversation [..., user: prompt, ..., assistant: answer]
+    is that conversation's turns before the answer, rendered with the chat template (when the tokenizer has one),
+    as the dataset's own responses were written for it. Any other prompt is returned as it is.
+
+    A chosen conversation with turns of its own that do not end with an assistant answer, or hold no user turn
+    with the prompt's text (reversed, or another prompt's), is a DataError (without a location: the caller adds
+    it), not a row left quietly without the chat template while the others have it."""
     chosen = row.get(chosen_field)
-    if not (isinstance(prompt, str) and isinstance(chosen, list) and len(chosen) >= 2
-            and getattr(tokenizer, "chat_template", None)):
+    if not (isinstance(prompt, str) and isinstance(chosen, list) and getattr(tokenizer, "chat_template", None)):
         return prompt
     if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in chosen):
         return prompt
-    last_user, answer = chosen[-2], chosen[-1]
-    if answer.get("role") == "assistant" and last_user.get("role") == "user" and \
-            last_user["content"].strip() == prompt.strip():
+    if all(m.get("role") == "assistant" for m in chosen):  # the answer alone: the text prompt is the prompt
+        return prompt
+    if chosen[-1].get("role") == "assistant" and any(
+            m.get("role") == "user" and m["content"].strip() == prompt.strip() for m in chosen[:-1]):
         return [{"role": m["role"], "content": m["content"]} for m in chosen[:-1]]
-    return prompt
+    roles = ", ".join(str(m.get("role")) for m in chosen)
+    raise DataError(f"field '{chosen_field}' is a conversation (roles {roles}) that does not end with an assistant "
+                    "answer after a user turn holding the row's prompt text: the row would lose the chat template "
+                    "(fix its turns' order or text, or drop the row)")

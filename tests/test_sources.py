@@ -115,3 +115,77 @@ def test_hub_name_offline_in_ultrafeedback_shape_gives_the_jsonl_examples(tmp_pa
     assert prompts == [r["prompt"] for r in native[16:]]
     with pytest.raises(DataError, match="has splits train_prefs, test_prefs; choose one with split=..."):
         load_prompts("selfalign-test/ultrafeedback_tiny", "prompt", tokenizer, 512)
+
+
+def test_a_save_to_disk_folder_takes_a_split_slice(sources):
+    """datasets' split syntax on a DatasetDict folder, as load_dataset takes it for a Hub name; rows keep
+    their index in the split."""
+    rows = list(read_rows(sources["dict_folder"], "train[:3]"))
+    assert [r for _, r in rows] == ROWS[:3]
+    assert rows[2][0] == f"{sources['dict_folder']} split 'train' row 2"
+    rows = list(read_rows(sources["dict_folder"], "train[60%:]+test[:1]"))
+    assert [r for _, r in rows] == ROWS[3:] + ROWS[:1]
+    assert [where.rsplit(" ", 3)[1:] for where, _ in rows] == [["'train'", "row", "3"], ["'train'", "row", "4"],
+                                                                ["'test'", "row", "0"]]
+    with pytest.raises(DataError, match=r"split 'dev\[:3\]': Unknown split \"dev\".*; set data.split=\.\.\. to a "
+                                        r"split \(train, test\) or a slice of one, e.g. train\[:1000\]"):
+        list(read_rows(sources["dict_folder"], "dev[:3]", split_key="data.split"))
+
+
+def chat_tokenizer():
+    from selfalign.tasks.tiny import build_tokenizer
+
+    return build_tokenizer(["sort", ":", "1", "2", "3", "4", "5", "one", "more"])
+
+
+def turns(*pairs: str) -> list[dict[str, str]]:
+    """turns("user", "a", "assistant", "b") -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}]."""
+    return [{"role": r, "content": c} for r, c in zip(pairs[::2], pairs[1::2])]
+
+
+GOOD = {"prompt": "sort : 2 1", "chosen": turns("user", "sort : 2 1", "assistant", "1 2"),
+        "rejected": turns("user", "sort : 2 1", "assistant", "2 1")}
+P = "sort : 3 1"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rejected", turns("user", P), "field 'rejected' is a conversation with no assistant answer at its end "
+                                   "(roles user): it would train on the prompt's own text"),
+    ("rejected", turns("assistant", "3 1", "user", P), "field 'rejected' is a conversation with no assistant answer"),
+    ("rejected", turns("user", "sort : 2 1", "assistant", "3 1"),
+     "field 'rejected' is a conversation (roles user, assistant) whose turns before the answer are not the row's "
+     "prompt: it answers another prompt"),
+    ("chosen", turns("user", P), "field 'chosen' is a conversation (roles user) that does not end with an "
+                                 "assistant answer after a user turn holding the row's prompt text: the row would "
+                                 "lose the chat template"),
+    ("chosen", turns("assistant", "1 3", "user", P), "field 'chosen' is a conversation (roles assistant, user)"),
+    ("chosen", turns("user", "sort : 2 1", "assistant", "1 3"), "field 'chosen' is a conversation (roles user, "
+                                                                "assistant) that does not end"),
+])
+def test_a_conversation_that_does_not_fit_its_prompt_is_named(tmp_path, field, value, message):
+    """UltraFeedback's shape (text prompt, chosen/rejected conversations): a conversation without an answer
+    (alone, or reversed) or with another prompt's turns is refused with its file and line, not trained on the
+    prompt's text or without the chat template the other rows get."""
+    bad = {"prompt": P, "chosen": turns("user", P, "assistant", "1 3"),
+           "rejected": turns("user", P, "assistant", "3 1"), field: value}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError) as e:
+        load_preferences(PreferenceDataConfig(path=str(path)), chat_tokenizer())
+    assert str(e.value).startswith(f"{path} line 2: {message}") and "\n" not in str(e.value)
+    if field == "chosen":  # the run's prompts= read the same rows
+        with pytest.raises(DataError, match="line 2: field 'chosen' is a conversation"):
+            load_prompts(str(path), "prompt", chat_tokenizer(), 512)
+
+
+def test_a_multi_turn_conversation_trains_on_its_last_answer(tmp_path):
+    """[user: prompt, assistant, user, assistant: answer] with the first user turn as the prompt text: the
+    prompt is every turn before the answer (chat template), the response the answer alone."""
+    tok = chat_tokenizer()
+    history = turns("user", P, "assistant", "1 3", "user", "one more")
+    row = {"prompt": P, "chosen": history + turns("assistant", "1 3 4"), "rejected": history + turns("assistant", "4")}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    [example] = load_preferences(PreferenceDataConfig(path=str(path), eval_fraction=0.0), tok)
+    assert example.prompt_ids == tok.apply_chat_template(history, add_generation_prompt=True, return_dict=False)
+    assert tok.decode(example.chosen_ids) == "1 3 4 <eos>" and tok.decode(example.rejected_ids) == "4 <eos>"
