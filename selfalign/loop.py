@@ -1,6 +1,8 @@
 """The online recipe: for each iteration, generate -> judge -> pair -> train -> refresh -> evaluate.
 
-Read it top to bottom: `run()` is the whole recipe; the helpers below it are one stage
+Read it top to bottom: `run()` and `_run()` are the whole recipe, one screen: build the run,
+evaluate pi_0, then for each iteration its models, its generation rounds (generate, judge, pair,
+train), the record, the saved policy and the evaluation; the helpers below them are one step
 each. Every stage writes its result into RUN/iter_NNN/ atomically and is skipped when its
 file is already there, so re-running the same command resumes where a run stopped.
 Judging appends each chunk's scores to a journal as soon as they are paid for, so a
@@ -18,7 +20,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,7 +84,8 @@ class RunContext:
     out: the run directory; show: whether this process draws progress bars; backend: the
     generation backend; data: the prompts (and dataset pairs) to slice; judge: who labels;
     gold: the evaluation reward (None: no evaluation); eval_prompts: held-out prompts;
-    pi0_path: pi_0's weights (a GGUF pi_0's dequantised copy).
+    pi0_path: pi_0's weights (a GGUF pi_0's dequantised copy); slices: each iteration's prompt
+    indices (prompt_slices); tracker: where steps and iteration metrics are logged.
     """
 
     cfg: RunConfig
@@ -96,6 +99,8 @@ class RunContext:
     gold: Judge | None
     eval_prompts: list[Prompt]
     pi0_path: Path
+    slices: list[list[int]]
+    tracker: RunTracker
 
     @property
     def method(self) -> Method:
@@ -194,28 +199,65 @@ def finish(cfg: RunConfig, out: Path, history: list[dict[str, Any]]) -> None:
 
 
 def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[str, Any]]:
-    from transformers import AutoConfig
+    own_backend = backend is None
+    ctx = build_run(cfg, progress, backend)
+    evaluate_pi0(ctx)
+    history: list[dict[str, Any]] = []
+    durations: list[float] = []  # seconds of each iteration run in this process: the ETA's pace
+    for t in range(len(ctx.slices)):
+        it = ctx.out / f"iter_{t:03d}"
+        if (it / "metrics.json").exists():
+            history.append(json.loads((it / "metrics.json").read_text()))
+            continue
+        started = time.perf_counter()
+        rows = iteration_rows(ctx, t)
+        # Done only when all three are there: the policy is renamed into place last.
+        if not all((it / name).exists() for name in ("policy", "labels.json", "train.json")):
+            trainer = iteration_trainer(ctx, t)
+            # 1-5 for each generation round: generate, label, pair, train.
+            trained = train_rounds(ctx, trainer, it, t, rows)
+            record_training(ctx, it, trained)
+            # 6. The reference of the next iteration follows from reference_policy's choice. Saved last: the
+            # policy directory's arrival marks the training stage done.
+            save_policy(trainer, ctx.tokenizer, it / "policy", ctx.accelerator)
+            del trainer
+            # The run-wide accelerator keeps every prepared model: without this each iteration's policy
+            # stays alive to the end of the run.
+            ctx.accelerator.free_memory()
+        # 7. Evaluate and record.
+        history.append(evaluate_iteration(ctx, it, t, history))
+        durations.append(time.perf_counter() - started)
+        log("%s done in %s: %s; %s", it.name, duration(durations[-1]), summary_line(history[-1]),
+            eta(durations, len(ctx.slices) - t - 1))
+    if cfg.eval.benchmark and ctx.accelerator.is_main_process:
+        benchmark_final(ctx, history)
+    if own_backend:
+        ctx.backend.close()
+    ctx.tracker.close()
+    return history
 
-    from .models import is_gguf, load_tokenizer, materialize
+
+# ---------------------------------------------------------------------------------- the recipe's steps
+def build_run(cfg: RunConfig, progress: bool, backend: Backend | None) -> RunContext:
+    """Everything the iterations share, in the order a run checks it: the config against a resumed run's, the
+    accelerator, pi_0, the prompts (and dataset pairs), the judge, the gold reward, the run directory, the
+    tracker, pi_0's weights (a GGUF pi_0 dequantised) and the generation backend (backend, when given)."""
+    from .models import load_tokenizer
 
     out = Path(cfg.output_dir)
     # A resumed run from an older version takes the values it ran with for keys added since, before anything
     # is built from cfg; a real difference is refused here, before any work.
     filled = check_same_config(out / "config.yaml", cfg, RESUME_LEGACY)
-    method = cfg.method_spec
     accelerator = make_accelerator(resolve_mixed_precision(cfg.train.mixed_precision),
                                    **accelerator_kwargs(cfg.report_to, out))
     show = progress and accelerator.is_main_process
     if filled and accelerator.is_main_process:
         log("%s predates %s: resumed with the values its version ran with", out / "config.yaml", ", ".join(filled))
 
-    # Build: pi_0, prompts (and dataset pairs), judge, gold reward.
     task = resolve_task(cfg, progress=show)
     check_source(task.policy, "model")
     tokenizer = load_tokenizer(task.policy)
-    pad_id = pad_token_id(tokenizer)
-    if not is_gguf(task.policy):  # refuse a logit scaling log-probs cannot reproduce, up front (GGUF: once converted)
-        head_scale(AutoConfig.from_pretrained(task.policy))
+    check_logit_scale(task.policy)
     data = load_dataset(cfg, task, tokenizer)
     eval_prompts = load_prompts(task.eval_prompts, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens,
                                 *cfg.source_split("eval_prompts"))[: cfg.eval.prompts] \
@@ -228,113 +270,181 @@ def _run(cfg: RunConfig, progress: bool, backend: Backend | None) -> list[dict[s
     tracker = RunTracker(out, accelerator, to_dict(cfg))
     log("%s: %s on %d prompts (%d iteration(s) x %d), %d held-out prompts; per-step metrics in %s",
         out, cfg.method, len(data.prompts), len(slices), len(slices[0]), len(eval_prompts), out / "steps.jsonl")
-    pi0_path = task.policy
-    if is_gguf(pi0_path):
-        # Dequantise a GGUF pi_0 once into RUN/pi0: the reference, evaluation and iteration 0 all load it.
-        if accelerator.is_main_process:
-            materialize(pi0_path, out / "pi0", tokenizer)
-        accelerator.wait_for_everyone()
-        pi0_path = out / "pi0"
-        head_scale(AutoConfig.from_pretrained(pi0_path))
-    own_backend = backend is None
-    if own_backend:
+    pi0_path = pi0_weights(task.policy, out, tokenizer, accelerator)
+    if backend is None:
         backend = build_backend(cfg.generation, tokenizer, pi0_path, load_generation_config(pi0_path), seed=cfg.seed,
                                 max_model_len=engine_context(cfg, tokenizer))
-    ctx = RunContext(cfg, out, accelerator, tokenizer, show, backend, data, judge, gold, eval_prompts, pi0_path)
+    return RunContext(cfg, out, accelerator, tokenizer, show, backend, data, judge, gold, eval_prompts, pi0_path,
+                      slices, tracker)
 
-    if eval_prompts and gold is not None and accelerator.is_main_process and not (out / "pi0_metrics.json").exists():
+
+def check_logit_scale(model: str | Path) -> None:
+    """Refuse, before any work, a model whose config scales its logits in a way log-probs cannot reproduce
+    (logprobs.head_scale). A GGUF file has no config to read: pi0_weights checks its dequantised copy."""
+    from transformers import AutoConfig
+
+    from .models import is_gguf
+
+    if not is_gguf(model):
+        head_scale(AutoConfig.from_pretrained(model))
+
+
+def pi0_weights(source: str | Path, out: Path, tokenizer, accelerator: Accelerator) -> str | Path:
+    """Where every stage loads pi_0 from: source itself, or for a GGUF file its copy dequantised once into RUN/pi0
+    (the reference, evaluation and iteration 0 all load it)."""
+    from .models import is_gguf, materialize
+
+    if not is_gguf(source):
+        return source
+    if accelerator.is_main_process:
+        materialize(source, out / "pi0", tokenizer)
+    accelerator.wait_for_everyone()
+    check_logit_scale(out / "pi0")
+    return out / "pi0"
+
+
+def evaluate_pi0(ctx: RunContext) -> None:
+    """RUN/pi0_metrics.json: pi_0 evaluated as every iterate is, the first row of the run's table (once per run;
+    nothing without held-out prompts and a gold reward)."""
+    cfg, out = ctx.cfg, ctx.out
+    if ctx.eval_prompts and ctx.gold is not None and ctx.accelerator.is_main_process \
+            and not (out / "pi0_metrics.json").exists():
         from .evaluate import evaluate_policy
 
-        result = evaluate_policy(pi0_path, pi0_path, eval_prompts, tokenizer, gold, cfg, cache=out, keep_rewards=True,
-                                 progress=show, responses_path=out / "pi0_eval_responses.jsonl",
-                                 backend=backend)
+        result = evaluate_policy(ctx.pi0_path, ctx.pi0_path, ctx.eval_prompts, ctx.tokenizer, ctx.gold, cfg, cache=out,
+                                 keep_rewards=True, progress=ctx.show, responses_path=out / "pi0_eval_responses.jsonl",
+                                 backend=ctx.backend)
         write_atomic(out / "pi0_eval_rewards.json", json.dumps(result.pop("rewards")))
         write_atomic(out / "pi0_metrics.json", json.dumps(
             {"iteration": "pi_0", "labels_total": 0, "labelled_pairs_total": 0, **result}, indent=1))
-        tracker.log_iteration(result, steps=0)
+        ctx.tracker.log_iteration(result, steps=0)
         log("pi_0: %s", summary_line(result))
-    accelerator.wait_for_everyone()
+    ctx.accelerator.wait_for_everyone()
 
-    history = []
-    durations: list[float] = []  # seconds of each iteration run in this process: the ETA's pace
-    for t in range(len(slices)):
-        it = out / f"iter_{t:03d}"
-        if (it / "metrics.json").exists():
-            history.append(json.loads((it / "metrics.json").read_text()))
-            continue
-        started = time.perf_counter()
-        prev = pi0_path if t == 0 else out / f"iter_{t - 1:03d}" / "policy"
-        ref_path = prev if reference_policy(cfg, method) == "previous" else pi0_path
-        rows = route_rows(cfg, slices[t], t)
-        if accelerator.is_main_process and not (it / "prompts.jsonl").exists():
-            write_jsonl(it / "prompts.jsonl", [{"prompt": data.prompts[row.prompt],
-                                                **({"route": row.route} if row.route else {})} for row in rows])
 
-        # Done only when all three are there: the policy is renamed into place last.
-        if not all((it / name).exists() for name in ("policy", "labels.json", "train.json")):
-            # LoRA: one base model, the reference is its adapter disabled (selfalign.memory).
-            policy, reference = iteration_models(cfg.train, prev, pi0_path, ref_path, accelerator.device)
-            trainer = PreferenceTrainer(policy, cfg.train_config(t), pad_id, reference=reference, accelerator=accelerator)
-            tracker.begin_iteration(t)
-            trainer.on_step = tracker.on_step
-            rounds = round_bounds(len(rows), cfg)
-            done = trainer.begin(sum(math.ceil((b - a) / cfg.train.batch_size) for a, b in rounds) * cfg.train.epochs,
-                                 checkpoint_dir=it / "train_state")
-            timings: dict[str, float] = {}
-            for k, (a, b) in enumerate(rounds[done:], start=done):
-                rnd = Round(round_dir(it, k, len(rounds)), rows[a:b], cfg.seed * 7919 + t + 100_003 * k, timings)
-                # 1-4. Generate from the current policy, label (judge, policy or dataset), pair.
-                pairs = stage_round(ctx, rnd, trainer)
-                examples = pairs.examples
-                backend.sleep()  # a GPU engine gives its memory to training until the next round's push
-                # 5. Train on them; the optimizer and schedule carry over from round to round. The schedule
-                # is sized from the examples left after ties (later rounds: at this round's share).
-                with timed(timings, "reference_logprobs", rnd.key):
-                    reference = trainer.compute_reference_logps(examples, pairs.reference, progress=show)
-                later = sum(len(trainer.plan(round((d - c) * len(examples) / (b - a)))) for c, d in rounds[k + 1:])
-                with timed(timings, "update", rnd.key):
-                    result = trainer.train_round(examples, reference, last=k == len(rounds) - 1, progress=show,
-                                                 later_steps=later)
-            if accelerator.is_main_process:
-                labels = LabelCounts.total([
-                    LabelCounts.from_dict(json.loads((round_dir(it, k, len(rounds)) / "labels.json").read_text()))
-                    for k in range(len(rounds))])
-                write_atomic(it / "labels.json", json.dumps(labels.to_dict(), indent=1))
-                write_atomic(it / "train.json", json.dumps({"steps": result.steps, "summary": result.summary,
-                                                           "rounds": len(rounds)}, indent=1))
-                write_atomic(it / "timings.json", json.dumps(timings, indent=1))
-            # 6. The reference of the next iteration follows from ref_path's choice. Saved last: the
-            # policy directory's arrival marks the training stage done.
-            save_policy(trainer, tokenizer, it / "policy", accelerator)
-            del trainer, reference, policy
-            # The run-wide accelerator keeps every prepared model: without this each iteration's policy
-            # stays alive to the end of the run.
-            accelerator.free_memory()
-        # 7. Evaluate and record.
-        if accelerator.is_main_process:
-            metrics = stage_eval(ctx, it, t)
-            write_jsonl(out / "metrics.jsonl", [*history, metrics])
-            write_atomic(it / "metrics.json", json.dumps(metrics, indent=1))  # last: the iteration is done
-            tracker.begin_iteration(t)
-            tracker.log_iteration(metrics, steps=len(json.loads((it / "train.json").read_text())["steps"]))
-        accelerator.wait_for_everyone()
-        history.append(json.loads((it / "metrics.json").read_text()))
-        durations.append(time.perf_counter() - started)
-        left = len(slices) - t - 1
-        eta = f"{left} iteration(s) left, ETA {duration(sum(durations) / len(durations) * left)}" if left else "run done"
-        log("%s done in %s: %s; %s", it.name, duration(durations[-1]), summary_line(history[-1]), eta)
-    if cfg.eval.benchmark and accelerator.is_main_process:
-        final = out / f"iter_{len(slices) - 1:03d}"
-        results = benchmark(ctx, [("pi_0", pi0_path, out / "ifeval" / "pi0.json"),
-                                  (final.name, final / "policy", out / "ifeval" / f"{final.name}.json")])
-        history[-1].update({f"ifeval/{k}": v for k, v in results[-1][1].metrics().items()})
-        write_atomic(final / "metrics.json", json.dumps(history[-1], indent=1))
-        write_jsonl(out / "metrics.jsonl", history)
-    if own_backend:
-        backend.close()
-    tracker.close()
-    return history
+def iteration_rows(ctx: RunContext, t: int) -> list[Row]:
+    """Iteration t's rows (route_rows), kept in RUN/iter_NNN/prompts.jsonl with their routes."""
+    it = ctx.out / f"iter_{t:03d}"
+    rows = route_rows(ctx.cfg, ctx.slices[t], t)
+    if ctx.accelerator.is_main_process and not (it / "prompts.jsonl").exists():
+        write_jsonl(it / "prompts.jsonl", [{"prompt": ctx.data.prompts[row.prompt],
+                                            **({"route": row.route} if row.route else {})} for row in rows])
+    return rows
 
+
+def iteration_trainer(ctx: RunContext, t: int) -> PreferenceTrainer:
+    """Iteration t's trainer: the policy (the previous iterate, or pi_0 at t = 0) and pi_ref (reference_policy),
+    its steps logged by the run's tracker."""
+    cfg, out = ctx.cfg, ctx.out
+    prev = ctx.pi0_path if t == 0 else out / f"iter_{t - 1:03d}" / "policy"
+    ref_path = prev if reference_policy(cfg, ctx.method) == "previous" else ctx.pi0_path
+    # LoRA: one base model, the reference is its adapter disabled (selfalign.iterates).
+    policy, reference = iteration_models(cfg.train, prev, ctx.pi0_path, ref_path, ctx.accelerator.device)
+    trainer = PreferenceTrainer(policy, cfg.train_config(t), pad_token_id(ctx.tokenizer), reference=reference,
+                                accelerator=ctx.accelerator)
+    ctx.tracker.begin_iteration(t)
+    trainer.on_step = ctx.tracker.on_step
+    return trainer
+
+
+@dataclass
+class Trained:
+    """What an iteration's update leaves for RUN/iter_NNN/train.json and timings.json.
+
+    steps: every optimizer step's metrics, in order; summary: the update's closing metrics (loss,
+    rewards/accuracies, ...); rounds: its generation rounds; timings: seconds per stage, summed over rounds.
+    """
+
+    steps: list[dict[str, float]]
+    summary: dict[str, float]
+    rounds: int
+    timings: dict[str, float]
+
+
+def train_rounds(ctx: RunContext, trainer: PreferenceTrainer, it: Path, t: int, rows: list[Row]) -> Trained:
+    """Iteration t's generation rounds (round_bounds), each: generate from the current policy, label (judge, policy
+    or dataset), pair, train. The optimizer and schedule carry over from round to round; a resumed iteration
+    starts at the first round its checkpoint (it/train_state) had not finished, the earlier rounds' pairs read back."""
+    cfg, show = ctx.cfg, ctx.show
+    rounds = round_bounds(len(rows), cfg)
+    # The schedule's first guess: every row makes a pair. Each round re-sizes it from the examples it kept.
+    done = trainer.begin(sum(math.ceil((b - a) / cfg.train.batch_size) for a, b in rounds) * cfg.train.epochs,
+                         checkpoint_dir=it / "train_state")
+    timings: dict[str, float] = {}
+    for k, (a, b) in enumerate(rounds[done:], start=done):
+        rnd = Round(round_dir(it, k, len(rounds)), rows[a:b], cfg.seed * 7919 + t + 100_003 * k, timings)
+        # 1-4. Generate from the current policy, label (judge, policy or dataset), pair.
+        pairs = stage_round(ctx, rnd, trainer)
+        examples = pairs.examples
+        ctx.backend.sleep()  # a GPU engine gives its memory to training until the next round's push
+        # 5. Train on them.
+        with timed(timings, "reference_logprobs", rnd.key):
+            reference = trainer.compute_reference_logps(examples, pairs.reference, progress=show)
+        later = later_round_steps(rounds, k, len(examples), lambda n: len(trainer.plan(n)))
+        with timed(timings, "update", rnd.key):
+            result = trainer.train_round(examples, reference, last=k == len(rounds) - 1, progress=show,
+                                         later_steps=later)
+    return Trained(result.steps, result.summary, len(rounds), timings)
+
+
+def later_round_steps(rounds: list[tuple[int, int]], k: int, kept: int, plan_length: Callable[[int], int]) -> int:
+    """Optimizer steps the rounds after round k of an iteration are expected to take: what sizes the learning-rate
+    schedule while round k trains (PreferenceTrainer.train_round's later_steps).
+
+    rounds: each round's [start, end) rows (round_bounds); kept: the examples round k made of its rows (judge ties
+    and dropped truncations make fewer examples than rows); plan_length(n): the optimizer steps a round of n
+    examples takes (len(PreferenceTrainer.plan(n))). A later round of d - c rows is expected to keep the same
+    share, round((d - c) * kept / (b - a)) examples (Python's round: halves go to the even number). 0 on the last
+    round.
+    """
+    a, b = rounds[k]
+    return sum(plan_length(round((d - c) * kept / (b - a))) for c, d in rounds[k + 1 :])
+
+
+def iteration_labels(it: Path, rounds: int) -> LabelCounts:
+    """An iteration's labels by source: the sum of its rounds' labels.json."""
+    return LabelCounts.total([LabelCounts.from_dict(json.loads((round_dir(it, k, rounds) / "labels.json").read_text()))
+                              for k in range(rounds)])
+
+
+def record_training(ctx: RunContext, it: Path, trained: Trained) -> None:
+    """RUN/iter_NNN/labels.json (summed over rounds), train.json (steps, summary, rounds) and timings.json."""
+    if ctx.accelerator.is_main_process:
+        write_atomic(it / "labels.json", json.dumps(iteration_labels(it, trained.rounds).to_dict(), indent=1))
+        write_atomic(it / "train.json", json.dumps({"steps": trained.steps, "summary": trained.summary,
+                                                   "rounds": trained.rounds}, indent=1))
+        write_atomic(it / "timings.json", json.dumps(trained.timings, indent=1))
+
+
+def evaluate_iteration(ctx: RunContext, it: Path, t: int, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Iteration t's metrics (stage_eval) into RUN/iter_NNN/metrics.json, written last (the iteration is done),
+    RUN/metrics.jsonl and the trackers; returns them as every process reads them back."""
+    if ctx.accelerator.is_main_process:
+        metrics = stage_eval(ctx, it, t)
+        write_jsonl(ctx.out / "metrics.jsonl", [*history, metrics])
+        write_atomic(it / "metrics.json", json.dumps(metrics, indent=1))  # last: the iteration is done
+        ctx.tracker.begin_iteration(t)
+        ctx.tracker.log_iteration(metrics, steps=len(json.loads((it / "train.json").read_text())["steps"]))
+    ctx.accelerator.wait_for_everyone()
+    return json.loads((it / "metrics.json").read_text())
+
+
+def eta(durations: list[float], left: int) -> str:
+    """The end of an iteration's log line: the iterations left and their time at the mean pace of those this
+    process ran (durations, in seconds), or 'run done'."""
+    return f"{left} iteration(s) left, ETA {duration(sum(durations) / len(durations) * left)}" if left else "run done"
+
+
+def benchmark_final(ctx: RunContext, history: list[dict[str, Any]]) -> None:
+    """eval.benchmark on pi_0 and the final iterate (benchmark); the final iterate's scores join its metrics
+    (history[-1], its metrics.json and RUN/metrics.jsonl)."""
+    out = ctx.out
+    final = out / f"iter_{len(ctx.slices) - 1:03d}"
+    results = benchmark(ctx, [("pi_0", ctx.pi0_path, out / "ifeval" / "pi0.json"),
+                              (final.name, final / "policy", out / "ifeval" / f"{final.name}.json")])
+    history[-1].update({f"ifeval/{k}": v for k, v in results[-1][1].metrics().items()})
+    write_atomic(final / "metrics.json", json.dumps(history[-1], indent=1))
+    write_jsonl(out / "metrics.jsonl", history)
 
 def engine_context(cfg: RunConfig, tokenizer) -> int:
     """Prompt + response tokens the generation engine must hold: the run's, or a benchmark's if longer."""

@@ -106,6 +106,40 @@ def test_schedule_over_generation_rounds_ends_decayed(tmp_path):
     assert steps[-1]["learning_rate"] == pytest.approx(2e-4 * fn(total - 1), rel=1e-12)
 
 
+def test_later_round_steps_by_hand():
+    """The steps the later rounds of an iteration are expected to take, worked by hand.
+
+    Rounds of rows [0, 8), [8, 16), [16, 21); batch_size 4, 2 epochs, one process.
+    Round 0 kept 6 examples of its 8 rows (two ties): a share of 6/8.
+      round 1: 8 rows x 6/8 = 6 examples -> batches [4, 2] a pass -> 2 x 2 epochs = 4 steps
+      round 2: 5 rows x 6/8 = 3.75 -> 4 examples -> [4]            -> 1 x 2 epochs = 2 steps
+      after round 0: 4 + 2 = 6
+    Round 1 kept 3 of its 8: round 2 gets 5 x 3/8 = 1.875 -> 2 examples -> [2] -> 2 steps.
+    After the last round: 0.
+    Round 0 kept 5 of 8: round 1 gets 8 x 5/8 = 5 examples -> [4, 1] -> 4 steps, round 2 gets
+    5 x 5/8 = 3.125 -> 3 -> [3] -> 2 steps: 6. On two processes the step of 1 is dropped (each process
+    needs a row): round 1 takes 1 x 2 epochs = 2 steps, and the total is 4.
+    Python's round sends halves to the even number: rows [0, 2), [2, 7), 1 kept of 2 -> 5 x 1/2 = 2.5 -> 2
+    examples; with batch_size 2 and one epoch that is [2], 1 step (3 examples would be [2, 1], 2 steps).
+    """
+    from selfalign.loop import later_round_steps
+    from selfalign.train import TrainConfig, plan_steps
+
+    cfg = TrainConfig(batch_size=4, micro_batch_size=4, epochs=2)
+
+    def steps(processes):
+        return lambda n: len(plan_steps(cfg, n, 0, processes))
+
+    rounds = [(0, 8), (8, 16), (16, 21)]
+    assert later_round_steps(rounds, 0, 6, steps(1)) == 6
+    assert later_round_steps(rounds, 1, 3, steps(1)) == 2
+    assert later_round_steps(rounds, 2, 5, steps(1)) == 0
+    assert later_round_steps(rounds, 0, 5, steps(1)) == 6
+    assert later_round_steps(rounds, 0, 5, steps(2)) == 4
+    halves = TrainConfig(batch_size=2, micro_batch_size=2, epochs=1)
+    assert later_round_steps([(0, 2), (2, 7)], 0, 1, lambda n: len(plan_steps(halves, n, 0, 1))) == 1
+
+
 @pytest.mark.parametrize("method, alpha", [("selm", 1e-3), ("xpo", 1e-5), ("iterative_dpo", 0.0)])
 def test_alpha_presets(method, alpha):
     assert load_config(RunConfig, None, [f"method={method}"]).alpha == alpha
