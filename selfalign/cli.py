@@ -19,167 +19,28 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import random
 import re
 import signal
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import logs
-from .card import PushError, check_repo_id, push_folder, train_card
-from .config import ConfigError, check_same_config, describe, dump_yaml, field, load_config, to_dict
-from .data import PreferenceDataConfig, load_preferences, write_atomic, write_jsonl
+from .card import PushError
+from .config import ConfigError, describe, load_config
+from .data import PreferenceDataConfig, load_preferences, write_atomic
 from .judges import JudgeError
 from .models import check_source
-from .records import PreferenceExample, ReferenceLogps
-from .report import ReportError
-from .rundir import RunLock, check_same_data, data_digest
+from .offline import TrainRunConfig, TrainSummary, run_train, step_table, train  # noqa: F401  (run_train: re-exported)
+from .report import ReportError, iteration_table
 from .sources import DataError
-from .tokens import pad_token_id
-from .tracking import RunTracker, accelerator_kwargs, parse_report_to
-from .train import NonFiniteError, PreferenceTrainer, TrainConfig
-
-
-@dataclass
-class TrainRunConfig:
-    """An offline preference-training run: model, data, and the update's settings."""
-
-    model: str = field("", help="Policy to train: a local directory, hub name or .gguf file (selfalign.models).")
-    reference: str = field("", help="Frozen reference model; empty means a copy of `model` (pi_0).")
-    output_dir: str = field("runs/train", help="Run directory: config.yaml, steps.jsonl, metrics.jsonl, policy/.")
-    report_to: str = field("none", help="Experiment trackers, as in `selfalign run`: none, or one or more "
-                                        "(comma-separated) of tensorboard (RUN/tensorboard/), wandb, trackio, mlflow, ...")
-    push_to_hub: str = field("", help="Hub repository (user/name) to upload policy/ (with its model card) to at the "
-                                      "end; needs network and a token (HF_TOKEN). Empty: no upload.")
-    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig, help="Preference data.")
-    train: TrainConfig = field(default_factory=TrainConfig, help="The preference update.")
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.data.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.data.eval_fraction}")
-        check_repo_id("push_to_hub", self.push_to_hub)
-        parse_report_to(self.report_to)
+from .train import NonFiniteError
 
 
 class UsageError(Exception):
     """Input the user must fix; printed as one line, exit status 2."""
-
-
-def _prepare_run_dir(cfg: TrainRunConfig) -> Path:
-    out = Path(cfg.output_dir)
-    if (out / "policy").exists():
-        raise UsageError(f"{out}/policy already exists: this run finished; choose another output_dir=... to train again")
-    saved = out / "config.yaml"
-    check_same_config(saved, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(saved, dump_yaml(cfg))
-    return out
-
-
-@torch.no_grad()
-def heldout_accuracy(trainer: PreferenceTrainer, examples: list[PreferenceExample],
-                     reference: list[ReferenceLogps]) -> dict[str, float]:
-    """Implicit-reward accuracy and margin, and plain log-prob accuracy, on held-out pairs (reference: theirs)."""
-    from .logprobs import collate
-    from .losses import preference_logits
-
-    batch = collate([e.prompt_ids for e in examples] * 2, [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples],
-                    trainer.pad_token_id)
-    lp = trainer.scorer.policy_logps(batch).cpu()
-    n = len(examples)
-    chosen, rejected = lp[:n], lp[n:]
-    ref_c = torch.tensor([r.chosen for r in reference])
-    ref_r = torch.tensor([r.rejected for r in reference])
-    margin = preference_logits(chosen, rejected, ref_c, ref_r, trainer.config.beta)
-    return {
-        "eval/rewards/accuracies": (margin > 0).float().mean().item(),
-        "eval/rewards/margins": margin.mean().item(),
-        "eval/logps/accuracies": (chosen > rejected).float().mean().item(),
-    }
-
-
-def run_train(cfg: TrainRunConfig, progress: bool = True) -> dict[str, float]:
-    """Train cfg.model on cfg.data; write the run directory; return the final held-out metrics."""
-    if not cfg.model:
-        raise ConfigError("model: required (a local model directory or hub name)")
-    if not cfg.data.path:
-        raise ConfigError("data.path: required (prompt/chosen/rejected rows: a JSONL or Parquet file, a save_to_disk "
-                          "folder or a dataset name)")
-    from .tasks.smollm2 import named_model
-
-    cfg.model, cfg.reference = named_model(cfg.model, progress), cfg.reference and named_model(cfg.reference, progress)
-    check_source(cfg.model, "model")
-    if cfg.reference:
-        check_source(cfg.reference, "reference")
-    with RunLock(Path(cfg.output_dir)):
-        return _train(cfg, progress)
-
-
-def _train(cfg: TrainRunConfig, progress: bool) -> dict[str, float]:
-    from .distributed import make_accelerator
-    from .iterates import frozen_dtype, policy_dtype, save_policy
-    from .models import load_causal_lm, load_tokenizer
-    from .train import resolve_mixed_precision
-
-    # The trackers first: one that is not installed stops the run before any work, as in `selfalign run`.
-    accelerator = make_accelerator(resolve_mixed_precision(cfg.train.mixed_precision),
-                                   **accelerator_kwargs(cfg.report_to, Path(cfg.output_dir)))
-    tokenizer = load_tokenizer(cfg.model)
-    examples = load_preferences(cfg.data, tokenizer)
-    out = _prepare_run_dir(cfg)
-    check_same_data(out, {"data": data_digest(cfg.data.path, [[e.prompt_ids, e.chosen_ids, e.rejected_ids]
-                                                              for e in examples])}, write=True)
-    random.Random(cfg.train.seed).shuffle(examples)
-    n_eval = int(len(examples) * cfg.data.eval_fraction)
-    heldout, train_set = examples[:n_eval], examples[n_eval:]
-
-    policy = load_causal_lm(cfg.model, dtype=policy_dtype(cfg.train))
-    reference = None
-    if not cfg.train.lora.enabled:  # LoRA: the reference is the policy with its adapter disabled
-        reference = load_causal_lm(cfg.reference or cfg.model, dtype=frozen_dtype(cfg.train))
-    pad = pad_token_id(tokenizer)
-    trainer = PreferenceTrainer(policy, cfg.train, pad_token_id=pad, reference=reference, accelerator=accelerator)
-
-    # The reference is frozen: the held-out pairs' reference log-probs serve before and after training.
-    heldout_ref = trainer.compute_reference_logps(heldout, progress=False) if heldout else []
-    before = heldout_accuracy(trainer, heldout, heldout_ref) if heldout else {}
-    # RUN/steps.jsonl as training runs, and the report_to trackers: the config, each step, held-out before/after.
-    steps = RunTracker(out, trainer.accelerator, to_dict(cfg))
-    steps.begin_iteration(0)
-    steps.log_iteration(before, steps=0)
-    trainer.on_step = steps.on_step
-    result = trainer.update(train_set, checkpoint_dir=out / "checkpoint", progress=progress)
-    after = heldout_accuracy(trainer, heldout, heldout_ref) if heldout else {}
-    steps.log_iteration(after, steps=len(result.steps))
-    steps.close()
-    write_jsonl(out / "metrics.jsonl", [{"step": i + 1, **s} for i, s in enumerate(result.steps)])
-    summary = {"train_pairs": len(train_set), "heldout_pairs": len(heldout), **after}
-    write_atomic(out / "summary.json", json.dumps({"before": before, "after": after, **summary}, indent=2))
-    card = train_card(cfg, {"before": before, "after": after, **summary})
-    # Last: its arrival marks the run done; the model card goes in with it.
-    save_policy(trainer, tokenizer, out / "policy", trainer.accelerator, card=card)
-    _print_table(result.steps, before, after)
-    print(f"policy saved to {out / 'policy'}")
-    if cfg.push_to_hub:
-        print(f"selfalign: uploaded {out / 'policy'} to {push_folder(cfg.push_to_hub, out / 'policy', out)}")
-    return after
-
-
-def _print_table(steps: list[dict[str, float]], before: dict[str, float], after: dict[str, float]) -> None:
-    cols = ["loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]
-    print(f"{'step':>5} " + " ".join(f"{c:>19}" for c in cols))
-    every = max(1, len(steps) // 10)
-    for i, s in enumerate(steps):
-        if i % every == 0 or i == len(steps) - 1:
-            print(f"{i + 1:>5} " + " ".join(f"{s[c]:>19.4f}" for c in cols))
-    if before:
-        print("held-out pairs            before   after")
-        for key in after:
-            print(f"  {key:<24}{before[key]:>7.3f} {after[key]:>7.3f}")
 
 
 DEMO_DEFAULTS = [
@@ -197,13 +58,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"model={model_dir}", f"data.path={data_path}", f"output_dir={root / 'run'}", *DEMO_DEFAULTS, *args.overrides,
     ])
     print(f"demo: offline DPO on the sorting task ({data_path}), tiny random-init model ({model_dir})")
-    after = run_train(cfg, progress=not args.no_progress)
+    after = print_train(train(cfg, progress=not args.no_progress)).after
     print(f"held-out preference accuracy after training: {after['eval/rewards/accuracies']:.2f} "
           "(0.5 is chance: the model learned a preference for sorted answers from pairs alone)")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    run_train(load_config(TrainRunConfig, args.recipe, args.overrides), progress=not args.no_progress)
+    print_train(train(load_config(TrainRunConfig, args.recipe, args.overrides), progress=not args.no_progress))
+
+
+def print_train(summary: TrainSummary) -> TrainSummary:
+    print(step_table(summary))
+    print(f"policy saved to {summary.policy}")
+    if summary.uploaded:
+        print(f"selfalign: uploaded {summary.policy} to {summary.uploaded}")
+    return summary
 
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -219,31 +88,6 @@ def recipe_path(name: str) -> Path:
         known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
         raise UsageError(f"no recipe file '{name}' and no bundled recipe of that name (bundled: {known})")
     return bundled
-
-
-def iteration_table(out: Path, history: list[dict]) -> str:
-    """One row for pi_0 and one per iteration: the numbers a user watches, titled as selfalign.vocabulary says."""
-    from .vocabulary import COLUMNS, cell
-
-    rows = []
-    pi0 = out / "pi0_metrics.json"
-    if pi0.exists():
-        rows.append(json.loads(pi0.read_text()))
-    rows += history
-    # Labels by source, cumulative: judge labels are paid for; policy and dataset labels are not (SAIL).
-    for r in rows:
-        for source, n in r.get("labels_total_by_source", {}).items():
-            r[f"labels/{source}"] = n
-    extra = [(f"labels/{s}", f"{s} labels", "{:d}") for s in ("policy", "dataset")
-             if any(r.get(f"labels/{s}") for r in rows)]
-    cols = [c for c in COLUMNS if c[0] not in ("labelled_pairs_total", "implicit/gap")]
-    cols = [cols[0], *extra, *cols[1:]]
-    # A column no row has (no held-out evaluation, no win rate) is left out rather than printed empty.
-    cols = [c for c in cols if c[0] == "labels_total" or any(c[0] in r for r in rows)]
-    table = [["iteration", *(title for _, title, _ in cols)]]
-    table += [[str(r["iteration"]), *(cell(r, key, fmt) for key, _, fmt in cols)] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table)
 
 
 def cmd_run(args: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 
     write_report(RUN)             RUN/report.md, RUN/plots/{reward_vs_labels,win_rate,reward_hist,kl}.png
     write_comparison(RUNS, OUT)   OUT/compare.md and OUT/compare.png; returns the markdown table
+    iteration_table(RUN, history) the table `selfalign run` prints at its end: pi_0 and each iteration
 
 Everything is read from the run directory (metrics.json per iteration, pi0_metrics.json,
 eval_rewards.json), so a report can be made of a finished or a half-finished run, any time.
@@ -23,6 +24,29 @@ LABELS_AXIS = "labelled pairs used (judged prompts + dataset pairs)"
 
 class ReportError(ValueError):
     """The directory is not a run, or has nothing to report yet."""
+
+
+def iteration_table(out: Path, history: list[dict]) -> str:
+    """One row for pi_0 and one per iteration: the numbers a user watches, titled as selfalign.vocabulary says."""
+    rows = []
+    pi0 = out / "pi0_metrics.json"
+    if pi0.exists():
+        rows.append(json.loads(pi0.read_text()))
+    rows += history
+    # Labels by source, cumulative: judge labels are paid for; policy and dataset labels are not (SAIL).
+    for r in rows:
+        for source, n in r.get("labels_total_by_source", {}).items():
+            r[f"labels/{source}"] = n
+    extra = [(f"labels/{s}", f"{s} labels", "{:d}") for s in ("policy", "dataset")
+             if any(r.get(f"labels/{s}") for r in rows)]
+    cols = [c for c in COLUMNS if c[0] not in ("labelled_pairs_total", "implicit/gap")]
+    cols = [cols[0], *extra, *cols[1:]]
+    # A column no row has (no held-out evaluation, no win rate) is left out rather than printed empty.
+    cols = [c for c in cols if c[0] == "labels_total" or any(c[0] in r for r in rows)]
+    table = [["iteration", *(title for _, title, _ in cols)]]
+    table += [[str(r["iteration"]), *(cell(r, key, fmt) for key, _, fmt in cols)] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table)
 
 
 def load_run(run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
