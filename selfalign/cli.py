@@ -29,19 +29,15 @@ import torch
 
 from . import logs
 from .card import PushError
-from .config import ConfigError, describe, load_config
-from .data import PreferenceDataConfig, load_preferences, write_atomic
+from .config import ConfigError, UsageError, describe, load_config
+from .data import write_atomic
+from .eval_targets import benchmark_targets, check_tokenizer, plan_eval
+from .eval_targets import check_tokenizer as _check_tokenizer  # noqa: F401  (re-exported: the old name)
 from .judges import JudgeError
-from .models import check_source
 from .offline import TrainRunConfig, TrainSummary, run_train, step_table, train  # noqa: F401  (run_train: re-exported)
 from .report import ReportError, iteration_table
 from .sources import DataError
 from .train import NonFiniteError
-
-
-class UsageError(Exception):
-    """Input the user must fix; printed as one line, exit status 2."""
-
 
 DEMO_DEFAULTS = [
     "train.learning_rate=0.001", "train.beta=0.1", "train.batch_size=16", "train.micro_batch_size=16",
@@ -145,117 +141,6 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     cmd_run(args)
 
 
-def _eval_pairs(path: str, tokenizer) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt, chosen, rejected) ids from a run's pairs.jsonl or a preference JSONL (prompt, chosen, rejected)."""
-    from .sources import read_jsonl
-
-    first = next(iter(read_jsonl(path)), (0, {}))[1]
-    if "prompt_ids" in first:
-        return [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for _, r in read_jsonl(path)]
-    return [(e.prompt_ids, e.chosen_ids, e.rejected_ids)
-            for e in load_preferences(PreferenceDataConfig(path=path, eval_fraction=0.0), tokenizer)]
-
-
-def _is_policy_dir(path: Path) -> bool:
-    """A model directory (config.json) or a LoRA iterate (adapter_config.json)."""
-    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
-
-
-def _eval_target(target: Path, overrides: list[str]):
-    """(run config, policy directory, run config file or None, base model recorded for it or None).
-
-    A run directory evaluates its last policy; a policy directory inside a run (RUN/iter_NNN/policy of
-    an online run, RUN/policy of `selfalign train`) takes the run's settings and records pi_0 as
-    the model that run started from. A policy found nowhere in a run records no base.
-    """
-    import yaml
-
-    from .run_config import RunConfig
-
-    if (target / "config.yaml").is_file():
-        run_dir = target
-        policies = sorted(target.glob("iter_*/policy")) or ([target / "policy"] if (target / "policy").is_dir() else [])
-        if not policies:
-            raise UsageError(f"{target}: no iteration has finished yet (no iter_*/policy); run it first")
-        policy = policies[-1]
-    elif _is_policy_dir(target):  # a model or a LoRA iterate
-        policy = target
-        run_dir = next((d for d in (target.parent, target.parent.parent) if (d / "config.yaml").is_file()), None)
-    else:
-        raise UsageError(f"{target}: neither a policy directory (config.json, or a LoRA adapter's adapter_config.json) "
-                         "nor a run directory (config.yaml)")
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir is not None else None
-    if isinstance(saved, dict) and "method" in saved:  # an online run: its settings, its pi_0
-        return load_config(RunConfig, run_dir / "config.yaml", overrides), policy, run_dir / "config.yaml", None
-    base = None
-    if isinstance(saved, dict) and saved.get("model"):  # `selfalign train`: the reference it trained against
-        base = Path(saved.get("reference") or saved["model"])
-    return load_config(RunConfig, None, overrides), policy, None, base
-
-
-def _check_tokenizer(policy: Path, other: Path, flag: str) -> None:
-    """Refuse (one line) a baseline or reference whose tokenizer differs from the policy's: it would read the
-    policy's token ids as other tokens (or index past its vocabulary) after minutes of generation."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    if Path(other) == Path(policy):
-        return
-    try:
-        mine, theirs = AutoTokenizer.from_pretrained(policy).get_vocab(), AutoTokenizer.from_pretrained(other).get_vocab()
-    except (OSError, ValueError):  # no tokenizer saved with the model: compare the vocabulary sizes only
-        mine = theirs = None
-    from .models import whole_model
-
-    sizes = (AutoConfig.from_pretrained(whole_model(policy)).vocab_size,
-             AutoConfig.from_pretrained(whole_model(other)).vocab_size)
-    if (mine is not None and mine != theirs) or sizes[1] < sizes[0]:
-        raise UsageError(f"{flag} {other}: its vocabulary ({sizes[1]} ids) is not the policy's ({sizes[0]} ids); "
-                         f"pass {flag} DIR with a model sharing the policy's tokenizer (the model it was trained from)")
-
-
-def _eval_reward_model(args: argparse.Namespace, cfg, gold_fn: str) -> tuple[str, str]:
-    """(key, path) of the reward model `selfalign eval` scores with, or ("", ""): --reward-model, else (without
-    --reward) the run's eval.reward_model, else, where no gold function exists, the run judge's reward model."""
-    if args.reward_model:
-        return "--reward-model", args.reward_model
-    if args.reward:
-        return "", ""
-    if cfg.eval.reward_model:
-        return "eval.reward_model", cfg.eval.reward_model
-    if not gold_fn and cfg.judge.kind == "reward_model" and cfg.judge.reward_model:
-        return "judge.reward_model", cfg.judge.reward_model
-    return "", ""
-
-
-def _benchmark_targets(target: Path, baseline: str | None, output: str | None) -> list[tuple[str, Path, Path]]:
-    """(name, policy, output JSON) to answer the benchmark with: a run's pi_0 (or --baseline) and final iterate,
-    saved under RUN/ifeval/; or a policy directory (and --baseline's), each saved beside itself (ifeval_NAME.json)
-    unless --output names the policy's file."""
-    if (target / "config.yaml").is_file():
-        _, policy, config_file, base = _eval_target(target, [])
-        if baseline:
-            first = ("baseline", Path(baseline), target / "ifeval" / "baseline.json")
-        else:
-            pi0 = target / "pi0" if (target / "pi0" / "config.json").is_file() else base
-            if pi0 is None:
-                from .run_config import RunConfig, resolve_task
-
-                pi0 = Path(resolve_task(load_config(RunConfig, config_file, []), progress=False).policy)
-            first = ("pi_0", pi0, target / "ifeval" / "pi0.json")
-        name = policy.parent.name if policy.name == "policy" else policy.name  # iter_NNN, or `train`'s policy
-        return [first, (name, policy, Path(output) if output else target / "ifeval" / f"{name}.json")]
-    if not _is_policy_dir(target):
-        raise UsageError(f"{target}: neither a policy directory (config.json, or a LoRA adapter's adapter_config.json) "
-                         "nor a run directory (config.yaml)")
-    policies = [("policy", target, Path(output) if output else target.parent / f"ifeval_{target.name}.json")]
-    if baseline:
-        b = Path(baseline)
-        if not _is_policy_dir(b):
-            raise UsageError(f"--baseline {b}: not a policy directory (no config.json or adapter_config.json)")
-        policies.insert(0, ("baseline", b, b.parent / f"ifeval_{b.name}.json"))
-    return policies
-
-
 def cmd_benchmark(args: argparse.Namespace) -> None:
     """`selfalign eval --benchmark ifeval TARGET`: IFEval's 541 prompts, Google's checkers, a paired test."""
     from . import ifeval
@@ -267,9 +152,9 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     ifeval.load_items()  # a missing extra is one line now, not after minutes of loading models
     ifeval.registry()
-    policies = _benchmark_targets(Path(args.target), args.baseline, args.output)
+    policies = benchmark_targets(Path(args.target), args.baseline, args.output)
     for _, policy, out in policies:
-        _check_tokenizer(policies[-1][1], policy, "--baseline")
+        check_tokenizer(policies[-1][1], policy, "--baseline")
         if out.is_dir():
             raise UsageError(f"--output {out}: is a directory; pass a file name (FILE.json, answers beside it)")
     results = ifeval.evaluate(policies, args.max_new_tokens, args.limit, args.backend, progress=not args.no_progress)
@@ -287,55 +172,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
             setattr(args, key, named_model(getattr(args, key), progress=not args.no_progress))
     if args.benchmark:
         return cmd_benchmark(args)
-    from .data import load_prompts
     from .evaluate import evaluate_policy
-    from .judges.function import FunctionJudge
-    from .judges.gold import load_reward_model
-    from .models import load_tokenizer
-    from .run_config import resolve_task
 
-    target = Path(args.target)
-    cfg, policy, run_config, base = _eval_target(target, args.overrides)
-    task = resolve_task(cfg, progress=not args.no_progress) if run_config is not None else None
-    recorded = task.policy if task is not None else base
-    # pi_0 is the model the policy was trained from; nothing else (least of all the built-in toy model) is a
-    # sensible default opponent for a policy of unknown origin.
-    pi0 = args.reference or recorded or args.baseline
-    baseline = args.baseline or recorded or args.reference
-    if pi0 is None:
-        raise UsageError(f"{target}: no run records the model this policy was trained from; pass --baseline DIR "
-                         "(that model: the opponent of the win rate, and the KL reference unless --reference is given)")
-    for flag, given in (("--baseline", args.baseline), ("--reference", args.reference)):
-        if given:
-            check_source(given, flag)  # named: the path alone does not say which flag is wrong
-    pi0, baseline = Path(pi0), Path(baseline)
-    _check_tokenizer(policy, baseline, "--baseline")
-    _check_tokenizer(policy, pi0, "--reference")
-    if task is None and not (args.prompts and (args.reward or args.reward_model)):
-        # A policy outside a run: the built-in task supplies prompts and reward only where none are given.
-        task = resolve_task(cfg, progress=not args.no_progress)
-    prompts_file = args.prompts or task.eval_prompts
-    if not prompts_file:
-        raise UsageError("no held-out prompts: pass --prompts FILE.jsonl (or set eval_prompts in the run's config)")
-    tokenizer = load_tokenizer(policy)
-    split = ("", cfg.subset, cfg.chosen_field) if args.prompts else cfg.source_split("eval_prompts")[:3]
-    prompts = load_prompts(prompts_file, cfg.prompt_field, tokenizer, cfg.max_prompt_tokens, *split)[: args.limit or None]
-    rm_key, rm_path = _eval_reward_model(args, cfg, task.gold_fn if task is not None else "")
-    if rm_path:
-        gold = load_reward_model(rm_key, rm_path, cfg.judge)
-        scorer = f"reward model {rm_path}"
-    else:
-        spec = args.reward or task.gold_fn
-        if not spec:
-            raise UsageError("no reward to evaluate with: pass --reward pkg.module:fn or --reward-model DIR")
-        gold, scorer = FunctionJudge(spec), spec
-    pairs = _eval_pairs(args.pairs, tokenizer) if args.pairs else None
+    plan = plan_eval(Path(args.target), args.overrides, baseline=args.baseline, reference=args.reference,
+                     prompts=args.prompts, reward=args.reward, reward_model=args.reward_model, pairs=args.pairs,
+                     limit=args.limit, progress=not args.no_progress)
     responses = Path(args.output).with_suffix(".responses.jsonl") if args.output else None
-    metrics = evaluate_policy(policy, pi0, prompts, tokenizer, gold, cfg, progress=not args.no_progress,
-                              baseline_path=baseline, pairs=pairs, high_reward=args.high_reward,
-                              responses_path=responses)
-    record = {"policy": str(policy), "baseline": str(baseline), "reference": str(pi0), "prompts": prompts_file,
-              "num_prompts": len(prompts), "reward": scorer, **metrics}
+    metrics = evaluate_policy(plan.policy, plan.pi0, plan.prompts, plan.tokenizer, plan.gold, plan.cfg,
+                              progress=not args.no_progress, baseline_path=plan.baseline, pairs=plan.pairs,
+                              high_reward=args.high_reward, responses_path=responses)
+    record = {"policy": str(plan.policy), "baseline": str(plan.baseline), "reference": str(plan.pi0),
+              "prompts": plan.prompts_file, "num_prompts": len(plan.prompts), "reward": plan.scorer, **metrics}
     if args.output:
         write_atomic(Path(args.output), json.dumps(record, indent=1))
     width = max(len(k) for k in record)

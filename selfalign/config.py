@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
+class UsageError(Exception):
+    """Input the user must fix beyond the config (a command-line argument, a path, a run directory in the wrong
+    state); the command line prints it as one line, exit status 2."""
+
+
 def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field with its documentation attached (shown by `selfalign config --help`)."""
     if default_factory is not dataclasses.MISSING:

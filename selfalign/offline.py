@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .card import check_repo_id, push_folder, train_card
-from .config import ConfigError, check_same_config, dump_yaml, field, to_dict
+from .config import ConfigError, UsageError, check_same_config, dump_yaml, field, to_dict
 from .data import PreferenceDataConfig, load_preferences, write_atomic, write_jsonl
 from .models import check_source
 from .records import PreferenceExample, ReferenceLogps
@@ -97,7 +97,7 @@ def prepare_run_dir(cfg: TrainRunConfig) -> Path:
     """The run directory with cfg saved in it: refused when it holds a finished run, or a different config."""
     out = Path(cfg.output_dir)
     if (out / "policy").exists():
-        raise ConfigError(f"{out}/policy already exists: this run finished; choose another output_dir=... to train again")
+        raise UsageError(f"{out}/policy already exists: this run finished; choose another output_dir=... to train again")
     saved = out / "config.yaml"
     check_same_config(saved, cfg)
     out.mkdir(parents=True, exist_ok=True)
