@@ -25,8 +25,6 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
-
 from . import logs
 from .card import PushError
 from .config import ConfigError, UsageError, describe, load_config
@@ -36,6 +34,7 @@ from .eval_targets import check_tokenizer as _check_tokenizer  # noqa: F401  (re
 from .judges import JudgeError
 from .offline import TrainRunConfig, TrainSummary, run_train, step_table, train  # noqa: F401  (run_train: re-exported)
 from .report import ReportError, iteration_table
+from .run_config import RECIPES, recipe_path  # noqa: F401  (re-exported)
 from .sources import DataError
 from .train import NonFiniteError
 
@@ -69,21 +68,6 @@ def print_train(summary: TrainSummary) -> TrainSummary:
     if summary.uploaded:
         print(f"selfalign: uploaded {summary.policy} to {summary.uploaded}")
     return summary
-
-
-RECIPES = Path(__file__).parent / "recipes"
-
-
-def recipe_path(name: str) -> Path:
-    """A recipe file, or the name of one bundled with selfalign (e.g. 'quickstart')."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    bundled = RECIPES / f"{name}.yaml"
-    if not bundled.exists():
-        known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
-        raise UsageError(f"no recipe file '{name}' and no bundled recipe of that name (bundled: {known})")
-    return bundled
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -121,18 +105,11 @@ def cmd_estimate(args: argparse.Namespace) -> None:
 
 
 def print_estimate(cfg, sharding: str, processes: int) -> None:
-    """The memory estimate a run prints before it starts, for the sharding and processes of its launch
-    (distributed.launched_sharding); a model whose config is out of reach only says so."""
-    from .estimate import report
+    """The memory estimate a run prints before it starts (estimate.launch_report), timestamped like every line
+    before the table."""
+    from .estimate import launch_report
 
-    try:
-        text, _ = report(cfg, sharding, processes, device="cuda" if torch.cuda.is_available() else "cpu")
-        if sharding != cfg.hardware.sharding and {sharding, cfg.hardware.sharding} != {"none", "ddp"}:
-            text += (f"\n  note: the recipe states hardware.sharding {cfg.hardware.sharding}; this launch runs "
-                     f"{sharding} (the accelerate config it was launched with decides)")
-    except Exception as e:  # informational: a model the estimate cannot size never stops the run
-        text = f"memory estimate: not available ({str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__})"
-    for line in text.splitlines():  # timestamped like every line before the table
+    for line in launch_report(cfg, sharding, processes).splitlines():
         logs.info("%s", line)
 
 

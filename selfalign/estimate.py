@@ -326,3 +326,16 @@ def report(cfg: Any, sharding: Sharding | None = None, processes: int | None = N
                      "context and allocator)")
     return "\n".join(lines), fits
 
+
+def launch_report(cfg: Any, sharding: str, processes: int) -> str:
+    """The memory estimate a run prints before it starts, for the sharding and processes of its launch
+    (distributed.launched_sharding), with a note where the recipe states another sharding. Never raises:
+    a model the estimate cannot size (its config out of reach) only says so."""
+    try:
+        text, _ = report(cfg, sharding, processes, device="cuda" if torch.cuda.is_available() else "cpu")
+        if sharding != cfg.hardware.sharding and {sharding, cfg.hardware.sharding} != {"none", "ddp"}:
+            text += (f"\n  note: the recipe states hardware.sharding {cfg.hardware.sharding}; this launch runs "
+                     f"{sharding} (the accelerate config it was launched with decides)")
+    except Exception as e:  # informational: a model the estimate cannot size never stops the run
+        text = f"memory estimate: not available ({str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__})"
+    return text

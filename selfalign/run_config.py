@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from .card import check_repo_id
-from .config import check, field
+from .config import UsageError, check, field
 from .estimate import HardwareConfig
 from .generation import GenerationConfig
 from .judges.llm import LLMJudgeConfig
@@ -337,3 +337,18 @@ def resolve_task(cfg: RunConfig, progress: bool) -> Task:
     preferences = cfg.preferences or (str(task.train_preferences) if cfg.needs_dataset else "")
     return Task(task.policy_dir, cfg.prompts or str(task.train_prompts), cfg.eval_prompts or str(task.eval_prompts),
                 preferences, cfg.judge.function or task.reward_fn, cfg.eval.reward or task.reward_fn)
+
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def recipe_path(name: str) -> Path:
+    """A recipe file, or the name of one bundled with selfalign (e.g. 'quickstart')."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    bundled = RECIPES / f"{name}.yaml"
+    if not bundled.exists():
+        known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+        raise UsageError(f"no recipe file '{name}' and no bundled recipe of that name (bundled: {known})")
+    return bundled
