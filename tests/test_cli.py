@@ -56,6 +56,28 @@ def test_train_from_recipe(tmp_path, task, capsys):
     assert "policy saved" in out
 
 
+def test_train_from_python_returns_what_the_command_prints(tmp_path, task, capsys):
+    """selfalign.offline.train is the library behind `selfalign train`: it prints nothing, returns the summary
+    (the same numbers as RUN/summary.json and metrics.jsonl), and the command prints step_table of it."""
+    from selfalign.config import load_config
+    from selfalign.offline import TrainRunConfig, step_table, train
+
+    model_dir, data_path = task
+    summary = train(load_config(TrainRunConfig, write_recipe(tmp_path, model_dir, data_path),
+                                ["data.eval_fraction=0.25"]), progress=False)
+    assert capsys.readouterr().out == ""
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary.before == saved["before"] and summary.after == saved["after"]
+    assert (summary.train_pairs, summary.heldout_pairs) == (saved["train_pairs"], saved["heldout_pairs"]) == (36, 12)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["loss"] for s in summary.steps] == [s["loss"] for s in steps]
+    assert summary.policy == tmp_path / "run" / "policy" and summary.uploaded is None
+    table = step_table(summary).splitlines()
+    assert table[0].split() == ["step", "loss", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                                "logps/rejected"]
+    assert table[-4] == "held-out pairs            before   after" and table[-3].split()[0] == "eval/rewards/accuracies"
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
