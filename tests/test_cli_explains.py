@@ -82,7 +82,7 @@ def test_unevaluable_judges_and_bad_eval_reward_models_are_one_line_errors(rm_ru
     check_refused(["run", "quickstart", *argv, "judge.kind=pairwise", "judge.function=tests.judge_fns:longer_wins"],
                   out, capsys, "eval: judge.kind=pairwise gives no reward to score the held-out prompts")
     check_refused(["run", "quickstart", *argv, f"eval.reward_model={files['dir'] / 'no-rm'}"], out, capsys,
-                  "eval.reward_model: no directory")
+                  f"eval.reward_model: {files['dir'] / 'no-rm'}: no such file or directory")
     check_refused(["run", "quickstart", *argv, "judge.reward_model=nobody-here/no-such-rm"], out, capsys,
                   "judge.reward_model: nobody-here/no-such-rm: cannot load")
 

@@ -185,6 +185,7 @@ def test_a_run_from_an_older_version_resumes_with_the_values_it_ran_with(tmp_pat
     assert cfg.train.dtype == "fp32" and cfg.train.lora.merge is True and cfg.eval.every == 1
 
     argv = ["run", "quickstart", *SMALL, "iterations=1", "eval.prompts=4", f"output_dir={out}", "--no-progress"]
+    capsys.readouterr()  # the in-process runs above drew transformers' loading bars on stderr
     for change, shown in [("eval.every=2", "eval.every: 1 -> 2"), ("train.dtype=bf16", "train.dtype: 'fp32' -> 'bf16'"),
                           ("generation.vllm_dtype=bfloat16", "generation.vllm_dtype: 'float32' -> 'bfloat16'")]:
         code = main([*argv, change])
