@@ -812,8 +812,11 @@ def stage_judge(ctx: RunContext, rd: Path, prompts: list[Prompt], responses: lis
                         # The key names the chunk, so a noisy judge draws the same noise for it on a resumed run.
                         scores = judge.score([prompts[i] for i in todo], [[responses[i][c] for c in asked[i]]
                                                                           for i in todo], key=f"{stage_key(rd)}:{s}")
-                    except JudgeError:
-                        if main:  # the judge answered nothing: the call is settled unpaid
+                    except (JudgeError, KeyboardInterrupt):
+                        # The judge answered nothing (a SIGTERM / Ctrl-C stops the call itself): settled unpaid.
+                        # Only a hard kill leaves the pending line open, and it then counts as paid. An LLM
+                        # judge's answers that did arrive are in its own journal and are not asked again.
+                        if main:
                             append_line(f, {"failed": todo})
                         raise
                     # The judge's own count: one per response scored, one per comparison for a ranker.
