@@ -17,10 +17,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .tasks import CONSTRAINTS, INSTRUCTIONS, SMOLLM2
 from .vocabulary import cell, columns
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-SMOLLM2 = ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")  # model: constraints / instructions / smollm2
+SMOLLM2_HUB = ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")  # model: constraints / instructions / smollm2
 CITATIONS = {
     "dpo": """@inproceedings{rafailov2023dpo,
   title = {Direct Preference Optimization: Your Language Model is Secretly a Reward Model},
@@ -78,8 +79,8 @@ def check_repo_id(key: str, repo_id: str) -> None:
 def _base_and_license(base: str) -> tuple[str | None, str | None]:
     """The hub id the card links as base_model (None for a local directory) and the base model's license where
     it is known: SmolLM2's, or the one a local base directory's own card states."""
-    if base in ("constraints", "instructions", "smollm2") and not Path(base).exists():
-        return SMOLLM2
+    if base in (CONSTRAINTS, INSTRUCTIONS, SMOLLM2) and not Path(base).exists():
+        return SMOLLM2_HUB
     hub = base if REPO_ID.fullmatch(base) and not Path(base).exists() else None
     license_ = None
     card = Path(base) / "README.md"
@@ -131,6 +132,7 @@ def _citations(method: str, loss: str) -> list[str]:
 
 def _tail(load: str, lora: bool, vllm: bool, method: str, loss: str) -> list[str]:
     """The card's last sections: how to load it, the framework versions, the citations."""
+    citations = _citations(method, loss)
     return [
         "## Use",
         "",
@@ -145,7 +147,7 @@ def _tail(load: str, lora: bool, vllm: bool, method: str, loss: str) -> list[str
         "",
         *_frameworks(lora, vllm),
         "",
-        *(["## Citation", "", *_citations(method, loss), ""] if _citations(method, loss) else []),
+        *(["## Citation", "", *citations, ""] if citations else []),
     ]
 
 

@@ -45,7 +45,7 @@ from .config import ConfigError, check
 from .config import field as cfield
 from .generation import resolved_backend
 from .models import DTYPES, adapter_base, is_adapter_dir
-from .tasks import BUILTIN, CONSTRAINTS, INSTRUCTIONS
+from .tasks import BUILTIN, CONSTRAINTS, INSTRUCTIONS, SMOLLM2
 
 GIB = 1024**3
 SHARDINGS = ("none", "ddp", "fsdp2", "zero2", "zero3")
@@ -287,7 +287,7 @@ def estimate_run(cfg: Any, sharding: Sharding | None = None, processes: int | No
         from .tasks.builtin import build_task
 
         source = str(build_task(progress=False).policy_dir)
-    elif source in (CONSTRAINTS, INSTRUCTIONS, "smollm2"):
+    elif source in (CONSTRAINTS, INSTRUCTIONS, SMOLLM2):
         source = "HuggingFaceTB/SmolLM2-135M-Instruct"
     shape = model_shape(source, hw.model_config or None)
     reward = model_shape(cfg.judge.reward_model, classifier=True) \

