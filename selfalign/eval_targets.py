@@ -204,7 +204,7 @@ def benchmark_targets(target: Path, baseline: str | None, output: str | None) ->
             if pi0 is None:
                 from .run_config import resolve_task
 
-                pi0 = Path(resolve_task(load_config(RunConfig, found.run_config, []), progress=False).policy)
+                pi0 = Path(resolve_task(found.cfg, progress=False).policy)
             first = ("pi_0", pi0, target / "ifeval" / "pi0.json")
         name = policy.parent.name if policy.name == "policy" else policy.name  # iter_NNN, or `train`'s policy
         return [first, (name, policy, Path(output) if output else target / "ifeval" / f"{name}.json")]

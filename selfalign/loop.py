@@ -634,9 +634,8 @@ def build_judge(cfg: RunConfig, reward_fn: str) -> Judge:
 
 
 def check_run_dir(out: Path, cfg: RunConfig, accelerator: Accelerator) -> None:
-    """Save the config, or refuse to resume a run made with a different one."""
+    """Save the config of a new run (a resumed run's was compared with cfg first thing, in build_run)."""
     saved = out / "config.yaml"
-    check_same_config(saved, cfg, RESUME_LEGACY)
     if not saved.exists() and accelerator.is_main_process:
         write_atomic(saved, dump_yaml(cfg))
     accelerator.wait_for_everyone()
@@ -1079,7 +1078,7 @@ def stage_eval(ctx: RunContext, it: Path, t: int) -> dict[str, Any]:
                   if cfg.judge.kind == "llm" else {}),
                **{f"train/{k}": v for k, v in train["summary"].items() if k in ("loss", "rewards/accuracies",
                                                                                  "rewards/margins")}}
-    last = t == len(prompt_slices(len(ctx.data.prompts), cfg)) - 1
+    last = t == len(ctx.slices) - 1
     due = last or (cfg.eval.every > 0 and (t + 1) % cfg.eval.every == 0)
     if eval_prompts and gold is not None and due:
         # SELM's analysis: the implicit reward gap, here on (up to 256 of) the iteration's own training pairs.
