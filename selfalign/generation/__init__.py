@@ -19,11 +19,14 @@ from .config import GenerationConfig
 
 
 class Generator(Protocol):
+    keyed: bool  # True: a prompt's samples depend only on (seed, its key), not on the other prompts of the call
+
     def generate(
-        self, prompts: list[list[int]], config: GenerationConfig, seed: int = 0, progress: bool = False
+        self, prompts: list[list[int]], config: GenerationConfig, seed: int = 0, progress: bool = False,
+        keys: list[int] | None = None,
     ) -> list[list[list[int]]]:
         """For each prompt (token ids), config.num_samples responses (token ids, ending at the stop id
-        that ended them, if one did)."""
+        that ended them, if one did). keys[i] (default i) keys prompt i's samples."""
         ...
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import LogitsProcessorList
 
 from ..logprobs import collate
 from ..logs import progress_bar
 from .config import GenerationConfig
+from .sampling import KeyedSampler, row_keys
 
 
 class HFBackend:
@@ -38,6 +40,8 @@ class HFBackend:
 class HFGenerator:
     """Generates with a transformers causal LM (or a peft model wrapping one)."""
 
+    keyed = True  # a prompt's samples depend only on (seed, its key), never on its batch (sampling.KeyedSampler)
+
     def __init__(self, model: nn.Module, pad_token_id: int, eos_token_id: int | list[int] | None) -> None:
         self.model = model
         self.pad_token_id = pad_token_id
@@ -52,7 +56,8 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[list[int]], config: GenerationConfig, seed: int = 0, progress: bool = False
+        self, prompts: list[list[int]], config: GenerationConfig, seed: int = 0, progress: bool = False,
+        keys: list[int] | None = None,
     ) -> list[list[list[int]]]:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -62,18 +67,22 @@ class HFGenerator:
         k = config.num_samples
         out: list[list[list[int]]] = []
         sample = config.temperature > 0
+        keys = list(range(len(prompts))) if keys is None else keys
+        if len(keys) != len(prompts):
+            raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
         for s in progress_bar(range(0, len(prompts), config.batch_size), desc="generate", disable=not progress, leave=False):
             chunk = prompts[s : s + config.batch_size]
             batch = collate(chunk, [[] for _ in chunk], self.pad_token_id, padding_side="left")
             ids = batch.input_ids.repeat_interleave(k, dim=0).to(device)
             mask = batch.attention_mask.repeat_interleave(k, dim=0).to(device)
-            # A seed per chunk keeps a chunk's samples independent of how earlier chunks went.
-            torch.manual_seed(seed * 1_000_003 + s)
-            # Every sampling option explicit: generate() would otherwise fill unset ones from the model's
-            # generation_config (top_k=50 by default).
-            kwargs = dict(do_sample=True, temperature=config.temperature, top_p=config.top_p,
-                          top_k=config.top_k) if sample else dict(do_sample=False, temperature=None, top_p=None,
-                                                                  top_k=None)
+            # Sampling is keyed per row (seed, prompt key, sample index): a prompt's samples do not depend on
+            # its batch, so 1 and N processes give the same ones. Greedy decoding then takes the drawn token.
+            sampler = [KeyedSampler(row_keys(seed, keys[s : s + config.batch_size], k), ids.shape[1],
+                                    config.temperature, config.top_k, config.top_p)] if sample else []
+            # Every option explicit: generate() would otherwise fill unset ones from the model's
+            # generation_config (do_sample and top_k=50 by default).
+            kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None,
+                          logits_processor=LogitsProcessorList(sampler))
             generated = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=config.max_new_tokens,
                 pad_token_id=self.pad_token_id, eos_token_id=sorted(self.eos_ids) or None, **kwargs,

