@@ -251,20 +251,18 @@ def resolve_mixed_precision(setting: str) -> str:
     return "no"
 
 
-def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
-    """Multiplier of the peak learning rate at optimizer step `s` (0-based)."""
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' cfg.lr_scheduler over total_steps, after a linear warmup from lr 0 over the first
+    ceil(warmup_ratio * total_steps) of them (as in transformers' Trainer and TRL)."""
+    # Imported here: transformers.optimization takes about 4 s to import, which every `selfalign` command
+    # would otherwise pay (the CLI imports this module).
+    from transformers import get_scheduler
 
-    def fn(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (s - warmup) / max(1, total - warmup)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn
+    # transformers' "constant" ignores num_warmup_steps; "constant_with_warmup" is it after the warmup.
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
 
 
 def plan_steps(cfg: TrainConfig, n_examples: int, round_index: int, num_processes: int) -> list[list[int]]:
@@ -279,11 +277,13 @@ def plan_steps(cfg: TrainConfig, n_examples: int, round_index: int, num_processe
 
 
 def resize_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig, total_steps: int) -> None:
-    """Re-size the warmup and decay to total_steps, keeping the step count (and the current step's lr)."""
+    """Re-size the warmup and decay to total_steps in place, keeping the step count: the current step's lr
+    becomes the re-sized schedule's. In place, because the update's checkpoint holds this scheduler."""
     optimizer = scheduler.optimizer
-    fn = lr_lambda(cfg.lr_scheduler, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
-    scheduler.lr_lambdas = [fn] * len(optimizer.param_groups)
-    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+    # The schedule built here only lends its lambdas: its base_lrs are the optimizer's initial_lr, as
+    # scheduler's are, and the lrs it writes into the optimizer are overwritten below.
+    scheduler.lr_lambdas = build_schedule(optimizer, cfg, total_steps).lr_lambdas
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * fn(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
@@ -505,8 +505,7 @@ class PreferenceTrainer:
             rows = (3 if self.config.needs_ref_sample else 2) * cfg.micro_batch_size
             self.model, self._optimizer = self.sharding.prepare_training(self.model, raw, rows, cfg.max_grad_norm)
             self.scorer.prepared_policy = self._sharded_policy = self.model
-        warmup = math.ceil(cfg.warmup_ratio * total_steps)
-        self._scheduler = torch.optim.lr_scheduler.LambdaLR(raw, lr_lambda(cfg.lr_scheduler, warmup, total_steps))
+        self._scheduler = build_schedule(raw, cfg, total_steps)
         self.checkpoint = UpdateCheckpoint(checkpoint_dir, self.accelerator, self.sharding.sharded,
                                            cfg.checkpoint_every)
         self.state = self.checkpoint.restore(self.policy, self._optimizer, self._scheduler)

@@ -128,8 +128,10 @@ class TrainConfig:
     adam_beta1: float = cfield(0.9, help="AdamW beta1.")
     adam_beta2: float = cfield(0.999, help="AdamW beta2; RMSprop's smoothing constant alpha.")
     adam_epsilon: float = cfield(1e-8, help="Epsilon of AdamW and RMSprop.")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = cfield("cosine", help="Decay after warmup.")
-    warmup_ratio: float = cfield(0.1, help="Fraction of the update's optimizer steps spent in linear warmup.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = cfield(
+        "cosine", help="Decay after warmup, by transformers' get_scheduler.")
+    warmup_ratio: float = cfield(
+        0.1, help="Fraction of the update's optimizer steps (rounded up) spent in linear warmup from lr 0.")
     max_grad_norm: float = cfield(1.0, help="Clip the global gradient norm to this value; 0 disables clipping.")
     batch_size: int = cfield(8, help="Examples per optimizer step, over all processes (the global batch).")
     micro_batch_size: int = cfield(2, help="Examples per forward pass on one process (chosen+rejected = 2x rows).")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from selfalign.tasks.tiny import build_model
-from selfalign.train import PreferenceExample, PreferenceTrainer, TrainConfig
+from selfalign.train import PreferenceExample, PreferenceTrainer, TrainConfig, build_schedule
 
 VOCAB = 64
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +49,19 @@ def make_trainer(config: TrainConfig, seed: int = 0, arch: str = "qwen2") -> Pre
     policy = make_model(seed, arch)
     reference = None if config.lora.enabled else copy.deepcopy(policy)
     return PreferenceTrainer(policy, config, pad_token_id=0, reference=reference)
+
+
+def schedule_lrs(config: TrainConfig, total_steps: int) -> list[float]:
+    """The learning rate of each of total_steps optimizer steps under config's schedule, read as the
+    trainer reads it (get_last_lr() before the optimizer and scheduler step)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.learning_rate)
+    scheduler = build_schedule(optimizer, config, total_steps)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return lrs
 
 
 def params(t: PreferenceTrainer) -> dict[str, torch.Tensor]:

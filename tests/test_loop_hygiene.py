@@ -15,8 +15,9 @@ from selfalign.cli import iteration_table
 from selfalign.config import load_config
 from selfalign.loop import RunConfig, run
 from selfalign.pairs import Pair, best_worst
-from selfalign.train import PreferenceTrainer, lr_lambda
+from selfalign.train import PreferenceTrainer, TrainConfig
 from selfalign.truncation import finished, is_truncated, penalized_scores
+from tests.conftest import schedule_lrs
 
 TINY = [
     "prompts_per_iteration=16", "generation.num_samples=3", "generation.max_new_tokens=10",
@@ -86,8 +87,8 @@ def test_schedule_is_sized_from_the_pairs_left_after_ties(tmp_path):
     labels = json.loads((out / "iter_000" / "labels.json").read_text())
     steps = json.loads((out / "iter_000" / "train.json").read_text())["steps"]
     assert labels["ties"] >= 4 and 3 <= len(steps) == -(-labels["pairs"] // 2) < 16 // 2
-    fn = lr_lambda("cosine", -(-len(steps) // 4), len(steps))
-    assert [s["learning_rate"] for s in steps] == pytest.approx([2e-4 * fn(i) for i in range(len(steps))], rel=1e-12)
+    expected = schedule_lrs(TrainConfig(learning_rate=2e-4, warmup_ratio=0.25), len(steps))
+    assert [s["learning_rate"] for s in steps] == pytest.approx(expected, rel=1e-12)
     # SELM without train.alpha trains with the paper's alpha, so every pair carries y_ref.
     assert cfg.method == "selm" and cfg.alpha == 1e-3
     assert all(p["ref_sample_ids"] for p in rows(out / "iter_000" / "pairs.jsonl"))
@@ -102,8 +103,8 @@ def test_schedule_over_generation_rounds_ends_decayed(tmp_path):
     steps = json.loads((out / "iter_000" / "train.json").read_text())["steps"]
     total = len(steps)
     assert total < 16 // 4
-    fn = lr_lambda("cosine", -(-total // 10), total)
-    assert steps[-1]["learning_rate"] == pytest.approx(2e-4 * fn(total - 1), rel=1e-12)
+    last = schedule_lrs(TrainConfig(learning_rate=2e-4), total)[-1]
+    assert steps[-1]["learning_rate"] == pytest.approx(last, rel=1e-12)
 
 
 def test_later_round_steps_by_hand():

@@ -12,8 +12,15 @@ import torch.nn.functional as F
 from selfalign.checkpoint import UpdateCheckpoint
 from selfalign.logprobs import collate, sequence_logprobs
 from selfalign.records import ReferenceLogps
-from selfalign.train import PreferenceTrainer, TrainConfig, policy_rows, ref_sample_rows
-from tests.conftest import LINEAR_STEP, make_examples, make_model, params
+from selfalign.train import (
+    PreferenceTrainer,
+    TrainConfig,
+    build_schedule,
+    policy_rows,
+    ref_sample_rows,
+    resize_schedule,
+)
+from tests.conftest import LINEAR_STEP, make_examples, make_model, params, schedule_lrs
 from tests.conftest import make_trainer as trainer
 
 
@@ -92,6 +99,62 @@ def test_reference_logps_are_returned_and_the_examples_left_alone():
     assert examples == untouched
 
 
+@pytest.mark.parametrize("schedule, warmup_ratio, multipliers", [
+    ("cosine", 0.25, [0.0, 0.5, 1.0, 0.9330127019, 0.75, 0.5, 0.25, 0.0669872981]),
+    ("linear", 0.25, [0.0, 0.5, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]),
+    ("constant", 0.25, [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("cosine", 0.0, [1.0, 0.9619397663, 0.8535533906, 0.6913417162, 0.5, 0.3086582838, 0.1464466094, 0.03806023374]),
+    ("linear", 0.0, [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]),
+    ("constant", 0.0, [1.0] * 8),
+])
+def test_schedule_by_hand(schedule, warmup_ratio, multipliers):
+    """The lr of steps 0..7 of an 8-step update, over the peak lr.
+
+    warmup_ratio 0.25: a warmup of ceil(0.25 * 8) = 2 steps from lr 0, s / 2: 0, 1/2 (transformers' and TRL's;
+    selfalign's own schedule warmed up over (s + 1) / (w + 1): 1/3, 2/3). Then, at p = (s - 2) / 6,
+    cosine 0.5 * (1 + cos(pi * p)): 1, 0.5 * (1 + sqrt(3) / 2) = 0.9330127019, 3/4, 1/2, 1/4,
+    0.5 * (1 - sqrt(3) / 2) = 0.0669872981; linear 1 - p = (8 - s) / 6; constant 1.
+    warmup_ratio 0: p = s / 8; cosine 0.5 * (1 + cos(pi * s / 8)); linear (8 - s) / 8.
+    """
+    config = TrainConfig(learning_rate=1e-3, lr_scheduler=schedule, warmup_ratio=warmup_ratio)
+    assert schedule_lrs(config, 8) == pytest.approx([1e-3 * m for m in multipliers], rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("total", range(1, 40))
+def test_schedule_without_warmup_keeps_its_numbers(total):
+    """Without warmup the decay is the one selfalign wrote by hand before it used transformers' get_scheduler:
+    bit for bit for cosine (and constant); transformers' linear (T - s) / T is one rounding where the old
+    1 - s / T was two, so the two differ by at most about an ulp of the peak."""
+    cosine = schedule_lrs(TrainConfig(learning_rate=1.0, warmup_ratio=0.0), total)
+    assert cosine == [0.5 * (1.0 + math.cos(math.pi * (s / total))) for s in range(total)]
+    linear = schedule_lrs(TrainConfig(learning_rate=1.0, warmup_ratio=0.0, lr_scheduler="linear"), total)
+    assert linear == pytest.approx([1.0 - s / total for s in range(total)], rel=0, abs=3e-16)
+
+
+def test_resize_keeps_the_step_count_and_takes_the_new_schedules_lr():
+    """Sized for 10 steps (warmup ceil(0.25 * 10) = 3: 0, 1/3, 2/3; step 3 at the peak), then re-sized to
+    6 after 3 steps: warmup ceil(0.25 * 6) = 2, cosine over steps 2..5 at p = (s - 2) / 4. Step 3 (p = 1/4)
+    runs at 0.5 * (1 + cos(pi / 4)) = 0.8535533906 of the peak, step 4 at 1/2, step 5 at 0.1464466094."""
+    config = TrainConfig(learning_rate=1e-3, warmup_ratio=0.25)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.learning_rate)
+    scheduler = build_schedule(optimizer, config, 10)
+    lrs = []
+    for _ in range(3):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-3)
+    resize_schedule(scheduler, config, 6)
+    assert scheduler.last_epoch == 3
+    for _ in range(3):
+        assert optimizer.param_groups[0]["lr"] == scheduler.get_last_lr()[0]
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    expected = [0.0, 1 / 3, 2 / 3, 0.8535533906, 0.5, 0.1464466094]
+    assert lrs == pytest.approx([1e-3 * m for m in expected], rel=1e-9, abs=1e-15)
+
+
 def test_resume_from_mid_update_checkpoint_gives_identical_losses(tmp_path):
     config = TrainConfig(batch_size=2, micro_batch_size=1, learning_rate=1e-3, epochs=2, checkpoint_every=1)
     examples = make_examples(8)
@@ -106,6 +169,10 @@ def test_resume_from_mid_update_checkpoint_gives_identical_losses(tmp_path):
     resumed = resumed_trainer.update(examples, checkpoint_dir=tmp_path, progress=False)
     assert resumed.resumed_from_step == 3
     assert [s["loss"] for s in resumed.steps] == pytest.approx([s["loss"] for s in full.steps], abs=1e-7)
+    # The schedule's step count came back from the checkpoint: the resumed steps run at the same lrs, a
+    # warmup step (from lr 0) among them.
+    assert [s["learning_rate"] for s in resumed.steps] == [s["learning_rate"] for s in full.steps]
+    assert full.steps[0]["learning_rate"] == 0.0 < full.steps[3]["learning_rate"]
     assert not (tmp_path / "update_state.pt").exists()  # a finished update leaves no stale state
 
 
