@@ -157,7 +157,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     responses = Path(args.output).with_suffix(".responses.jsonl") if args.output else None
     metrics = evaluate_policy(plan.policy, plan.pi0, plan.prompts, plan.tokenizer, plan.gold, plan.cfg,
                               progress=not args.no_progress, baseline_path=plan.baseline, pairs=plan.pairs,
-                              high_reward=args.high_reward, responses_path=responses)
+                              high_reward=args.high_reward, responses_path=responses, cache=plan.run,
+                              trust_unkeyed=False)
     record = {"policy": str(plan.policy), "baseline": str(plan.baseline), "reference": str(plan.pi0),
               "prompts": plan.prompts_file, "num_prompts": len(plan.prompts), "reward": plan.scorer, **metrics}
     if args.output:

@@ -123,7 +123,8 @@ class EvalPlan:
     policy: evaluated; pi0: the reference of the KL and the implicit reward; baseline: the opponent of the win
     rate; prompts_file and prompts: the held-out prompts (their token ids cut at max_prompt_tokens); tokenizer:
     the policy's; gold: the reward, scorer: its name ('pkg.module:fn' or 'reward model DIR'); pairs: (prompt,
-    chosen, rejected) ids for the implicit-reward gap, or None.
+    chosen, rejected) ids for the implicit-reward gap, or None; run: the online run the policy belongs to (its
+    cached baseline answers are reused where the prompts and settings match), or None.
     """
 
     cfg: RunConfig
@@ -136,6 +137,7 @@ class EvalPlan:
     gold: Judge
     scorer: str
     pairs: list[tuple[list[int], list[int], list[int]]] | None
+    run: Path | None = None
 
 
 def plan_eval(target: Path, overrides: list[str], *, baseline: str | None = None, reference: str | None = None,
@@ -187,7 +189,8 @@ def plan_eval(target: Path, overrides: list[str], *, baseline: str | None = None
             raise UsageError("no reward to evaluate with: pass --reward pkg.module:fn or --reward-model DIR")
         gold, scorer = FunctionJudge(spec), spec
     return EvalPlan(cfg, policy, pi0, opponent, prompts_file, rows, tokenizer, gold, scorer,
-                    eval_pairs(pairs, tokenizer) if pairs else None)
+                    eval_pairs(pairs, tokenizer) if pairs else None,
+                    found.run_config.parent if found.run_config else None)
 
 
 def benchmark_targets(target: Path, baseline: str | None, output: str | None) -> list[tuple[str, Path, Path]]:

@@ -27,6 +27,7 @@ held-out texts, their rewards and truncation flags are saved there, one JSON lin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -93,16 +94,21 @@ def kl_metrics(k3: torch.Tensor, k1: torch.Tensor) -> dict[str, float | int]:
 
 
 def baseline_greedy(baseline_path: Path, prompts: list[Prompt], tokenizer, max_new_tokens: int,
-                    cache: Path | None, backend: Backend | None = None, model=None, progress: bool = False) -> list[str]:
+                    cache: Path | None, backend: Backend | None = None, model=None, progress: bool = False,
+                    trust_unkeyed: bool = True) -> list[str]:
     """The baseline policy's greedy responses on the eval prompts (cached in the run directory).
 
-    `model` is the baseline already loaded (pi_0 when it is the baseline), else it is loaded here.
+    `model` is the baseline already loaded (pi_0 when it is the baseline), else it is loaded here. The cache
+    is keyed by the baseline, the prompts and max_new_tokens (baseline_key). A cache from before the key
+    (the run's own prompts) is read only with trust_unkeyed: `selfalign eval` may ask other prompts.
     """
     path = cache / "baseline_greedy.json" if cache is not None else None
     if path is not None and path.exists():
         saved = json.loads(path.read_text())
         if isinstance(saved, dict) and saved.get("policy") == str(baseline_path) and len(saved["texts"]) == len(prompts):
-            return saved["texts"]
+            key = saved.get("key")
+            if key == baseline_key(baseline_path, prompts, max_new_tokens) or (key is None and trust_unkeyed):
+                return saved["texts"]
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     own = backend is None
     if own:
@@ -113,13 +119,20 @@ def baseline_greedy(baseline_path: Path, prompts: list[Prompt], tokenizer, max_n
                                 progress=progress)]
     if own:
         backend.close()
-    save_baseline_greedy(cache, baseline_path, texts)
+    save_baseline_greedy(cache, baseline_path, texts, baseline_key(baseline_path, prompts, max_new_tokens))
     return texts
 
 
-def save_baseline_greedy(cache: Path | None, baseline_path: Path, texts: list[str]) -> None:
+def baseline_key(baseline_path: Path, prompts: list[Prompt], max_new_tokens: int) -> str:
+    """What a cached baseline answer set was generated from: the baseline, every prompt, max_new_tokens."""
+    blob = json.dumps([str(baseline_path), prompts, max_new_tokens])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def save_baseline_greedy(cache: Path | None, baseline_path: Path, texts: list[str], key: str) -> None:
     if cache is not None:
-        write_atomic(cache / "baseline_greedy.json", json.dumps({"policy": str(baseline_path), "texts": texts}))
+        write_atomic(cache / "baseline_greedy.json", json.dumps({"policy": str(baseline_path), "key": key,
+                                                                 "texts": texts}))
 
 
 def implicit_reward_gap(policy, reference, pairs: list[tuple[list[int], list[int], list[int]]], beta: float,
@@ -140,7 +153,8 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
                     cache: Path | None = None, progress: bool = False, baseline_path: Path | None = None,
                     pairs: list[tuple[list[int], list[int], list[int]]] | None = None,
                     high_reward: float = HIGH_REWARD, keep_rewards: bool = False,
-                    responses_path: Path | None = None, backend: Backend | None = None) -> dict[str, Any]:
+                    responses_path: Path | None = None, backend: Backend | None = None,
+                    trust_unkeyed: bool = True) -> dict[str, Any]:
     """Metrics of the policy at policy_path (see the module docstring); `gold` is a Judge.
 
     pi0_path is the reference of the KL and of the implicit reward; baseline_path (default
@@ -149,7 +163,8 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
     generation backend; without one, cfg.generation.backend's is started here and closed after.
     At most two models are held at once: a baseline other than pi_0 answers (and is released)
     before pi_0 and the policy load. responses_path, if given, receives one JSON line per prompt:
-    the greedy, baseline and sampled texts with their rewards and truncation flags.
+    the greedy, baseline and sampled texts with their rewards and truncation flags. cache: where the
+    baseline's greedy answers are kept (baseline_greedy; trust_unkeyed as there).
     """
     stages = progress_bar(total=6, desc="eval", disable=not progress, leave=False)
 
@@ -170,7 +185,7 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
     max_new = cfg.generation.max_new_tokens
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     base = None if own_baseline else baseline_greedy(baseline_path, prompts, tokenizer, max_new, cache, backend,
-                                                     model=pi0, progress=progress)
+                                                     model=pi0, progress=progress, trust_unkeyed=trust_unkeyed)
     stage("baseline answered")
     pi0 = pi0 if pi0 is not None else _load(pi0_path)
     policy = pi0 if own_baseline else _load(policy_path)
@@ -178,7 +193,7 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
     greedy_ids = [r[0] for r in _generate(gen, ids, cfg.generation, 1, 0.0, seed=0, progress=progress)]
     if base is None:
         base = [tokenizer.decode(r, skip_special_tokens=True) for r in greedy_ids]
-        save_baseline_greedy(cache, baseline_path, base)
+        save_baseline_greedy(cache, baseline_path, base, baseline_key(baseline_path, prompts, max_new))
     stage("greedy answered")
     k = cfg.eval.samples
     sampled_ids = _generate(gen, ids, cfg.generation, k, cfg.generation.temperature or 1.0, seed=cfg.seed + 1,

@@ -71,6 +71,45 @@ def test_evaluation_saves_its_responses_and_shows_progress(builtin_task, tmp_pat
     assert all(r["greedy"] == r["baseline"] for r in rows) and m["kl_to_pi0"] == 0.0  # pi_0 against itself
 
 
+def test_the_baseline_answers_are_cached_by_prompts_and_settings(builtin_task, tmp_path, monkeypatch):
+    """The baseline's greedy answers are generated once per (baseline, prompts, max_new_tokens): a second
+    evaluation reuses them, other prompts (even as many) or another length regenerate them, and a cache written
+    before the key existed is reused by the run only (trust_unkeyed), never by `selfalign eval`."""
+    from transformers import AutoTokenizer
+
+    import selfalign.evaluate as evaluate
+    from selfalign.judges.function import FunctionJudge
+    from selfalign.loop import load_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_task.policy_dir)
+    every = load_prompts(str(builtin_task.eval_prompts), "prompt", tokenizer, 512)
+    first, other = every[:4], every[4:8]
+    baseline = tmp_path / "baseline"
+    shutil.copytree(builtin_task.policy_dir, baseline)
+    calls = []
+    original = evaluate._generate
+    monkeypatch.setattr(evaluate, "_generate", lambda gen, ids, *a, **k: calls.append(len(ids)) or original(gen, ids,
+                                                                                                           *a, **k))
+
+    def baseline_generations(prompts, length=8, **kw):
+        calls.clear()
+        cfg = load_config(RunConfig, None, [f"generation.max_new_tokens={length}", "eval.samples=1"])
+        evaluate_policy(builtin_task.policy_dir, builtin_task.policy_dir, prompts, tokenizer,
+                        FunctionJudge(builtin_task.reward_fn), cfg, cache=tmp_path, baseline_path=baseline, **kw)
+        return len(calls) - 2  # besides the policy's greedy and sampled answers
+
+    assert baseline_generations(first) == 1
+    assert baseline_generations(first) == 0
+    assert baseline_generations(other) == 1 and baseline_generations(first, length=6) == 1
+    cache = tmp_path / "baseline_greedy.json"
+    saved = json.loads(cache.read_text())
+    del saved["key"]  # as a run written before the key existed left it
+    cache.write_text(json.dumps(saved))
+    assert baseline_generations(first, length=6) == 0
+    cache.write_text(json.dumps(saved))
+    assert baseline_generations(first, length=6, trust_unkeyed=False) == 1
+
+
 @pytest.fixture
 def policy_in_run(builtin_task, tmp_path):
     """A run directory as the loop leaves it: RUN/config.yaml and RUN/iter_000/policy (here pi_0's weights)."""
