@@ -239,16 +239,37 @@ def fill_missing_keys(old: dict[str, Any], cfg: Any, legacy: Mapping[str, Any], 
     return filled
 
 
-def check_same_config(saved: Path, cfg: Any, legacy: Mapping[str, Any] | None = None) -> list[str]:
+def adopt_old_defaults(old: dict[str, Any], cfg: Any, old_defaults: Mapping[str, Any]) -> list[str]:
+    """Keys whose default changed since `old` was written: where old holds the former default and cfg the
+    current one, cfg takes the former (the run goes on as it began, as fill_missing_keys does for a key an
+    older version did not write). old_defaults: dotted key -> the former default. Returns the keys adopted."""
+    adopted = []
+    for key, was in old_defaults.items():
+        *path, name = key.split(".")
+        section, owner = old, cfg
+        for part in path:
+            section, owner = section.get(part) if isinstance(section, dict) else None, getattr(owner, part)
+        field = next(f for f in dataclasses.fields(owner) if f.name == name)
+        if isinstance(section, dict) and section.get(name) == was and getattr(owner, name) == _default(field) != was:
+            setattr(owner, name, was)
+            adopted.append(key)
+    return adopted
+
+
+def check_same_config(saved: Path, cfg: Any, legacy: Mapping[str, Any] | None = None,
+                      old_defaults: Mapping[str, Any] | None = None) -> list[str]:
     """Refuse (ConfigError) to resume a run whose saved config.yaml differs from cfg, showing the difference.
 
     Keys the saved config lacks are filled first (fill_missing_keys; legacy: the values that
-    reproduce older versions where a key's default does not). Returns the keys filled.
+    reproduce older versions where a key's default does not), and keys whose default changed take the
+    saved value where it is the old default (adopt_old_defaults). Returns the keys filled or adopted.
     """
     if not saved.exists():
         return []
     old = yaml.safe_load(saved.read_text())
     filled = fill_missing_keys(old, cfg, legacy or {}) if isinstance(old, dict) else []
+    if isinstance(old, dict):
+        filled += adopt_old_defaults(old, cfg, old_defaults or {})
     new = to_dict(cfg)
     if old != new:
         diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in config_diff(old, new))

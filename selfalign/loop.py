@@ -64,6 +64,7 @@ from .sources import DataError
 from .tokens import pad_token_id, stop_token_ids
 from .tracking import RunTracker, accelerator_kwargs
 from .train import NonFiniteError, PreferenceTrainer, resolve_mixed_precision
+from .train_config import RESUME_OLD_DEFAULTS
 from .truncation import finished, is_truncated, penalized_scores
 
 
@@ -247,7 +248,7 @@ def build_run(cfg: RunConfig, progress: bool, backend: Backend | None) -> RunCon
     out = Path(cfg.output_dir)
     # A resumed run from an older version takes the values it ran with for keys added since, before anything
     # is built from cfg; a real difference is refused here, before any work.
-    filled = check_same_config(out / "config.yaml", cfg, RESUME_LEGACY)
+    filled = check_same_config(out / "config.yaml", cfg, RESUME_LEGACY, RESUME_OLD_DEFAULTS)
     accelerator = make_accelerator(resolve_mixed_precision(cfg.train.mixed_precision),
                                    **accelerator_kwargs(cfg.report_to, out))
     show = progress and accelerator.is_main_process

@@ -29,6 +29,7 @@ from .rundir import RunLock, check_same_data, data_digest
 from .tokens import pad_token_id
 from .tracking import RunTracker, accelerator_kwargs, parse_report_to
 from .train import PreferenceTrainer, TrainConfig
+from .train_config import RESUME_OLD_DEFAULTS
 
 
 @dataclass
@@ -99,7 +100,7 @@ def prepare_run_dir(cfg: TrainRunConfig) -> Path:
     if (out / "policy").exists():
         raise UsageError(f"{out}/policy already exists: this run finished; choose another output_dir=... to train again")
     saved = out / "config.yaml"
-    check_same_config(saved, cfg)
+    check_same_config(saved, cfg, old_defaults=RESUME_OLD_DEFAULTS)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(saved, dump_yaml(cfg))
     return out

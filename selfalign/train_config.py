@@ -187,6 +187,11 @@ class TrainConfig:
 PAPER_ALPHA: dict[str, float] = {"selm": 1e-3, "xpo": 1e-5}
 
 
+# Keys whose default changed, with the former default, which a resumed run (online or `selfalign train`) that
+# saved it keeps (config.adopt_old_defaults): train.alpha was 0.0 before null (the paper's value for selm, xpo).
+RESUME_OLD_DEFAULTS: dict[str, object] = {"train.alpha": 0.0}
+
+
 def resolve_alpha(loss: str, alpha: float | None) -> float:
     """train.alpha as set, or the paper's value for `loss` when unset (null); 0 for losses without the term."""
     return alpha if alpha is not None else PAPER_ALPHA.get(loss, 0.0)

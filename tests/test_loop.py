@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from selfalign.cli import main
-from selfalign.config import load_config
+from selfalign.config import ConfigError, load_config
 from selfalign.loop import RunConfig, run
 from tests.conftest import ROOT, kill_when, labels_paid, subprocess_env, weights, without_timings
 
@@ -191,6 +191,21 @@ def test_a_run_from_an_older_version_resumes_with_the_values_it_ran_with(tmp_pat
         code = main([*argv, change])
         err = capsys.readouterr().err
         assert code == 2 and shown in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_run_saved_with_a_former_default_resumes_with_it(tmp_path):
+    """train.alpha's default was 0.0 before it became null (the paper's value for selm and xpo): a run whose
+    config.yaml holds 0.0 resumes with 0.0 under its old command, rather than being refused as changed."""
+    out = tmp_path / "run"
+    history = run(small(out, "method=iterative_dpo", "iterations=1", "eval.prompts=4"), progress=False)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["alpha"] is None
+    saved["train"]["alpha"] = 0.0  # as a version before null wrote it
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg = small(out, "method=iterative_dpo", "iterations=1", "eval.prompts=4")
+    assert run(cfg, progress=False) == history and cfg.train.alpha == 0.0
+    with pytest.raises(ConfigError, match="train.alpha: 0.0 -> 0.5"):
+        run(small(out, "method=iterative_dpo", "iterations=1", "eval.prompts=4", "train.alpha=0.5"), progress=False)
 
 
 @pytest.mark.parametrize(
