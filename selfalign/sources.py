@@ -78,21 +78,51 @@ def read_rows(source: str | Path, split: str = "", subset: str = "", split_key: 
     if path.is_file():
         head = _head(path)
         if head.startswith(PARQUET_MAGIC) or path.suffix == ".parquet":
-            yield from _dataset_rows(text, _load_parquet(path), split)
+            yield from _dataset_rows(text, _load_parquet(path), split, split_key)
         elif path.suffix == ".arrow" or head.startswith(ARROW_MAGICS):
-            yield from _dataset_rows(text, _load_arrow(path), split)
+            yield from _dataset_rows(text, _load_arrow(path), split, split_key)
         elif path.suffix == ".json" and head.lstrip()[:1] == b"[":
-            yield from _json_array_rows(path)
+            yield from _file_split(text, list(_json_array_rows(path)), split, split_key)
         else:
-            for lineno, row in read_jsonl(path):
-                yield f"{text} line {lineno}", row
+            rows = ((f"{text} line {lineno}", row) for lineno, row in read_jsonl(path))
+            yield from _file_split(text, rows if not split or split == "train" else list(rows), split, split_key)
         return
     if path.is_dir():
-        yield from _dataset_rows(text, _load_folder(path, split), split, split_key)
+        ds, applied = _load_folder(path, split)
+        yield from _dataset_rows(text, ds, split, split_key, applied)
         return
     if path.suffix in (".jsonl", ".json", ".parquet", ".arrow") or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise DataError(f"{text}: file not found")
-    yield from _dataset_rows(text, _load_hub(text, subset, split), split, split_key)
+    yield from _dataset_rows(text, _load_hub(text, subset, split), split, split_key, applied=True)
+
+
+def _file_split(source: str, rows, split: str, split_key: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A data file's rows: one split, `train` (as `datasets` names a data file's), whole or sliced (train[:8])."""
+    if not split or split == "train":
+        yield from rows
+        return
+    keep = _single_split_range(source, len(rows), split, split_key)
+    yield from (rows[i] for i in keep)
+
+
+def _single_split_range(source: str, n: int, split: str, split_key: str) -> list[int]:
+    """The rows of a source with one split of n rows (named `train`) that `split` selects: a slice of it
+    (train[:8], train[10%:20%]). Another split name (a paper recipe's train_prefs, with prompts= a local
+    file) does not apply: every row, with a log line saying so, never silently."""
+    if "[" in split:
+        import datasets
+
+        try:
+            parts = datasets.ReadInstruction.from_spec(split).to_absolute({"train": n})
+        except (ValueError, AssertionError) as e:
+            raise DataError(f"{source}: split '{split}': {_first_line(e)}; {source} has one split, train: set "
+                            f"{split_key}= empty, or to a slice such as train[:1000]") from e
+        return [i for part in parts for i in range(part.from_, part.to)]
+    from .logs import info
+
+    info("%s has one split, train: %s=%s does not apply, every row is read (set %s= empty to silence this, or "
+         "slice with train[:1000])", source, split_key, split, split_key)
+    return list(range(n))
 
 
 def _head(path: Path) -> bytes:
@@ -151,16 +181,17 @@ def _load_arrow(path: Path) -> Any:
             raise DataError(f"{path}: not a readable Arrow file (as `datasets` writes them) ({_first_line(e)})") from e
 
 
-def _load_folder(path: Path, split: str) -> Any:
+def _load_folder(path: Path, split: str) -> tuple[Any, bool]:
+    """(the folder's dataset, whether `split` was applied already: load_dataset applies it, load_from_disk not)."""
     with _quiet_datasets() as datasets:
         if any((path / name).exists() for name in ("dataset_dict.json", "state.json", "dataset_info.json")) and \
                 not any(path.glob("*.parquet")) and not any(path.glob("*.jsonl")):
             try:
-                return datasets.load_from_disk(str(path))
+                return datasets.load_from_disk(str(path)), False
             except Exception as e:
                 raise DataError(f"{path}: a save_to_disk folder that cannot be read ({_first_line(e)})") from e
         try:
-            return datasets.load_dataset(str(path), split=split or None)
+            return datasets.load_dataset(str(path), split=split or None), True
         except Exception as e:
             raise DataError(f"{path}: a folder that is neither a save_to_disk dataset nor a folder of data files "
                             f"`datasets` can read ({_first_line(e)})") from e
@@ -179,8 +210,18 @@ def _load_hub(name: str, subset: str, split: str) -> Any:
             raise DataError(f"{name}: no such file or folder, and not a loadable dataset ({_first_line(e)})") from e
 
 
-def _dataset_rows(source: str, ds: Any, split: str, split_key: str = "split") -> Iterator[tuple[str, dict[str, Any]]]:
-    """Rows of a Dataset, or of the chosen split of a DatasetDict (a slice such as train[:8] too)."""
+def _dataset_rows(source: str, ds: Any, split: str, split_key: str = "split",
+                  applied: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows of a Dataset, or of the chosen split of a DatasetDict (a slice such as train[:8] too).
+
+    applied: load_dataset already chose the split. Otherwise a single Dataset (a Parquet or Arrow file, a
+    save_to_disk of one Dataset) is one split, train, which `split` may slice (_single_split_range).
+    """
+    if not applied and hasattr(ds, "features") and split and split != "train":
+        keep = _single_split_range(source, len(ds), split, split_key)
+        for i in keep:
+            yield f"{source} row {i}", ds[i]
+        return
     if hasattr(ds, "keys") and not hasattr(ds, "features"):  # a DatasetDict
         names = list(ds.keys())
         if "[" in split or "+" in split:

@@ -132,6 +132,26 @@ def test_a_save_to_disk_folder_takes_a_split_slice(sources):
         list(read_rows(sources["dict_folder"], "dev[:3]", split_key="data.split"))
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "arrow", "arrow_folder"])
+def test_a_source_with_one_split_is_sliced_and_never_silently_read_whole(sources, kind, capsys, monkeypatch):
+    """A data file or a save_to_disk of one Dataset is one split, train (as datasets names a data file's): a
+    slice of it applies; another split name is logged as not applying (a paper recipe's train_prefs with
+    prompts= a local file), and a slice of another split is an error."""
+    assert [r for _, r in read_rows(sources[kind], "train[1:3]")] == ROWS[1:3]
+    assert [r for _, r in read_rows(sources[kind], "train[:1]+train[60%:]")] == ROWS[:1] + ROWS[3:]
+    assert [r for _, r in read_rows(sources[kind], "train")] == ROWS
+    monkeypatch.setenv("RANK", "0")
+    from selfalign import logs
+
+    logs.setup()
+    capsys.readouterr()
+    assert [r for _, r in read_rows(sources[kind], "train_prefs", split_key="prompts_split")] == ROWS
+    assert "has one split, train: prompts_split=train_prefs does not apply, every row is read" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"split 'test\[:2\]': .*has one split, train: set data.split= empty, or to "
+                                        r"a slice such as train\[:1000\]"):
+        list(read_rows(sources[kind], "test[:2]", split_key="data.split"))
+
+
 def chat_tokenizer():
     from selfalign.tasks.tiny import build_tokenizer
 
