@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LogitsProcessorList
 
 from ..logprobs import collate
 from ..logs import progress_bar
 from .config import GenerationConfig
-from .sampling import KeyedSampler, row_keys
 
 
 class HFBackend:
@@ -59,6 +57,12 @@ class HFGenerator:
         self, prompts: list[list[int]], config: GenerationConfig, seed: int = 0, progress: bool = False,
         keys: list[int] | None = None,
     ) -> list[list[list[int]]]:
+        # Imported here: transformers' generation module costs about 1.3 s, which every importer of the loop
+        # would otherwise pay; a model to generate with has loaded transformers already.
+        from transformers import LogitsProcessorList
+
+        from .sampling import KeyedSampler, row_keys
+
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         device = next(self.model.parameters()).device

