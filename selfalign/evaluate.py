@@ -119,7 +119,7 @@ def baseline_greedy(baseline_path: Path, prompts: list[Prompt], tokenizer, max_n
                                 progress=progress)]
     if own:
         backend.close()
-    save_baseline_greedy(cache, baseline_path, texts, baseline_key(baseline_path, prompts, max_new_tokens))
+    save_baseline_greedy(cache, baseline_path, prompts, max_new_tokens, texts)
     return texts
 
 
@@ -129,8 +129,12 @@ def baseline_key(baseline_path: Path, prompts: list[Prompt], max_new_tokens: int
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def save_baseline_greedy(cache: Path | None, baseline_path: Path, texts: list[str], key: str) -> None:
+def save_baseline_greedy(cache: Path | None, baseline_path: Path, prompts: list[Prompt], max_new_tokens: int,
+                         texts: list[str]) -> None:
+    """The baseline's greedy answers to `prompts` into cache/baseline_greedy.json, with the key baseline_greedy
+    reads them back by."""
     if cache is not None:
+        key = baseline_key(baseline_path, prompts, max_new_tokens)
         write_atomic(cache / "baseline_greedy.json", json.dumps({"policy": str(baseline_path), "key": key,
                                                                  "texts": texts}))
 
@@ -193,7 +197,7 @@ def evaluate_policy(policy_path: Path, pi0_path: Path, prompts: list[Prompt], to
     greedy_ids = [r[0] for r in _generate(gen, ids, cfg.generation, 1, 0.0, seed=0, progress=progress)]
     if base is None:
         base = [tokenizer.decode(r, skip_special_tokens=True) for r in greedy_ids]
-        save_baseline_greedy(cache, baseline_path, base, baseline_key(baseline_path, prompts, max_new))
+        save_baseline_greedy(cache, baseline_path, prompts, max_new, base)
     stage("greedy answered")
     k = cfg.eval.samples
     sampled_ids = _generate(gen, ids, cfg.generation, k, cfg.generation.temperature or 1.0, seed=cfg.seed + 1,
