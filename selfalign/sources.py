@@ -82,10 +82,10 @@ def read_rows(source: str | Path, split: str = "", subset: str = "", split_key: 
         elif path.suffix == ".arrow" or head.startswith(ARROW_MAGICS):
             yield from _dataset_rows(text, _load_arrow(path), split, split_key)
         elif path.suffix == ".json" and head.lstrip()[:1] == b"[":
-            yield from _file_split(text, list(_json_array_rows(path)), split, split_key)
+            yield from _file_split(text, _json_array_rows(path), split, split_key)
         else:
-            rows = ((f"{text} line {lineno}", row) for lineno, row in read_jsonl(path))
-            yield from _file_split(text, rows if not split or split == "train" else list(rows), split, split_key)
+            yield from _file_split(text, ((f"{text} line {lineno}", row) for lineno, row in read_jsonl(path)), split,
+                                   split_key)
         return
     if path.is_dir():
         ds, applied = _load_folder(path, split)
@@ -96,13 +96,15 @@ def read_rows(source: str | Path, split: str = "", subset: str = "", split_key: 
     yield from _dataset_rows(text, _load_hub(text, subset, split), split, split_key, applied=True)
 
 
-def _file_split(source: str, rows, split: str, split_key: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """A data file's rows: one split, `train` (as `datasets` names a data file's), whole or sliced (train[:8])."""
+def _file_split(source: str, rows: Iterator[tuple[str, dict[str, Any]]], split: str,
+                split_key: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A data file's rows: one split, `train` (as `datasets` names a data file's), streamed whole or sliced
+    (train[:8], read whole first)."""
     if not split or split == "train":
         yield from rows
         return
-    keep = _single_split_range(source, len(rows), split, split_key)
-    yield from (rows[i] for i in keep)
+    every = list(rows)
+    yield from (every[i] for i in _single_split_range(source, len(every), split, split_key))
 
 
 def _single_split_range(source: str, n: int, split: str, split_key: str) -> list[int]:
