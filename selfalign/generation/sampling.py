@@ -80,7 +80,9 @@ class KeyedSampler(LogitsProcessor):
             scores = warp(input_ids, scores)
         probs = torch.softmax(scores.double(), dim=-1)
         cdf = probs.cumsum(dim=-1)
-        u = uniforms(self.keys.to(scores.device), input_ids.shape[1] - self.prompt_length)
+        if self.keys.device != scores.device:  # moved once, not copied to the GPU at every step
+            self.keys = self.keys.to(scores.device)
+        u = uniforms(self.keys, input_ids.shape[1] - self.prompt_length)
         # Token t owns (cdf[t-1], cdf[t]]: the first index whose cdf reaches u; a token of probability 0 owns
         # nothing. Scaling by the row's total absorbs the cumulative sum's rounding.
         target = (u * cdf[:, -1]).unsqueeze(1)
