@@ -34,8 +34,11 @@ from generation import count, load_model  # noqa: E402
 
 
 def transformers_sampler(model, prompts, cfg, pad: int, stops: list[int]) -> list[list[list[int]]]:
-    """The peer: HFGenerator's batching with generate()'s own do_sample draw."""
+    """The peer: HFGenerator's batching and trimming with generate()'s own do_sample draw."""
+    from selfalign.generation.hf import HFGenerator
     from selfalign.logprobs import collate
+
+    trim = HFGenerator(model, pad, stops)._trim  # cut after the first stop id, padding dropped
 
     out, k = [], cfg.num_samples
     torch.manual_seed(0)
@@ -47,13 +50,7 @@ def transformers_sampler(model, prompts, cfg, pad: int, stops: list[int]) -> lis
         new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, do_sample=True,
                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, pad_token_id=pad,
                              eos_token_id=stops)[:, ids.shape[1] :].tolist()
-        for i in range(len(chunk)):
-            rows = []
-            for j in range(k):
-                r = new[i * k + j]
-                end = next((n for n, t in enumerate(r) if t in stops), None)
-                rows.append(r[: end + 1] if end is not None else [t for t in r if t != pad])
-            out.append(rows)
+        out += [[trim(new[i * k + j]) for j in range(k)] for i in range(len(chunk))]
     return out
 
 
